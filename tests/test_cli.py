@@ -59,3 +59,23 @@ def test_errors_name_the_bad_input(tmp_path, capsys):
     bad_map.write_text("well,genotype\nA01,WT\nA02,Null\n")
     assert main(["info", str(NF1 / "images"), "--platemap", str(bad_map)]) == 2
     assert "match" in capsys.readouterr().err.lower()
+
+
+def test_import_profiles_command_builds_a_store(tmp_path, capsys):
+    import pandas as pd
+
+    from plate_concepts.embeddings.store import EmbeddingStore
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"Metadata_Plate": "P1", "Metadata_Well": ["A1", "B02", "r03c04"],
+                          "Metadata_Treatment": ["DMSO", "drug", "drug"]})
+    for j in range(5):
+        table[f"feat_{j}"] = rng.normal(size=3)
+    table["other"] = 1.0
+    path = tmp_path / "profiles.csv"
+    table.to_csv(path, index=False)
+    assert main(["import-profiles", str(path), str(tmp_path / "store"), "--features", "^feat_"]) == 0
+    assert "3 tokens of dimension 5" in capsys.readouterr().out
+    store = EmbeddingStore.open(tmp_path / "store")
+    assert list(store.obs["well"]) == ["A01", "B02", "C04"]
+    np.testing.assert_allclose(store.read(slice(None)), table.filter(regex="^feat_").to_numpy(), rtol=1e-6)
