@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.mosaic import PlateMosaic
 from plate_concepts.viewer.plate_layers import plate_layer_data
+from plate_concepts.viewer.state import get_state
 
 if TYPE_CHECKING:
     import napari
@@ -39,4 +40,5 @@ def show_plate(viewer: napari.Viewer, plate: Plate) -> PlateMosaic:
     viewer.text_overlay.font_size = 12
     viewer.layers.selection.active = viewer.layers[-len(plate.channels) - 2]
     viewer.reset_view()
+    get_state(viewer).set_plate(plate, mosaic)
     return mosaic
