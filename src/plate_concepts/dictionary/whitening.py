@@ -1,0 +1,488 @@
+"""Control whitening: centre tokens on the unperturbed controls, PCA-whiten with the control
+covariance, then normalise each token to unit length (method.md, "Pre-processing").
+
+The transform is fitted on control tokens only and is saved inside the dictionary file
+(:meth:`ControlWhitening.state_tensors` / :meth:`ControlWhitening.metadata`), so tokens encoded
+later (patch tokens included) get exactly the same pre-processing.
+
+Choices where the publication is silent (ours):
+
+- ``eps`` is relative to the largest control eigenvalue: the ridge added to every eigenvalue is
+  ``eps * lambda_max``, which bounds the gain of the weakest directions at
+  ``1/sqrt(eps * lambda_max)``.
+- All components are kept unless the control covariance is rank-deficient; eigenvalues below
+  ``RANK_RTOL * lambda_max`` are dropped (numerically zero), and a :class:`RankDeficientWarning`
+  names the effective rank. Fewer than ``dim + 1`` controls always give a reduced rank (warned);
+  fewer than 2 controls (or, per batch, fewer than 2 in some batch for ``"pca-batch"``) is an error.
+- ``"pca-batch"``: PCA on the pooled controls, each batch's controls centred on their own mean
+  first (so batch offsets do not inflate the covariance); then each batch is centred and scaled
+  per component with its own whitened controls' mean and standard deviation (floored at
+  ``sqrt(eps)`` so a component constant within one batch does not blow up).
+- Batch labels are compared as strings (``1`` and ``"1"`` are the same batch).
+- Unit norm maps a zero vector to zero (norm clamped at a tiny value).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+
+METHODS = ("pca", "pca-batch", "none")
+#: Eigenvalues below this fraction of the largest are treated as exactly zero (rank-deficient).
+RANK_RTOL = 1e-10
+#: Rows per chunk in the float64 numpy path, so big token arrays are not copied whole to float64.
+_CHUNK_ROWS = 65536
+_TINY = 1e-12
+
+
+class RankDeficientWarning(UserWarning):
+    """The control covariance has fewer non-zero eigenvalues than the token dimension."""
+
+
+class ControlWhitening(BaseEstimator):
+    """Control-centred PCA whitening followed by unit-norm scaling, scikit-learn style.
+
+    Parameters
+    ----------
+    method
+        ``"pca"`` (one whitening fitted on all controls), ``"pca-batch"`` (pooled PCA, then
+        per-batch centre-and-scale on each batch's controls) or ``"none"`` (centre on the control
+        mean only, no whitening).
+    eps
+        Ridge added to the eigenvalues, relative to the largest eigenvalue.
+    unit_norm
+        Normalise each transformed token to unit L2 norm (the last pre-processing step).
+
+    Attributes (after fit)
+    ----------------------
+    control_mean_ : (dim,) mean of the control tokens.
+    whitening_ : (rank, dim) matrix ``diag(lambda + eps*lambda_max)^(-1/2) U^T``.
+        These and the batch arrays are float64 arrays rounded to float32 precision, so that the
+        saved float32 state reproduces the transform exactly.
+    eigenvalues_ : (rank,) control eigenvalues kept, descending (None after :meth:`from_state`).
+    batch_names_ : list of batch labels (as str), ``"pca-batch"`` only, else None.
+    batch_mean_, batch_scale_ : (n_batches, rank) per-batch centre and scale (``"pca-batch"``).
+    rank_ : number of components kept (= :attr:`output_dim`).
+    n_controls_ : number of control tokens the transform was fitted on.
+    """
+
+    def __init__(self, method: str = "pca", eps: float = 1e-6, unit_norm: bool = True) -> None:
+        self.method = method
+        self.eps = eps
+        self.unit_norm = unit_norm
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X: Any, is_control: Any, batches: Any = None) -> ControlWhitening:
+        """Fit on the control tokens of X (n, dim); ``batches`` (n,) is needed for ``"pca-batch"``
+        (and ignored by the other methods). Streams over row chunks in float64: memory is
+        O(chunk x dim + dim^2), not a float64 copy of the controls."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown whitening method {self.method!r}; expected one of {METHODS}")
+        if not (np.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        X = _to_numpy_2d(X, "X")
+        _check_finite(X, "X")
+        n, dim = X.shape
+        mask = _to_mask(is_control, n)
+        n_controls = int(mask.sum())
+        if n_controls == 0:
+            raise ValueError(f"no control tokens: is_control selects 0 of {n}")
+
+        # Groups whose own control mean is removed before the covariance: one per batch for
+        # "pca-batch" (so batch offsets stay out of it), else a single group.
+        names = None
+        group = np.zeros(n, dtype=np.int64)
+        if self.method == "pca-batch":
+            labels = _to_labels(batches, n)
+            names, group = np.unique(labels, return_inverse=True)
+            names = names.tolist()
+            counts = np.bincount(group[mask], minlength=len(names))
+            for index, name in enumerate(names):
+                if counts[index] < 2:
+                    raise ValueError(
+                        f"batch {name!r} has {int((group == index).sum())} tokens but "
+                        f"{int(counts[index])} control tokens; 'pca-batch' centres and scales each "
+                        "batch on its own controls and needs at least 2 per batch (use "
+                        "method='pca', or drop that batch)"
+                    )
+        else:
+            counts = np.array([n_controls])
+        n_groups = len(counts)
+
+        sums = np.zeros((n_groups, dim))
+        for x, g in _control_chunks(X, mask, group):
+            sums += _one_hot(g, n_groups).T @ x
+        group_means = sums / counts[:, None]
+        control_mean = sums.sum(axis=0) / n_controls
+
+        if self.method == "none":
+            whitening, eigenvalues = np.eye(dim), None
+        else:
+            if n_controls < 2:
+                raise ValueError(
+                    f"too few control tokens: PCA whitening needs at least 2 to estimate a "
+                    f"covariance (and {dim + 1} for full rank in dimension {dim}), got {n_controls}"
+                )
+            scatter = np.zeros((dim, dim))
+            for x, g in _control_chunks(X, mask, group):
+                centred = x - group_means[g]
+                scatter += centred.T @ centred
+            whitening, eigenvalues = self._pca(scatter / (n_controls - n_groups), n_controls)
+        # The saved state is float32: round now so fitted and reloaded transforms are identical.
+        self.whitening_ = _float32_exact(whitening)
+        self.eigenvalues_ = eigenvalues
+        self.control_mean_ = _float32_exact(control_mean)
+        self.rank_ = self.whitening_.shape[0]
+        self.n_controls_ = n_controls
+        self.dim_ = dim
+        self.batch_names_ = names
+        self.batch_mean_ = self.batch_scale_ = None
+        if self.method == "pca-batch":
+            # Per batch, the whitened controls' mean (linear in the batch mean) and std.
+            self.batch_mean_ = _float32_exact(
+                (group_means - self.control_mean_) @ self.whitening_.T
+            )
+            squares = np.zeros((n_groups, self.rank_))
+            for x, g in _control_chunks(X, mask, group):
+                squares += _one_hot(g, n_groups).T @ ((x - group_means[g]) @ self.whitening_.T) ** 2
+            scale = np.sqrt(squares / (counts[:, None] - 1))
+            # A component with (near) zero spread inside one batch must not blow up: floor it.
+            self.batch_scale_ = _float32_exact(np.maximum(scale, np.sqrt(max(self.eps, _TINY))))
+        self._reset_caches()
+        return self
+
+    def _pca(self, covariance: np.ndarray, n_controls: int) -> tuple[np.ndarray, np.ndarray]:
+        dim = covariance.shape[0]
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+        eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]  # descending
+        # Deterministic signs (largest entry of each eigenvector positive): refits agree.
+        largest = np.abs(eigenvectors).argmax(axis=0)
+        eigenvectors = eigenvectors * np.sign(eigenvectors[largest, np.arange(dim)])
+        lambda_max = float(eigenvalues[0])
+        if lambda_max <= 0:
+            raise ValueError(
+                f"the {n_controls} control tokens have zero covariance (all identical within "
+                "their batches); cannot whiten"
+            )
+        keep = eigenvalues > RANK_RTOL * lambda_max
+        rank = int(keep.sum())
+        if rank < dim:
+            need = f"; full rank needs at least {dim + 1} controls" if n_controls <= dim else ""
+            warnings.warn(
+                f"control covariance is rank-deficient: effective rank {rank} of dim {dim} "
+                f"({n_controls} control tokens{need}); keeping {rank} components",
+                RankDeficientWarning,
+                stacklevel=3,
+            )
+        kept = eigenvalues[keep]
+        gain = 1.0 / np.sqrt(kept + self.eps * lambda_max)
+        return (eigenvectors[:, keep] * gain).T, kept
+
+    def fit_transform(self, X: Any, is_control: Any, batches: Any = None) -> Any:
+        return self.fit(X, is_control, batches).transform(X, batches)
+
+    # ------------------------------------------------------------------ transforming
+    @property
+    def input_dim(self) -> int:
+        """Dimension of the raw tokens the transform expects."""
+        self._check_fitted()
+        return int(self.dim_)
+
+    @property
+    def output_dim(self) -> int:
+        """Dimension of transformed tokens (the number of components kept)."""
+        self._check_fitted()
+        return int(self.rank_)
+
+    def batch_indices(self, batches: Any, n: int | None = None) -> np.ndarray:
+        """Map batch labels to row indices of ``batch_mean``/``batch_scale`` (for
+        :meth:`transform_torch`); an unknown batch raises, naming it."""
+        self._check_fitted()
+        if self.batch_names_ is None:
+            raise ValueError(f"method {self.method!r} has no batches")
+        labels = _to_labels(batches, n)
+        lookup = {name: i for i, name in enumerate(self.batch_names_)}
+        try:
+            return np.fromiter(
+                (lookup[b] for b in labels.tolist()), dtype=np.int64, count=len(labels)
+            )
+        except KeyError as err:
+            raise ValueError(
+                f"batch {err.args[0]!r} has no control tokens in the fitted transform "
+                f"(fitted batches: {self.batch_names_})"
+            ) from None
+
+    def transform(self, X: Any, batches: Any = None) -> Any:
+        """Pre-process tokens X (n, dim); numpy in -> numpy out, torch in -> torch out (same
+        device). Computed in float64; output float64 for float64 input, else float32."""
+        self._check_fitted()
+        is_torch, device, out_dtype = _input_kind(X)
+        X = _to_numpy_2d(X, "X")
+        self._check_dim(X, self.dim_, "X")
+        _check_finite(X, "X")
+        index = self._batch_index_for(batches, X.shape[0])
+        out = np.empty((X.shape[0], self.rank_), dtype=out_dtype)
+        for rows in _chunks(X.shape[0]):
+            z = (X[rows].astype(np.float64) - self.control_mean_) @ self.whitening_.T
+            if index is not None:
+                z = (z - self.batch_mean_[index[rows]]) / self.batch_scale_[index[rows]]
+            if self.unit_norm:
+                z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), _TINY)
+            out[rows] = z
+        return _output(out, is_torch, device)
+
+    def inverse_transform(self, Z: Any, batches: Any = None) -> Any:
+        """Undo the whitening (and per-batch centre-and-scale): tokens in the original space.
+
+        Unit norm is not invertible: for unit-norm inputs the result lies on the same ray from the
+        control mean as the original token (its direction), not at the token itself. With a
+        reduced rank, the result is the token's projection on the kept components.
+        """
+        self._check_fitted()
+        is_torch, device, out_dtype = _input_kind(Z)
+        Z = _to_numpy_2d(Z, "Z")
+        self._check_dim(Z, self.rank_, "Z")
+        _check_finite(Z, "Z")
+        index = self._batch_index_for(batches, Z.shape[0])
+        if self._unwhitening is None:
+            self._unwhitening = np.linalg.pinv(self.whitening_)  # (dim, rank)
+        out = np.empty((Z.shape[0], self.dim_), dtype=out_dtype)
+        for rows in _chunks(Z.shape[0]):
+            z = Z[rows].astype(np.float64)
+            if index is not None:
+                z = z * self.batch_scale_[index[rows]] + self.batch_mean_[index[rows]]
+            out[rows] = z @ self._unwhitening.T + self.control_mean_
+        return _output(out, is_torch, device)
+
+    def transform_torch(
+        self, x: torch.Tensor, batch_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 transform on x's device (GPU-friendly, for training and encoding loops).
+
+        ``batch_index`` (n,) int: rows of :attr:`batch_names_` (see :meth:`batch_indices`),
+        required for ``"pca-batch"``. Matches :meth:`transform` up to float32 rounding, which the
+        whitening amplifies by at most ``1/sqrt(eps)`` along the weakest control directions.
+        """
+        self._check_fitted()
+        if x.ndim != 2 or x.shape[1] != self.dim_:
+            raise ValueError(f"x must be (n, {self.dim_}), got shape {tuple(x.shape)}")
+        cache = self._torch_cache.get(x.device)
+        if cache is None:
+            cache = {
+                name: t.to(x.device, torch.float32) for name, t in self.state_tensors().items()
+            }
+            self._torch_cache[x.device] = cache
+        z = (x.to(torch.float32) - cache["control_mean"]) @ cache["whitening"].T
+        if self.method == "pca-batch":
+            if batch_index is None:
+                raise ValueError("method 'pca-batch' needs batch_index (see batch_indices())")
+            batch_index = batch_index.to(x.device, torch.long)
+            if batch_index.shape != (x.shape[0],):
+                raise ValueError(
+                    f"batch_index must be ({x.shape[0]},), got {tuple(batch_index.shape)}"
+                )
+            z = (z - cache["batch_mean"][batch_index]) / cache["batch_scale"][batch_index]
+        if self.unit_norm:
+            z = torch.nn.functional.normalize(z, dim=1, eps=_TINY)
+        return z
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors for the dictionary file, all float32 (lossless: the fitted values are rounded
+        to float32 precision): ``control_mean`` (dim), ``whitening`` (rank x dim) and, for
+        ``"pca-batch"``, ``batch_mean`` and ``batch_scale`` (n_batches x rank)."""
+        self._check_fitted()
+        arrays = {"control_mean": self.control_mean_, "whitening": self.whitening_}
+        if self.method == "pca-batch":
+            arrays |= {"batch_mean": self.batch_mean_, "batch_scale": self.batch_scale_}
+        return {name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()}
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable settings and fit summary (for the dictionary file header)."""
+        self._check_fitted()
+        return {
+            "method": self.method,
+            "eps": float(self.eps),
+            "unit_norm": bool(self.unit_norm),
+            "dim": int(self.dim_),
+            "rank": int(self.rank_),
+            "n_controls": int(self.n_controls_),
+            "batches": None if self.batch_names_ is None else list(self.batch_names_),
+        }
+
+    @classmethod
+    def from_state(
+        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
+    ) -> ControlWhitening:
+        """Rebuild a fitted transform from :meth:`state_tensors` and :meth:`metadata`."""
+        for key in ("method", "eps", "unit_norm"):
+            if key not in metadata:
+                raise ValueError(f"whitening metadata lacks {key!r} (has {sorted(metadata)})")
+        self = cls(method=metadata["method"], eps=metadata["eps"], unit_norm=metadata["unit_norm"])
+        if self.method not in METHODS:
+            raise ValueError(
+                f"unknown whitening method {self.method!r} in metadata; expected {METHODS}"
+            )
+        needed = ["control_mean", "whitening"] + (
+            ["batch_mean", "batch_scale"] if self.method == "pca-batch" else []
+        )
+        missing = [name for name in needed if name not in tensors]
+        if missing:
+            raise ValueError(f"whitening tensors missing {missing} (have {sorted(tensors)})")
+
+        def as64(name: str) -> np.ndarray:
+            return tensors[name].detach().cpu().to(torch.float64).numpy().copy()
+
+        self.control_mean_ = as64("control_mean")
+        self.whitening_ = as64("whitening")
+        if (
+            self.control_mean_.ndim != 1
+            or self.whitening_.ndim != 2
+            or self.whitening_.shape[1] != len(self.control_mean_)
+        ):
+            raise ValueError(
+                f"whitening tensors disagree: control_mean {tuple(self.control_mean_.shape)}, "
+                f"whitening {tuple(self.whitening_.shape)} (expected (dim,) and (rank, dim))"
+            )
+        self.dim_ = len(self.control_mean_)
+        self.rank_ = self.whitening_.shape[0]
+        self.eigenvalues_ = None
+        self.n_controls_ = int(metadata.get("n_controls", 0))
+        self.batch_names_ = self.batch_mean_ = self.batch_scale_ = None
+        if self.method == "pca-batch":
+            names = metadata.get("batches")
+            self.batch_mean_, self.batch_scale_ = as64("batch_mean"), as64("batch_scale")
+            expected = (len(names or []), self.rank_)
+            if (
+                not names
+                or self.batch_mean_.shape != expected
+                or self.batch_scale_.shape != expected
+            ):
+                raise ValueError(
+                    f"pca-batch state disagrees: {len(names or [])} batch names, "
+                    f"batch_mean {tuple(self.batch_mean_.shape)}, "
+                    f"batch_scale {tuple(self.batch_scale_.shape)} (expected {expected})"
+                )
+            self.batch_names_ = [str(name) for name in names]
+        self._reset_caches()
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def _reset_caches(self) -> None:
+        self._unwhitening: np.ndarray | None = None
+        self._torch_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "whitening_"):
+            raise RuntimeError(
+                "ControlWhitening is not fitted yet: call fit() or from_state() first"
+            )
+
+    @staticmethod
+    def _check_dim(X: np.ndarray, expected: int, name: str) -> None:
+        if X.shape[1] != expected:
+            raise ValueError(
+                f"{name} has {X.shape[1]} columns; the fitted transform expects {expected}"
+            )
+
+    def _batch_index_for(self, batches: Any, n: int) -> np.ndarray | None:
+        if self.method != "pca-batch":
+            return None
+        if batches is None:
+            raise ValueError(
+                "method 'pca-batch' needs the batch label of every token (batches=...)"
+            )
+        return self.batch_indices(batches, n)
+
+
+def _input_kind(X: Any) -> tuple[bool, torch.device | None, type]:
+    """Whether X is a tensor, its device, and the output numpy dtype."""
+    if isinstance(X, torch.Tensor):
+        return True, X.device, (np.float64 if X.dtype == torch.float64 else np.float32)
+    dtype = getattr(X, "dtype", None)
+    return False, None, (np.float64 if dtype == np.float64 else np.float32)
+
+
+def _output(out: np.ndarray, is_torch: bool, device: torch.device | None) -> Any:
+    return torch.from_numpy(out).to(device) if is_torch else out
+
+
+def _to_numpy_2d(X: Any, name: str) -> np.ndarray:
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu()
+        if X.dtype in (torch.float16, torch.bfloat16):
+            X = X.float()
+        X = X.numpy()
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (tokens x dim), got {X.ndim}-D with shape {X.shape}")
+    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
+        raise ValueError(f"{name} must hold numbers, got dtype {X.dtype}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {X.shape}")
+    return X
+
+
+def _check_finite(X: np.ndarray, name: str) -> None:
+    for rows in _chunks(X.shape[0]):
+        bad = ~np.isfinite(X[rows]).all(axis=1)
+        if bad.any():
+            row = rows.start + int(np.argmax(bad))
+            raise ValueError(f"{name} row {row} holds NaN or inf values")
+
+
+def _to_mask(is_control: Any, n: int) -> np.ndarray:
+    if isinstance(is_control, torch.Tensor):
+        is_control = is_control.detach().cpu().numpy()
+    mask = np.asarray(is_control)
+    if mask.shape != (n,):
+        raise ValueError(
+            f"is_control must have shape ({n},) (one flag per token), got {mask.shape}"
+        )
+    if mask.dtype != bool:
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("is_control must be boolean (or 0/1)")
+        mask = mask.astype(bool)
+    return mask
+
+
+def _to_labels(batches: Any, n: int | None) -> np.ndarray:
+    if batches is None:
+        raise ValueError("method 'pca-batch' needs the batch label of every token (batches=...)")
+    if isinstance(batches, torch.Tensor):
+        batches = batches.detach().cpu().numpy()
+    labels = np.asarray(batches).astype(str)
+    if labels.ndim != 1 or (n is not None and labels.shape[0] != n):
+        raise ValueError(
+            f"batches must have shape ({n},) (one label per token), got {labels.shape}"
+        )
+    return labels
+
+
+def _control_chunks(
+    X: np.ndarray, mask: np.ndarray, group: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The control rows of X, chunk by chunk, in float64, with their group indices."""
+    for rows in _chunks(X.shape[0]):
+        keep = mask[rows]
+        if keep.any():
+            yield X[rows][keep].astype(np.float64), group[rows][keep]
+
+
+def _float32_exact(values: np.ndarray) -> np.ndarray:
+    """float64 array holding float32-representable values (what the saved state can hold)."""
+    return values.astype(np.float32).astype(np.float64)
+
+
+def _one_hot(group: np.ndarray, n_groups: int) -> np.ndarray:
+    return (group[:, None] == np.arange(n_groups)).astype(np.float64)
+
+
+def _chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, _CHUNK_ROWS):
+        yield slice(start, min(start + _CHUNK_ROWS, n))
