@@ -255,3 +255,32 @@ def test_torch_path_on_gpu() -> None:
     fast = whitening.transform_torch(torch.from_numpy(X).float().cuda(), index)
     assert fast.device.type == "cuda"
     np.testing.assert_allclose(fast.cpu().numpy(), whitening.transform(X, batches), atol=1e-5)
+
+
+def test_ledoit_wolf_shrinkage_matches_scikit_learn_and_keeps_every_dimension():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    rng = np.random.default_rng(3)
+    dim, n_controls = 40, 25  # fewer controls than dimensions: exact PCA is rank-deficient
+    controls = rng.normal(size=(n_controls, dim)) * np.linspace(3, 0.5, dim)
+    perturbed = rng.normal(size=(10, dim))
+    perturbed[:, -1] += 8.0  # an effect along a direction the controls barely vary in
+    X = np.vstack([controls, perturbed])
+    is_control = np.arange(len(X)) < n_controls
+    shrunk = ControlWhitening(shrinkage="auto", unit_norm=False).fit(X, is_control)
+    expected = ledoit_wolf_shrinkage(controls - controls.mean(axis=0), assume_centered=True)
+    assert shrunk.shrinkage_ == pytest.approx(expected, rel=1e-6)
+    assert shrunk.output_dim == dim
+    with pytest.warns(RankDeficientWarning, match="shrinkage='auto'"):
+        exact = ControlWhitening(unit_norm=False).fit(X, is_control)
+    assert exact.output_dim == n_controls - 1
+    # the perturbation stays far from the controls with shrinkage
+    z = shrunk.transform(X)
+    assert np.linalg.norm(z[~is_control].mean(axis=0)) > 3 * np.linalg.norm(z[is_control].mean(axis=0)) + 1
+    # fixed coefficient, state round trip
+    fixed = ControlWhitening(shrinkage=0.3).fit(X, is_control)
+    assert fixed.shrinkage_ == 0.3
+    again = ControlWhitening.from_state(fixed.state_tensors(), fixed.metadata())
+    np.testing.assert_array_equal(again.transform(X), fixed.transform(X))
+    with pytest.raises(ValueError, match="shrinkage"):
+        ControlWhitening(shrinkage=1.5).fit(X, is_control)

@@ -173,7 +173,7 @@ def _fit(args: argparse.Namespace) -> int:
     try:
         result = fit_dictionary(
             args.store, args.out, args.method, control=args.control or "is_control", whiten=args.whiten,
-            batch_column=args.batch_column, n_features=args.features, k=args.k, n_rounds=args.rounds,
+            batch_column=args.batch_column, shrinkage=_shrinkage(args.shrinkage), n_features=args.features, k=args.k, n_rounds=args.rounds,
             per_round=args.per_round, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             device=args.device, seed=args.seed, autocast_bf16=args.bf16, resume=args.resume,
             progress=progress, cancel=cancel,
@@ -187,6 +187,15 @@ def _fit(args: argparse.Namespace) -> int:
         return 130
     print(f"wrote {args.out}")
     return 0
+
+
+def _shrinkage(text: str) -> float | str | None:
+    if text in ("none", "auto"):
+        return None if text == "none" else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--shrinkage must be none, auto or a number in [0, 1], got {text!r}") from None
 
 
 @command("evaluate")
@@ -249,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="controls as COLUMN=VALUE[,VALUE] (default: the store's is_control)")
     p.add_argument("--whiten", choices=["pca", "pca-batch", "none"], default="pca")
     p.add_argument("--batch-column", help="with --whiten pca-batch: the obs column naming the batch")
+    p.add_argument("--shrinkage", default="none",
+                   help="control covariance: none (exact, default), auto (Ledoit-Wolf; for fewer "
+                        "controls than dimensions) or a number in [0, 1]")
     p.add_argument("--features", type=int, default=8192, help="dictionary size M (default 8192)")
     p.add_argument("--rounds", type=int, help="ICFL: pursuit rounds J (default 20)")
     p.add_argument("--per-round", type=int, help="ICFL: features per round L (default 5)")

@@ -63,7 +63,7 @@ class _DictionaryEstimator(BaseEstimator):
         (``training_['cancelled']`` is True)."""
         if not is_store(X):
             X = _as_tokens(X, "X")
-        whitening = ControlWhitening(method=self.whiten, eps=self.eps)
+        whitening = ControlWhitening(method=self.whiten, eps=self.eps, shrinkage=self.shrinkage)
         fit_whitening(whitening, X, is_control, batches, max_tokens=self.max_control_tokens, seed=self.seed)
         options = {name: getattr(self, name) for name in self._model_options}
         model = build_model(self.method, self.n_features, whitening.output_dim, seed=self.seed, **options)
@@ -165,6 +165,7 @@ class _DictionaryEstimator(BaseEstimator):
         options = {name: hyper[name] for name in estimator_class._model_options if name in hyper}
         params: dict[str, Any] = {
             "n_features": hyper["n_features"], "whiten": whitening.method, "eps": whitening.eps,
+            "shrinkage": whitening.shrinkage,
             "seed": hyper.get("seed", 0), **options,
         }
         saved = metadata.get("estimator", {})
@@ -244,6 +245,7 @@ class ICFL(_DictionaryEstimator):
         use_gram: bool = True,
         whiten: str = "pca",
         eps: float = 1e-6,
+        shrinkage: float | str | None = None,
         steps: int = 2000,
         batch_size: int = 4096,
         lr: float | None = None,
@@ -264,6 +266,7 @@ class ICFL(_DictionaryEstimator):
         self.use_gram = use_gram
         self.whiten = whiten
         self.eps = eps
+        self.shrinkage = shrinkage
         self.steps = steps
         self.batch_size = batch_size
         self.lr = lr
@@ -306,6 +309,7 @@ class TopKSAE(_DictionaryEstimator):
         dead_window_tokens: int = 1_000_000,
         whiten: str = "pca",
         eps: float = 1e-6,
+        shrinkage: float | str | None = None,
         steps: int = 2000,
         batch_size: int = 4096,
         lr: float | None = None,
@@ -325,6 +329,7 @@ class TopKSAE(_DictionaryEstimator):
         self.dead_window_tokens = dead_window_tokens
         self.whiten = whiten
         self.eps = eps
+        self.shrinkage = shrinkage
         self.steps = steps
         self.batch_size = batch_size
         self.lr = lr

@@ -982,6 +982,7 @@ def fit_dictionary(
     whiten: str = "pca",
     batch_column: str | None = None,
     eps: float = 1e-6,
+    shrinkage: float | str | None = None,
     n_features: int = 8192,
     k: int | None = None,
     n_rounds: int | None = None,
@@ -1024,7 +1025,7 @@ def fit_dictionary(
         if method == "topk" and (n_rounds is not None or per_round is not None):
             raise ValueError("n_rounds/per_round are ICFL options; TopK's sparsity is k")
         is_control = store_control_mask(store, control)
-        whitening = ControlWhitening(method=whiten, eps=eps)
+        whitening = ControlWhitening(method=whiten, eps=eps, shrinkage=shrinkage)
         config = TrainingConfig(
             steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
             device=str(resolved), autocast_bf16=autocast_bf16, log_every=log_every,

@@ -55,6 +55,14 @@ class ControlWhitening(BaseEstimator):
         mean only, no whitening).
     eps
         Ridge added to the eigenvalues, relative to the largest eigenvalue.
+    shrinkage
+        None (default): the exact control covariance, as in the publication; with fewer controls
+        than dimensions it is rank-deficient and only the components the controls span are kept
+        (a warning says so). ``"auto"``: Ledoit-Wolf shrinkage towards a scaled identity,
+        ``(1 - a) C + a tr(C)/d I`` with ``a`` estimated from the controls (Ledoit & Wolf 2004),
+        which keeps every dimension — directions never seen among the controls (where
+        perturbations may live) are then scaled by the average control variance instead of being
+        dropped. A float in [0, 1] fixes ``a``.
     unit_norm
         Normalise each transformed token to unit L2 norm (the last pre-processing step).
 
@@ -71,10 +79,13 @@ class ControlWhitening(BaseEstimator):
     n_controls_ : number of control tokens the transform was fitted on.
     """
 
-    def __init__(self, method: str = "pca", eps: float = 1e-6, unit_norm: bool = True) -> None:
+    def __init__(
+        self, method: str = "pca", eps: float = 1e-6, unit_norm: bool = True, shrinkage: float | str | None = None
+    ) -> None:
         self.method = method
         self.eps = eps
         self.unit_norm = unit_norm
+        self.shrinkage = shrinkage
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X: Any, is_control: Any, batches: Any = None) -> ControlWhitening:
@@ -120,6 +131,7 @@ class ControlWhitening(BaseEstimator):
         group_means = sums / counts[:, None]
         control_mean = sums.sum(axis=0) / n_controls
 
+        self.shrinkage_ = 0.0
         if self.method == "none":
             whitening, eigenvalues = np.eye(dim), None
         else:
@@ -128,11 +140,17 @@ class ControlWhitening(BaseEstimator):
                     f"too few control tokens: PCA whitening needs at least 2 to estimate a "
                     f"covariance (and {dim + 1} for full rank in dimension {dim}), got {n_controls}"
                 )
-            scatter = np.zeros((dim, dim))
+            scatter, fourth_moment = np.zeros((dim, dim)), 0.0
             for x, g in _control_chunks(X, mask, group):
                 centred = x - group_means[g]
                 scatter += centred.T @ centred
-            whitening, eigenvalues = self._pca(scatter / (n_controls - n_groups), n_controls)
+                fourth_moment += float(((centred**2).sum(axis=1) ** 2).sum())
+            covariance = scatter / (n_controls - n_groups)
+            self.shrinkage_ = self._shrinkage_coefficient(scatter / n_controls, fourth_moment, n_controls)
+            if self.shrinkage_ > 0:
+                mean_variance = np.trace(covariance) / dim
+                covariance = (1 - self.shrinkage_) * covariance + self.shrinkage_ * mean_variance * np.eye(dim)
+            whitening, eigenvalues = self._pca(covariance, n_controls)
         # The saved state is float32: round now so fitted and reloaded transforms are identical.
         self.whitening_ = _float32_exact(whitening)
         self.eigenvalues_ = eigenvalues
@@ -156,6 +174,25 @@ class ControlWhitening(BaseEstimator):
         self._reset_caches()
         return self
 
+    def _shrinkage_coefficient(self, scatter_mean: np.ndarray, fourth_moment: float, n: int) -> float:
+        """The shrinkage weight: fixed, or the Ledoit-Wolf estimate from the centred controls'
+        second moment S and sum of ||x||^4 (streamed, so no n x d copy is needed)."""
+        if self.shrinkage is None:
+            return 0.0
+        if isinstance(self.shrinkage, str):
+            if self.shrinkage != "auto":
+                raise ValueError(f"shrinkage must be None, 'auto' or a number in [0, 1], got {self.shrinkage!r}")
+            dim = scatter_mean.shape[0]
+            mu = np.trace(scatter_mean) / dim
+            delta = (np.linalg.norm(scatter_mean, "fro") ** 2 - 2 * mu * np.trace(scatter_mean) + dim * mu**2) / dim
+            # sum_k ||x_k x_k^T - S||_F^2 = sum_k ||x_k||^4 - n ||S||_F^2
+            beta = (fourth_moment - n * np.linalg.norm(scatter_mean, "fro") ** 2) / (n**2 * dim)
+            return float(min(max(beta, 0.0), delta) / delta) if delta > 0 else 1.0
+        value = float(self.shrinkage)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {value}")
+        return value
+
     def _pca(self, covariance: np.ndarray, n_controls: int) -> tuple[np.ndarray, np.ndarray]:
         dim = covariance.shape[0]
         eigenvalues, eigenvectors = np.linalg.eigh(covariance)
@@ -175,7 +212,8 @@ class ControlWhitening(BaseEstimator):
             need = f"; full rank needs at least {dim + 1} controls" if n_controls <= dim else ""
             warnings.warn(
                 f"control covariance is rank-deficient: effective rank {rank} of dim {dim} "
-                f"({n_controls} control tokens{need}); keeping {rank} components",
+                f"({n_controls} control tokens{need}); keeping {rank} components — directions "
+                "no control varies along are dropped; shrinkage='auto' keeps them",
                 RankDeficientWarning,
                 stacklevel=3,
             )
@@ -309,6 +347,8 @@ class ControlWhitening(BaseEstimator):
             "method": self.method,
             "eps": float(self.eps),
             "unit_norm": bool(self.unit_norm),
+            "shrinkage": self.shrinkage,
+            "shrinkage_coefficient": float(getattr(self, "shrinkage_", 0.0)),
             "dim": int(self.dim_),
             "rank": int(self.rank_),
             "n_controls": int(self.n_controls_),
@@ -323,7 +363,9 @@ class ControlWhitening(BaseEstimator):
         for key in ("method", "eps", "unit_norm"):
             if key not in metadata:
                 raise ValueError(f"whitening metadata lacks {key!r} (has {sorted(metadata)})")
-        self = cls(method=metadata["method"], eps=metadata["eps"], unit_norm=metadata["unit_norm"])
+        self = cls(method=metadata["method"], eps=metadata["eps"], unit_norm=metadata["unit_norm"],
+                   shrinkage=metadata.get("shrinkage"))
+        self.shrinkage_ = float(metadata.get("shrinkage_coefficient", 0.0))
         if self.method not in METHODS:
             raise ValueError(
                 f"unknown whitening method {self.method!r} in metadata; expected {METHODS}"

@@ -1,0 +1,656 @@
+"""Browse a dictionary's features over an embedding store and its plate, fast enough for a GUI.
+
+:class:`FeatureExplorer` does the slow work once, in :meth:`FeatureExplorer.prepare` (meant for
+a worker thread): the codes of every token, feature frequencies, per-well aggregates and the
+selectivity of every feature for every label column. After that every query
+(:meth:`~FeatureExplorer.feature_table`, :meth:`~FeatureExplorer.well_values`,
+:meth:`~FeatureExplorer.plate_heatmap`, :meth:`~FeatureExplorer.top_crops`,
+:meth:`~FeatureExplorer.label_value_activation`) reads these arrays and answers in milliseconds;
+per-feature results are kept in small LRU caches. Field maps (:meth:`~FeatureExplorer.field_map`)
+read the patch tokens of one field and keep its pre-processed patches for the next feature.
+
+Choices (ours):
+
+- Selectivity is computed per crop token: each crop token is one "image token" in the
+  publication's sense (the mean of one crop's patch tokens), so P(f active | label) is the
+  fraction of that label's crops where f is non-zero. Label columns are the obs columns other
+  than the index, the control flag and ``foreground_fraction``, holding 2 to
+  ``max_label_values`` distinct values (whole numbers when numeric).
+- Wells, heatmaps and field maps concern one plate of the store (``plate_name``: the given
+  plate's name, or the store's only plate); frequencies and selectivity use every token.
+- A store without patch tokens still gets field maps: each crop is filled with its crop
+  token's code for the feature (in both modes), overlaps taking the maximum.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from plate_concepts.analysis.activations import (
+    Cancelled,
+    CancelLike,
+    ProgressLike,
+    WellAggregates,
+    _top_rows,
+    cancel_requested,
+    cell_activations,
+    check_feature,
+    codes_matrix,
+    cosine_map,
+    crop_feature_values,
+    encode_patches,
+    encode_store,
+    feature_direction,
+    field_activation_map,
+    preprocess_patches,
+    well_aggregates,
+)
+from plate_concepts.analysis.selectivity import SelectivityResult, selectivity
+from plate_concepts.dictionary.codes import SparseCodes
+from plate_concepts.embeddings.store import INDEX_COLUMNS, EmbeddingStore
+from plate_concepts.plates.geometry import canonical_well
+from plate_concepts.plates.model import Plate
+
+#: Name of the extra row of :meth:`FeatureExplorer.label_value_activation` for control tokens.
+CONTROL_GROUP = "controls"
+_NOT_LABELS = (*INDEX_COLUMNS, "is_control", "foreground_fraction")
+
+
+class TopCrop(NamedTuple):
+    """One of a feature's most active crops: its store row, place and code value."""
+
+    row: int
+    well: str
+    field: int
+    crop_y: int
+    crop_x: int
+    crop_size: int
+    value: float
+
+
+class PlateHeatmap(NamedTuple):
+    """A per-well image and the napari ``scale``/``translate`` that lay it over mosaic level 0."""
+
+    image: np.ndarray
+    scale: tuple[float, float]
+    translate: tuple[float, float]
+
+
+class _LRU:
+    """A small thread-safe least-recently-used cache."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(0, int(size))
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()  # outside the lock: a slow computation does not block other keys
+        with self._lock:
+            if self.size:
+                self._items[key] = value
+                self._items.move_to_end(key)
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+@dataclass
+class _Prepared:
+    """Everything :meth:`FeatureExplorer.prepare` computes."""
+
+    codes: SparseCodes
+    by_token: sparse.csr_array  # (n_tokens, n_features) = codes.dense(), zeros dropped
+    by_feature: sparse.csc_array  # the same, by column
+    frequency: np.ndarray
+    mean_activation: np.ndarray
+    wells: WellAggregates
+    field_rows: dict[tuple[str, int], np.ndarray]
+    selectivity: dict[str, SelectivityResult]
+
+
+class FeatureExplorer:
+    """Precomputed feature statistics over an embedding store, and fast queries on them.
+
+    Parameters
+    ----------
+    store
+        An :class:`EmbeddingStore` or its path.
+    estimator
+        A fitted :class:`~plate_concepts.dictionary.ICFL` / :class:`~plate_concepts.dictionary.TopKSAE`
+        or the path of a dictionary file.
+    plate
+        The plate the store was embedded from (needed for crop images, cell values and the
+        exact field shape).
+    label_column
+        The obs column the feature table describes by default (default: the first label column).
+    plate_name
+        Which of the store's plates wells refer to (default: ``plate.name`` or the only plate).
+    control_column
+        Boolean obs column marking control tokens.
+    batch_column
+        Obs column of batch labels for ``"pca-batch"`` dictionaries (default: the one recorded in
+        the dictionary file).
+    max_label_values
+        Columns with more distinct values are not treated as label columns.
+    dead_threshold
+        A feature is dead when its frequency over the store is below this.
+    cache_size
+        Per-feature results kept (field maps and heatmaps keep a few, they are large).
+    encode_batch_size
+        Tokens encoded per block in :meth:`prepare`.
+    """
+
+    def __init__(
+        self,
+        store: EmbeddingStore | str | os.PathLike,
+        estimator: Any,
+        plate: Plate | None = None,
+        label_column: str | None = None,
+        *,
+        plate_name: str | None = None,
+        control_column: str = "is_control",
+        batch_column: str | None = None,
+        max_label_values: int = 384,
+        dead_threshold: float = 1e-5,
+        cache_size: int = 64,
+        encode_batch_size: int = 4096,
+    ) -> None:
+        if not isinstance(store, EmbeddingStore):
+            store = EmbeddingStore.open(store)
+        if isinstance(estimator, (str, os.PathLike)):
+            from plate_concepts.dictionary.estimators import ICFL
+
+            estimator = ICFL.load(estimator)  # the file decides ICFL or TopKSAE
+        if not hasattr(estimator, "model_"):
+            raise ValueError("the estimator is not fitted: fit it or load a dictionary file first")
+        if estimator.n_features_in_ != store.dim:
+            raise ValueError(
+                f"the dictionary expects {estimator.n_features_in_}-dimensional tokens but embedding store "
+                f"{store.path} holds {store.dim}-dimensional ones"
+            )
+        if len(store) == 0:
+            raise ValueError(f"embedding store {store.path} holds no tokens")
+        self.store = store
+        self.estimator = estimator
+        self.plate = plate
+        self.control_column = control_column
+        self.max_label_values = int(max_label_values)
+        self.dead_threshold = float(dead_threshold)
+        self.encode_batch_size = int(encode_batch_size)
+        self.obs = store.obs
+        self.n_features = int(estimator.model_.n_features)
+        self.plate_name = self._choose_plate(plate, plate_name)
+        self.batch_column = batch_column or _recorded_batch_column(estimator)
+        if estimator.whitening_.method == "pca-batch" and self.batch_column is None:
+            raise ValueError(
+                "this dictionary was whitened per batch ('pca-batch'): pass batch_column="
+            )
+        if self.batch_column is not None and self.batch_column not in self.obs.columns:
+            raise ValueError(
+                f"batch_column {self.batch_column!r} is not an obs column of {store.path}"
+            )
+        self.label_columns = self._label_columns()
+        if label_column is None:
+            label_column = self.label_columns[0] if self.label_columns else None
+        elif label_column not in self.obs.columns:
+            raise ValueError(
+                f"label column {label_column!r} is not an obs column of {store.path} "
+                f"(label columns: {self.label_columns})"
+            )
+        self.label_column = label_column
+        self._state: _Prepared | None = None
+        self._small = _LRU(cache_size)
+        self._large = _LRU(4)
+        # Pre-processed patch tokens and patch codes of the last field (can be 100s of MB).
+        self._patches = _LRU(2)
+
+    # ------------------------------------------------------------------ set-up
+    def _choose_plate(self, plate: Plate | None, plate_name: str | None) -> str:
+        plates = sorted(self.obs["plate"].astype(str).unique())
+        if plate_name is not None:
+            if plate_name not in plates:
+                raise ValueError(
+                    f"plate {plate_name!r} has no tokens in {self.store.path} (plates: {plates})"
+                )
+            return plate_name
+        if plate is not None and plate.name in plates:
+            return plate.name
+        if len(plates) == 1:
+            return plates[0]
+        raise ValueError(
+            f"embedding store {self.store.path} holds plates {plates}; pass plate_name= (or the plate) "
+            "to choose the one whose wells are shown"
+        )
+
+    def _label_columns(self) -> list[str]:
+        columns = []
+        for column in self.obs.columns:
+            if column in _NOT_LABELS or column == self.control_column:
+                continue
+            values = self.obs[column].dropna()
+            if values.dtype.kind == "f" and not np.all(
+                values.to_numpy() == np.round(values.to_numpy())
+            ):
+                continue  # a measurement, not a label
+            if 2 <= values.nunique() <= self.max_label_values:
+                columns.append(column)
+        return columns
+
+    @property
+    def is_prepared(self) -> bool:
+        return self._state is not None
+
+    def prepare(
+        self, progress: ProgressLike | None = None, cancel: CancelLike | None = None
+    ) -> FeatureExplorer:
+        """Encode every token and compute the per-feature statistics (slow; run in a worker).
+
+        ``progress(done, total)`` counts encoded tokens; ``cancel`` (Event or callable) stops
+        the encoding with :class:`~plate_concepts.analysis.activations.Cancelled` and leaves
+        the explorer unprepared.
+        """
+        n = len(self.store)
+        codes = encode_store(
+            self.estimator,
+            self.store,
+            batch_size=self.encode_batch_size,
+            batches=self.batch_column,
+            progress=progress,
+            cancel=cancel,
+        )
+        by_token = codes_matrix(codes)  # = codes.dense(), stored entries = active pairs
+        by_feature = by_token.tocsc()  # one feature's tokens in one slice
+        frequency = np.diff(by_feature.indptr) / n
+        mean_activation = np.asarray(by_feature.sum(axis=0)).ravel() / n
+
+        obs = self.obs
+        on_plate = np.flatnonzero((obs["plate"].astype(str) == self.plate_name).to_numpy())
+        wells = well_aggregates(by_token[on_plate], obs["well"].to_numpy()[on_plate])
+        field_rows = {
+            (str(well), int(field)): on_plate[np.asarray(group)]
+            for (well, field), group in obs.iloc[on_plate]
+            .reset_index(drop=True)
+            .groupby(["well", "field"])
+            .indices.items()
+        }
+        results = {}
+        for column in self.label_columns:
+            if cancel_requested(cancel):
+                raise Cancelled("preparing the feature explorer was cancelled")
+            results[column] = selectivity(by_token, obs[column], label=column)
+        self._small.clear()
+        self._large.clear()
+        self._state = _Prepared(
+            codes, by_token, by_feature, frequency, mean_activation, wells, field_rows, results
+        )
+        return self
+
+    @property
+    def _prepared(self) -> _Prepared:
+        if self._state is None:
+            raise RuntimeError("the feature explorer is not prepared yet: call prepare() first")
+        return self._state
+
+    @property
+    def codes(self) -> SparseCodes:
+        """Codes of every store token (after :meth:`prepare`)."""
+        return self._prepared.codes
+
+    # ------------------------------------------------------------------ tables
+    def selectivity(self, label_column: str | None = None) -> SelectivityResult:
+        """The selectivity of every feature for the values of a label column."""
+        column = self._column(label_column)
+        state = self._prepared
+        if column not in state.selectivity:  # an obs column beyond max_label_values: on demand
+            return self._small.get(
+                ("selectivity", column),
+                lambda: selectivity(state.by_token, self.obs[column], label=column),
+            )
+        return state.selectivity[column]
+
+    def _column(self, label_column: str | None) -> str:
+        column = label_column or self.label_column
+        if column is None:
+            raise ValueError(
+                f"embedding store {self.store.path} has no label column; pass one that has 2+ values"
+            )
+        if column not in self.obs.columns:
+            raise KeyError(
+                f"{column!r} is not an obs column of {self.store.path} (label columns: {self.label_columns})"
+            )
+        return column
+
+    def feature_table(self, label_column: str | None = None) -> pd.DataFrame:
+        """One row per feature: feature, frequency, dead, mean_activation, best_value (the label
+        value it is most selective for), max_selectivity and average_selectivity there."""
+        state = self._prepared
+        column = label_column or self.label_column
+
+        def build() -> pd.DataFrame:
+            table = pd.DataFrame(
+                {
+                    "feature": np.arange(self.n_features),
+                    "frequency": state.frequency,
+                    "dead": state.frequency < self.dead_threshold,
+                    "mean_activation": state.mean_activation,
+                }
+            )
+            if column is None:
+                table["best_value"] = None
+                table["max_selectivity"] = np.nan
+                table["average_selectivity"] = np.nan
+                return table
+            result = self.selectivity(column).feature_table()
+            for name in ("best_value", "max_selectivity", "average_selectivity"):
+                table[name] = result[name].to_numpy()
+            return table
+
+        return self._small.get(("table", column), build).copy()
+
+    # ------------------------------------------------------------------ per-feature queries
+    def feature_values(self, feature: int) -> np.ndarray:
+        """(n_tokens,) float32 code of ``feature`` on every store token (0 where inactive)."""
+        feature = check_feature(feature, self.n_features)
+        state = self._prepared
+
+        def column() -> np.ndarray:
+            start, stop = state.by_feature.indptr[feature : feature + 2]
+            out = np.zeros(state.by_feature.shape[0], dtype=np.float32)
+            out[state.by_feature.indices[start:stop]] = state.by_feature.data[start:stop]
+            return out
+
+        return self._small.get(("values", feature), column)
+
+    def well_values(self, feature: int, kind: Literal["mean", "fraction"] = "mean") -> pd.Series:
+        """Per-well mean activation (``"mean"``) or fraction of active tokens (``"fraction"``)
+        of ``feature``, indexed by well (row by row)."""
+        feature = check_feature(feature, self.n_features)
+        aggregates = self._prepared.wells
+        table = _aggregate_table(aggregates, kind)
+        return pd.Series(
+            table[:, feature],
+            index=pd.Index(aggregates.wells, name="well"),
+            name=f"feature {feature} {kind}",
+        )
+
+    def plate_heatmap(
+        self,
+        feature: int,
+        mosaic: Any,
+        kind: Literal["mean", "fraction"] = "mean",
+        level: int | None = None,
+    ) -> PlateHeatmap:
+        """A per-well image of ``feature`` aligned to a :class:`PlateMosaic`.
+
+        Computed at mosaic level ``level`` (default the coarsest): each well's value fills the
+        area of its field grid (the well gap stays NaN), absent wells are NaN. ``scale`` and
+        ``translate`` place the image exactly over mosaic level 0 in napari.
+        """
+        feature = check_feature(feature, self.n_features)
+        level = mosaic.n_levels - 1 if level is None else int(level)
+        if not 0 <= level < mosaic.n_levels:
+            raise ValueError(f"level must be in [0, {mosaic.n_levels}), got {level}")
+        values = self.well_values(feature, kind)
+
+        def build() -> PlateHeatmap:
+            factor = 2**level
+            image = np.full(
+                (mosaic.shape[0] // factor, mosaic.shape[1] // factor), np.nan, dtype=np.float32
+            )
+            grid_h = mosaic.field_grid[0] * mosaic.tile_shape[0]
+            grid_w = mosaic.field_grid[1] * mosaic.tile_shape[1]
+            for well, value in values.items():
+                y0, x0, _, _ = mosaic.well_box(well)
+                if y0 + grid_h > mosaic.shape[0] or x0 + grid_w > mosaic.shape[1]:
+                    raise ValueError(f"well {well} lies outside the mosaic's plate format")
+                # Box edges are multiples of 2**(n_levels-1): exact at every level.
+                image[
+                    y0 // factor : (y0 + grid_h) // factor, x0 // factor : (x0 + grid_w) // factor
+                ] = value
+            half = (factor - 1) / 2  # napari: data pixel i is centred at translate + i * scale
+            return PlateHeatmap(image, (float(factor), float(factor)), (half, half))
+
+        geometry = (mosaic.shape, mosaic.well_shape, mosaic.tile_shape, mosaic.field_grid)
+        return self._large.get(("heatmap", feature, kind, level, geometry), build)
+
+    def top_crops(self, feature: int, n: int = 16) -> list[TopCrop]:
+        """The (at most) ``n`` store crops where ``feature`` is most active, largest first."""
+        values = self.feature_values(feature)
+        obs = self.obs
+        out = []
+        for row in _top_rows(values, n):
+            record = obs.iloc[int(row)]
+            out.append(
+                TopCrop(
+                    int(row),
+                    str(record["well"]),
+                    int(record["field"]),
+                    int(record["crop_y"]),
+                    int(record["crop_x"]),
+                    int(record["crop_size"]),
+                    float(values[row]),
+                )
+            )
+        return out
+
+    def label_value_activation(self, feature: int, label_column: str | None = None) -> pd.DataFrame:
+        """Per value of a label column: n_tokens, mean_activation (mean code, inactive = 0) and
+        fraction_active of ``feature``; plus a last row ``group == "control"`` (value
+        ``"controls"``) over the control tokens, for plotting each value against controls."""
+        column = self._column(label_column)
+        values = self.feature_values(feature)
+
+        def build() -> pd.DataFrame:
+            codes, uniques = self._factorized(column)
+            labelled = codes >= 0
+            counts = np.bincount(codes[labelled], minlength=len(uniques))
+            sums = np.bincount(codes[labelled], weights=values[labelled], minlength=len(uniques))
+            active = np.bincount(
+                codes[labelled], weights=values[labelled] != 0, minlength=len(uniques)
+            )
+            table = pd.DataFrame(
+                {
+                    "value": list(uniques),
+                    "group": "label",
+                    "n_tokens": counts,
+                    "mean_activation": sums / np.maximum(counts, 1),
+                    "fraction_active": active / np.maximum(counts, 1),
+                }
+            )
+            if self.control_column in self.obs.columns:
+                control = self.obs[self.control_column].fillna(False).to_numpy(dtype=bool)
+                n_control = int(control.sum())
+                table.loc[len(table)] = {
+                    "value": CONTROL_GROUP,
+                    "group": "control",
+                    "n_tokens": n_control,
+                    "mean_activation": float(values[control].mean()) if n_control else np.nan,
+                    "fraction_active": float((values[control] != 0).mean())
+                    if n_control
+                    else np.nan,
+                }
+            return table
+
+        return self._small.get(("label_values", int(feature), column), build).copy()
+
+    def _factorized(self, column: str) -> tuple[np.ndarray, list[Any]]:
+        def build() -> tuple[np.ndarray, list[Any]]:
+            codes, uniques = pd.factorize(self.obs[column], sort=True, use_na_sentinel=True)
+            return codes.astype(np.int64), list(uniques)
+
+        return self._small.get(("factorized", column), build)
+
+    # ------------------------------------------------------------------ fields and cells
+    def field_rows(self, well: str, field: int) -> np.ndarray:
+        """Store rows of the crops of one field of the explorer's plate."""
+        key = (canonical_well(well), int(field))
+        rows = self._prepared.field_rows.get(key)
+        if rows is None:
+            raise KeyError(
+                f"plate {self.plate_name!r} has no crops of well {key[0]} field {key[1]} in {self.store.path}"
+            )
+        return rows
+
+    def field_shape(self, well: str, field: int) -> tuple[int, int]:
+        """(Y, X) of a field: the plate's image shape, or without a plate the extent of its crops."""
+        if self.plate is not None:
+            return tuple(self.plate.image_shape)  # type: ignore[return-value]
+        crops = self.obs.iloc[self.field_rows(well, field)]
+        return (
+            int((crops["crop_y"] + crops["crop_size"]).max()),
+            int((crops["crop_x"] + crops["crop_size"]).max()),
+        )
+
+    def field_map(
+        self,
+        feature: int,
+        well: str,
+        field: int,
+        mode: Literal["cosine", "code"] = "cosine",
+        downsample: int = 1,
+    ) -> np.ndarray:
+        """(Y // downsample, X // downsample) float32 map of ``feature`` over one field, NaN where
+        no crop lies; overlapping crops take the maximum.
+
+        From the store's patch tokens: ``"cosine"`` (cosine with the feature direction) or
+        ``"code"`` (the feature's code of each patch token). A store without patch tokens gives
+        each crop its crop token's code (both modes). Show it with
+        :func:`~plate_concepts.analysis.activations.layer_transform`.
+        """
+        feature = check_feature(feature, self.n_features)
+        if mode not in ("cosine", "code"):
+            raise ValueError(f"mode must be 'cosine' or 'code', got {mode!r}")
+        if isinstance(downsample, bool) or int(downsample) < 1:
+            raise ValueError(f"downsample must be a positive integer, got {downsample!r}")
+        well, field, downsample = canonical_well(well), int(field), int(downsample)
+        rows = self.field_rows(well, field)
+
+        def build() -> np.ndarray:
+            shape = self.field_shape(well, field)
+            out_shape = (max(1, shape[0] // downsample), max(1, shape[1] // downsample))
+            crops = self.obs.iloc[rows]
+            if self.store.patch_grid is None:
+                values = self.feature_values(feature)[rows]
+                grids = values.reshape(-1, 1, 1)
+            elif mode == "cosine":
+                grids = cosine_map(
+                    self._field_patches(well, field), feature_direction(self.estimator, feature)
+                )
+            else:
+                codes, grid = self._field_patch_codes(well, field)
+                grids = crop_feature_values(codes, feature).reshape(len(rows), *grid)
+            crop_maps = [
+                (int(y), int(x), int(s), g)
+                for y, x, s, g in zip(
+                    crops["crop_y"], crops["crop_x"], crops["crop_size"], grids, strict=True
+                )
+            ]
+            return field_activation_map(crop_maps, shape, out_shape, reduce="max")
+
+        key_mode = "crop" if self.store.patch_grid is None else mode
+        return self._large.get(("field", feature, well, field, key_mode, downsample), build)
+
+    def _field_patches(self, well: str, field: int) -> np.ndarray:
+        """Pre-processed patch tokens (n_crops, gh, gw, d') of one field, cached for the next feature."""
+
+        def build() -> np.ndarray:
+            rows = self.field_rows(well, field)
+            batches = (
+                None if self.batch_column is None else self.obs[self.batch_column].to_numpy()[rows]
+            )
+            return preprocess_patches(self.estimator, self.store.read_patches(rows), batches)
+
+        return self._patches.get(("patches", well, field), build)
+
+    def _field_patch_codes(self, well: str, field: int) -> tuple[SparseCodes, tuple[int, int]]:
+        def build() -> tuple[SparseCodes, tuple[int, int]]:
+            patches = self._field_patches(well, field)
+            return encode_patches(self.estimator, patches), patches.shape[1:3]
+
+        return self._patches.get(("patch_codes", well, field), build)
+
+    def cell_values(
+        self,
+        feature: int,
+        well: str,
+        field: int,
+        label_name: str = "cells",
+        mode: Literal["cosine", "code"] = "cosine",
+    ) -> pd.DataFrame:
+        """Mean of the full-resolution field map inside every object of the plate's label image
+        ``label_name``: columns label, mean_activation, area (see
+        :func:`~plate_concepts.analysis.activations.cell_activations`)."""
+        plate = self._require_plate("cell values")
+        labels = plate.field_labels(well, field)
+        if label_name not in labels:
+            raise KeyError(
+                f"well {canonical_well(well)} field {field} of plate {plate.name!r} has no label image "
+                f"{label_name!r} (it has: {sorted(labels)})"
+            )
+        activation = self.field_map(feature, well, field, mode=mode, downsample=1)
+        label_image = np.asarray(labels[label_name])
+        if label_image.shape != activation.shape:
+            raise ValueError(
+                f"label image {label_name!r} of well {well} field {field} is {label_image.shape}, "
+                f"the field is {activation.shape}"
+            )
+        return cell_activations(activation, label_image)
+
+    def crop_image(self, row: int) -> np.ndarray:
+        """(C, s, s) pixels of the crop of store row ``row``, read from the plate."""
+        plate = self._require_plate("crop images")
+        n = len(self.obs)
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= int(row) < n:
+            raise IndexError(f"row {row!r} is not a token row of {self.store.path} (0..{n - 1})")
+        record = self.obs.iloc[int(row)]
+        if str(record["plate"]) != self.plate_name:
+            raise ValueError(
+                f"row {row} belongs to plate {record['plate']!r}, not to the explorer's plate {self.plate_name!r}"
+            )
+        y, x, size = int(record["crop_y"]), int(record["crop_x"]), int(record["crop_size"])
+        image = plate.image(str(record["well"]), int(record["field"]))
+        if y < 0 or x < 0 or y + size > image.shape[1] or x + size > image.shape[2]:
+            raise ValueError(
+                f"crop of row {row} ({y}, {x}, size {size}) does not fit in well {record['well']} "
+                f"field {record['field']} of shape {image.shape[1:]}"
+            )
+        return np.asarray(image[:, y : y + size, x : x + size])
+
+    def _require_plate(self, what: str) -> Plate:
+        if self.plate is None:
+            raise ValueError(
+                f"{what} need the plate's images: create the FeatureExplorer with plate="
+            )
+        return self.plate
+
+
+def _aggregate_table(aggregates: WellAggregates, kind: str) -> np.ndarray:
+    if kind == "mean":
+        return aggregates.mean_activation
+    if kind == "fraction":
+        return aggregates.fraction_active
+    raise ValueError(f"kind must be 'mean' or 'fraction', got {kind!r}")
+
+
+def _recorded_batch_column(estimator: Any) -> str | None:
+    """The obs batch column a dictionary file records (fit_dictionary's batch_column)."""
+    control = getattr(estimator, "metadata_", {}).get("control", {})
+    return control.get("batch_column") if isinstance(control, dict) else None

@@ -1,0 +1,205 @@
+"""Activation maps and aggregates: known answers against dense or hand computations."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from skimage.transform import resize
+
+from plate_concepts.analysis.activations import (
+    Cancelled,
+    cell_activations,
+    crop_feature_values,
+    encode_store,
+    field_activation_map,
+    layer_transform,
+    patch_feature_map,
+    top_tokens,
+    well_aggregates,
+)
+from plate_concepts.dictionary import ICFL, SparseCodes
+from plate_concepts.embeddings.store import EmbeddingStore
+
+torch.set_num_threads(1)
+DIM, M = 12, 16
+
+
+def random_codes(n: int, k: int, m: int, seed: int = 0) -> SparseCodes:
+    """Codes with inactive (zero) slots and repeated indices, as ICFL produces."""
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, m, size=(n, k))
+    values = rng.normal(size=(n, k)) * (rng.random((n, k)) < 0.6)
+    return SparseCodes(torch.from_numpy(indices), torch.from_numpy(values.astype(np.float32)), m)
+
+
+@pytest.fixture(scope="module")
+def estimator() -> ICFL:
+    rng = np.random.default_rng(1)
+    tokens = rng.normal(size=(200, DIM)).astype(np.float32) + 0.5
+    is_control = np.arange(200) < 80
+    return ICFL(M, n_rounds=2, per_round=2, steps=10, batch_size=50, lr=1e-2, device="cpu").fit(
+        tokens, is_control=is_control
+    )
+
+
+def test_well_aggregates_equal_a_dense_reference():
+    codes = random_codes(300, 6, 20)
+    rng = np.random.default_rng(2)
+    names = np.array(["B10", "B02", "C01", "A12"])
+    wells = names[rng.integers(0, 4, size=300)]
+    result = well_aggregates(codes, wells)
+    assert result.wells == ["A12", "B02", "B10", "C01"]  # row by row, not alphabetical
+    dense = codes.dense().numpy().astype(np.float64)
+    for i, well in enumerate(result.wells):
+        mine = dense[wells == well]
+        assert result.n_tokens[i] == len(mine)
+        np.testing.assert_allclose(
+            result.mean_activation[i], mine.mean(axis=0), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(result.fraction_active[i], (mine != 0).mean(axis=0), rtol=1e-6)
+    assert result.mean_activation.dtype == np.float32 and result.mean_activation.shape == (4, 20)
+    with pytest.raises(ValueError, match="one well name per token"):
+        well_aggregates(codes, wells[:10])
+
+
+def test_crop_values_and_top_tokens_match_dense_codes():
+    codes = random_codes(100, 5, 8, seed=3)
+    dense = codes.dense().numpy()
+    for feature in range(8):
+        np.testing.assert_allclose(
+            crop_feature_values(codes, feature), dense[:, feature], atol=1e-6
+        )
+    top = top_tokens(codes, 3, n=5)
+    column = dense[:, 3]
+    assert list(column[top]) == sorted(column[column != 0], reverse=True)[:5]
+    assert len(top_tokens(codes, 3, n=1000)) == int((column != 0).sum())  # only active tokens
+    with pytest.raises(IndexError, match="out of range"):
+        crop_feature_values(codes, 8)
+
+
+def test_patch_feature_map_cosine_and_code_equal_hand_computations(estimator):
+    rng = np.random.default_rng(4)
+    patches = rng.normal(size=(3, 2, 4, DIM)).astype(np.float32)
+    flat = patches.reshape(-1, DIM)
+    feature = 5
+    pre = estimator.preprocess(flat).astype(np.float64)
+    pre /= np.linalg.norm(pre, axis=1, keepdims=True)
+    direction = estimator.components_[feature].astype(np.float64)
+    direction /= np.linalg.norm(direction)
+    cosine = patch_feature_map(estimator, patches, feature, "cosine")
+    assert cosine.shape == (3, 2, 4) and cosine.dtype == np.float32
+    np.testing.assert_allclose(cosine, (pre @ direction).reshape(3, 2, 4), atol=1e-5)
+
+    code = patch_feature_map(estimator, patches, feature, "code")
+    expected = estimator.encode(estimator.preprocess(flat)).dense().numpy()[:, feature]
+    np.testing.assert_allclose(code, expected.reshape(3, 2, 4), atol=1e-6)
+    assert (code != 0).any() or (expected == 0).all()
+    with pytest.raises(ValueError, match="mode"):
+        patch_feature_map(estimator, patches, feature, "dot")
+
+
+def test_constant_crop_map_lands_exactly_on_its_pixels():
+    out = field_activation_map([(8, 4, 16, np.full((2, 2), 3.0))], (40, 50))
+    assert out.shape == (40, 50) and out.dtype == np.float32
+    covered = np.zeros((40, 50), bool)
+    covered[8:24, 4:20] = True
+    assert np.all(out[covered] == 3.0)
+    assert np.isnan(out[~covered]).all()
+
+
+def test_bilinear_upsampling_matches_skimage_resize():
+    grid = np.arange(12, dtype=np.float64).reshape(3, 4) ** 1.5
+    out = field_activation_map([(5, 7, 24, grid)], (40, 40))
+    expected = resize(grid, (24, 24), order=1, mode="edge", anti_aliasing=False)
+    np.testing.assert_allclose(out[5:29, 7:31], expected, atol=1e-5)
+    nearest = field_activation_map([(0, 0, 24, grid)], (24, 24), order=0)
+    np.testing.assert_array_equal(nearest, np.kron(grid, np.ones((8, 6))).astype(np.float32))
+
+
+def test_overlapping_crops_reduce_by_max_or_mean():
+    crops = [(0, 0, 10, np.full((1, 1), 1.0)), (5, 5, 10, np.full((1, 1), 4.0))]
+    high = field_activation_map(crops, (20, 20), reduce="max")
+    mean = field_activation_map(crops, (20, 20), reduce="mean")
+    assert high[7, 7] == 4.0 and mean[7, 7] == 2.5  # both crops
+    assert high[2, 2] == mean[2, 2] == 1.0 and high[12, 12] == mean[12, 12] == 4.0  # one crop
+    assert np.isnan(high[17, 2]) and np.isnan(mean[2, 17])  # none
+    with pytest.raises(ValueError, match="reduce"):
+        field_activation_map(crops, (20, 20), reduce="sum")
+
+
+def test_downsampled_map_lines_up_with_full_resolution():
+    # A linear token grid: bilinear interpolation reproduces it exactly between token centres,
+    # so a block's mean at full resolution equals the downsampled pixel (sampled at its centre).
+    grid = np.add.outer(np.arange(8.0), 2 * np.arange(8.0))
+    crops = [(8, 4, 32, grid)]
+    full = field_activation_map(crops, (48, 48))
+    small = field_activation_map(crops, (48, 48), out_shape=(12, 12))
+    assert small.shape == (12, 12)
+    blocks = full.reshape(12, 4, 12, 4).mean(axis=(1, 3))
+    # crop rows 8..40 -> output rows 2..9, columns 4..36 -> 1..8; interior blocks avoid the flat edge
+    np.testing.assert_allclose(small[3:9, 2:8], blocks[3:9, 2:8], atol=1e-4)
+    assert (
+        np.isnan(small[:2]).all()
+        and np.isnan(small[10:]).all()
+        and not np.isnan(small[2:10, 1:9]).any()
+    )
+    scale, translate = layer_transform((48, 48), (12, 12), origin=(100, 200))
+    assert scale == (4.0, 4.0) and translate == (101.5, 201.5)
+
+
+def test_cell_activations_give_exact_means():
+    values = np.arange(36, dtype=np.float32).reshape(6, 6)
+    values[0, 0] = np.nan
+    labels = np.zeros((6, 6), np.uint16)
+    labels[0:2, 0:2] = 1  # pixels 0 (NaN), 1, 6, 7
+    labels[3:6, 4] = 5  # pixels 22, 28, 34
+    table = cell_activations(values, labels)
+    assert list(table["label"]) == [1, 5] and list(table["area"]) == [4, 3]
+    np.testing.assert_allclose(table["mean_activation"], [(1 + 6 + 7) / 3, (22 + 28 + 34) / 3])
+    # Large, sparse label ids take the other path with the same answer.
+    big = labels.astype(np.int64) * 10**9
+    np.testing.assert_allclose(
+        cell_activations(values, big)["mean_activation"], table["mean_activation"]
+    )
+    all_nan = cell_activations(np.full((6, 6), np.nan), labels)
+    assert all_nan["mean_activation"].isna().all()
+    with pytest.raises(ValueError, match="same"):
+        cell_activations(values, labels[:5])
+
+
+def test_encode_store_streams_blocks_in_order(estimator, tmp_path):
+    rng = np.random.default_rng(5)
+    tokens = rng.normal(size=(130, DIM)).astype(np.float32)
+    obs = pd.DataFrame(
+        {
+            "plate": "P",
+            "well": "B02",
+            "field": 0,
+            "crop_y": np.arange(130),
+            "crop_x": 0,
+            "crop_size": 8,
+        }
+    )
+    store = EmbeddingStore.create(tmp_path / "s", dim=DIM, chunk_rows=16)
+    store.append(tokens, obs)
+    seen = []
+    codes = encode_store(
+        estimator, store, batch_size=40, progress=lambda done, total: seen.append((done, total))
+    )
+    # Same codes as one transform of all tokens (up to float rounding of the batched products).
+    torch.testing.assert_close(
+        codes.dense(), estimator.transform(tokens).dense(), atol=1e-5, rtol=1e-5
+    )
+    assert (
+        seen[-1] == (130, 130)
+        and [d for d, _ in seen] == sorted(d for d, _ in seen)
+        and len(seen) == 5
+    )
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        encode_store(estimator, store, cancel=stop)
