@@ -50,8 +50,6 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +63,7 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
 
 from plate_concepts._io import atomic_path
+from plate_concepts._progress import ProgressLike, progress_ticker
 from plate_concepts.plates.geometry import PlateFormat, parse_well
 from plate_concepts.plates.model import FieldKey, Plate
 
@@ -118,7 +117,6 @@ _PSF_SIGMA = 1.0
 # Independent random streams (SeedSequence entropy: seed, stream, then the stream's keys).
 _PLATEMAP_STREAM, _WELL_STREAM, _LAYOUT_STREAM, _PIXEL_STREAM = 1, 2, 3, 4
 
-ProgressLike = Callable[[int, int], Any] | Any
 
 
 @dataclass(frozen=True)
@@ -874,35 +872,12 @@ def _lazy_plate(renderer: _FieldRenderer) -> Plate:
     )
 
 
-@contextmanager
-def _progress(
-    progress: ProgressLike | None, total: int, description: str
-) -> Iterator[Callable[[int], None]]:
-    """``tick(done)`` for a progress argument: None, True (tqdm), tqdm-like, or f(done, total)."""
-    if progress is None or progress is False:
-        yield lambda done: None
-    elif progress is True:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=total, desc=description, unit="field") as bar:
-            yield lambda done: bar.update(1)
-    elif hasattr(progress, "update"):
-        yield lambda done: progress.update(1)
-    elif callable(progress):
-        yield lambda done: progress(done, total)
-    else:
-        raise TypeError(
-            "progress must be None, True, a tqdm-like object or a callable(done, total), "
-            f"got {type(progress).__name__}"
-        )
-
-
 def _ground_truth(
     renderer: _FieldRenderer, progress: ProgressLike | None = None
 ) -> pd.DataFrame:
     keys = _field_keys(renderer.parameters, renderer.platemap)
     tables = []
-    with _progress(progress, len(keys), "demo plate ground truth") as tick:
+    with progress_ticker(progress, len(keys), "demo plate ground truth", "field") as tick:
         for done, key in enumerate(keys, start=1):
             tables.append(renderer.table(key))
             tick(done)

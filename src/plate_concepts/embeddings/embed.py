@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from plate_concepts._progress import ProgressLike, progress_ticker
 from plate_concepts.embeddings.embedders import (
     Embedder,
     crop_tokens,
@@ -59,7 +60,6 @@ from plate_concepts.plates.platemap import (
     control_mask,
 )
 
-ProgressLike = Callable[[int, int], Any] | Any
 CancelLike = threading.Event | Callable[[], bool]
 RESERVED_COLUMNS = (*INDEX_COLUMNS, "is_control", "foreground_fraction")
 _POSITION_COLUMNS = {n.lower() for n in WELL_COLUMN_NAMES} | {n.lower() for p in ROW_COLUMN_PAIRS for n in p}
@@ -171,7 +171,7 @@ def embed_plate(
     runner = _Runner(
         store, embedder, (gh, gw, dim), batch_size, group_size, patch_tokens, _as_cancel(cancel)
     )
-    with _Progress(progress, total) as tick:
+    with progress_ticker(progress, total, "embedding", "crop") as tick:
         runner.tick = tick
         runner.settled = total - sum(len(todo) for todo in pending.values())
         tick(runner.settled)
@@ -539,41 +539,6 @@ def _as_cancel(cancel: CancelLike | None) -> Callable[[], bool]:
     raise TypeError(
         f"cancel must be a threading.Event or a callable returning bool, got {type(cancel).__name__}"
     )
-
-
-class _Progress:
-    """``tick(done)`` for a progress argument: None, True (tqdm), tqdm-like, or f(done, total)."""
-
-    def __init__(self, progress: ProgressLike | None, total: int) -> None:
-        self.progress, self.total, self.last, self.bar = progress, total, 0, None
-
-    def __enter__(self) -> Callable[[int], None]:
-        progress = self.progress
-        if progress is None or progress is False:
-            return lambda done: None
-        if progress is True:
-            from tqdm.auto import tqdm
-
-            self.bar = progress = tqdm(total=self.total, desc="embedding", unit="crop")
-        if hasattr(progress, "update"):
-            if getattr(progress, "total", None) is None and hasattr(progress, "total"):
-                progress.total = self.total
-            return self._update
-        if callable(progress):
-            return lambda done: progress(done, self.total)
-        raise TypeError(
-            "progress must be None, True, a tqdm-like object or a callable(done, total), "
-            f"got {type(progress).__name__}"
-        )
-
-    def _update(self, done: int) -> None:
-        target = self.bar if self.bar is not None else self.progress
-        target.update(done - self.last)
-        self.last = done
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _positive(value: Any, name: str) -> int:

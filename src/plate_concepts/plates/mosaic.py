@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import dask.array as da
 import numpy as np
 
-from plate_concepts.plates.geometry import canonical_well, parse_well, well_name
+from plate_concepts.plates.geometry import parse_well, well_name
 from plate_concepts.plates.model import Plate
 
 

@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ with warnings.catch_warnings():
     )
 
 from plate_concepts._io import atomic_path
+from plate_concepts._progress import ProgressLike, progress_ticker
 from plate_concepts.plates.geometry import PlateFormat, canonical_well, parse_well, row_letters
 from plate_concepts.plates.model import FieldKey, Plate
 
@@ -68,7 +68,6 @@ _UNIT_TO_MICROMETER = {
     "millimeter": 1e3, "mm": 1e3, "angstrom": 1e-4, "centimeter": 1e4, "meter": 1e6,
 }  # fmt: skip
 
-ProgressLike = Callable[[int, int], Any] | Any
 
 
 # --------------------------------------------------------------------------------------- detect
@@ -434,7 +433,7 @@ def write_ome_zarr_plate(
     column_names = [str(c + 1) for c in range(plate.plate_format.n_columns)]
     well_paths = {well: _well_path(well) for well in plate.wells}
     with (
-        _progress_callback(progress, total=len(plate.images)) as tick,
+        progress_ticker(progress, len(plate.images), "writing OME-Zarr plate", "field") as tick,
         atomic_path(destination, overwrite=overwrite) as tmp,
     ):
         root = zarr.open_group(str(tmp), mode="w-", zarr_format=fmt.zarr_format)
@@ -703,28 +702,3 @@ def _platemap_rows(plate: Plate) -> dict[str, Any] | None:
             "wells_without_images": {w: row for w, row in rows.items() if w not in imaged},
         },
     }
-
-
-@contextmanager
-def _progress_callback(
-    progress: ProgressLike | None, total: int
-) -> Iterator[Callable[[int], None]]:
-    """A per-field callback ``tick(fields_done)`` for the ``progress`` argument."""
-    if progress is None or progress is False:
-        yield lambda done: None
-    elif progress is True:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=total, desc="writing OME-Zarr plate", unit="field") as bar:
-            yield lambda done: bar.update(1)
-    elif hasattr(progress, "update"):
-        if getattr(progress, "total", None) is None:
-            progress.total = total
-        yield lambda done: progress.update(1)
-    elif callable(progress):
-        yield lambda done: progress(done, total)
-    else:
-        raise TypeError(
-            "progress must be None, True, a tqdm-like object or a callable, "
-            f"got {type(progress).__name__}"
-        )
