@@ -8,7 +8,19 @@ from pathlib import Path
 from plate_concepts.plates.geometry import PlateFormat, canonical_well, parse_well, well_name
 from plate_concepts.plates.model import Plate
 
-__all__ = ["Plate", "PlateFormat", "canonical_well", "detect_plate_format", "open_plate", "parse_well", "well_name"]
+__all__ = [
+    "Plate",
+    "PlateFormat",
+    "canonical_well",
+    "detect_plate_format",
+    "discover_platemap",
+    "open_plate",
+    "parse_well",
+    "well_name",
+]
+
+PLATEMAP_SUFFIXES = (".csv", ".tsv", ".parquet")
+"""File types :func:`discover_platemap` looks for (after a ``platemap`` name prefix)."""
 
 
 def detect_plate_format(path: str | PathLike) -> str:
@@ -63,3 +75,30 @@ def open_plate(
     if platemap is not None:
         plate = attach_platemap(plate, platemap)
     return plate
+
+
+def discover_platemap(path: str | PathLike) -> Path | None:
+    """The plate map lying next to a plate: a ``platemap*.csv|tsv|parquet`` file (any case)
+    in the plate's folder, else in its parent folder; None when there is none.
+
+    ``path`` is a plate folder (TIFF exports) or a plate file/zarr, whose own folder is then
+    searched first. Several candidates in one folder are ambiguous: the answer is then None
+    (the user names the map instead), so a wrong map is never joined silently.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() and path.suffix.lower() != ".zarr" else path.parent
+    for place in (folder, folder.parent):
+        if not place.is_dir():
+            continue
+        candidates = sorted(
+            p
+            for p in place.iterdir()
+            if p.is_file()
+            and p.name.lower().startswith("platemap")
+            and p.suffix.lower() in PLATEMAP_SUFFIXES
+        )
+        if len(candidates) == 1:
+            return candidates[0]
+        if candidates:
+            return None
+    return None
