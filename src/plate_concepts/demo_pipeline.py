@@ -41,7 +41,7 @@ class DemoSettings:
     n_wells: int = 96
     seed: int = 0
     crop_size: int = 128
-    model: str = "efficientnet-lite0"
+    model: str = "efficientnet-lite0:concat:blocks"
     n_features: int = 512
     n_rounds: int = 4
     per_round: int = 4
@@ -84,7 +84,7 @@ def run_demo_pipeline(
     plate_dir = cached_demo_plate(n_wells=settings.n_wells, seed=settings.seed, progress=progress("fields"))
     plate = open_plate(plate_dir / "demo_plate.zarr")
 
-    store_path = workdir / f"store-{settings.model}-{settings.crop_size}px"
+    store_path = workdir / f"store-{settings.model.replace(':', '-')}-{settings.crop_size}px"
     log(f"2/4 embeddings with {settings.model}, {settings.crop_size}-px crops -> {store_path}")
     store = embed_plate(
         plate, store_path, settings.model, crop_size=settings.crop_size, control=CONTROL,

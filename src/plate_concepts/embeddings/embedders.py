@@ -14,6 +14,10 @@ CNN, not a microscopy model: a baseline that runs anywhere. ``channel_mode="conc
 concatenates the per-channel features (d = 1280 C): feature block c describes stain c only, so
 the dictionary can tell a change in mitochondria from one in nuclei. ``"mean"`` averages them
 (d = 1280, the same for any channel count, 1/C the storage) but mixes what each stain shows.
+``layer="blocks"`` takes the feature map before the head's 1 x 1 expansion convolution instead
+(320 features per stain, the same grid): the head only re-mixes those 320 features pointwise,
+so the smaller map loses no spatial information, and five stains give d = 1600, the size of the
+publication's ViT-G tokens — control whitening then needs 4x fewer controls and 16x less work.
 
 Your own model
 --------------
@@ -86,6 +90,7 @@ EFFICIENTNET_SPEC = "efficientnet-lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EFFICIENTNET_FEATURES = 1280
+EFFICIENTNET_LAYERS = {"head": EFFICIENTNET_FEATURES, "blocks": 320}
 EFFICIENTNET_STRIDE_LAYERS = 5
 """Stride-2 stages of EfficientNet-Lite0: the feature map is the crop halved (rounding up) 5 times."""
 
@@ -180,17 +185,22 @@ class EfficientNetLite0Embedder:
         channel_mode: Literal["concat", "mean"] = "concat",
         n_channels: int | None = None,
         weights_path: str | os.PathLike | None = None,
+        layer: Literal["head", "blocks"] = "head",
     ) -> None:
         if channel_mode not in ("concat", "mean"):
             raise ValueError(f"channel_mode must be 'concat' or 'mean', got {channel_mode!r}")
+        if layer not in EFFICIENTNET_LAYERS:
+            raise ValueError(f"layer must be one of {sorted(EFFICIENTNET_LAYERS)}, got {layer!r}")
         self.channel_mode = channel_mode
+        self.layer = layer
+        self.features = EFFICIENTNET_LAYERS[layer]
         self.n_channels = n_channels
         if weights_path is None:
             weights_path = _default_efficientnet_weights()
         self.weights_path = Path(weights_path)
         # channels_last: the depthwise convolutions run ~20% faster on CPUs (and suit cuDNN).
         self.model = _load_efficientnet_lite0(self.weights_path).to(memory_format=torch.channels_last)
-        self.name = f"{EFFICIENTNET_SPEC}:{channel_mode}"
+        self.name = f"{EFFICIENTNET_SPEC}:{channel_mode}" + (":blocks" if layer == "blocks" else "")
         self.device = torch.device("cpu")
         self._mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -198,8 +208,8 @@ class EfficientNetLite0Embedder:
     @property
     def dim(self) -> int | None:
         if self.channel_mode == "mean":
-            return EFFICIENTNET_FEATURES
-        return None if self.n_channels is None else EFFICIENTNET_FEATURES * self.n_channels
+            return self.features
+        return None if self.n_channels is None else self.features * self.n_channels
 
     def patch_grid(self, crop_size: int) -> tuple[int, int]:
         side = int(crop_size)
@@ -223,11 +233,19 @@ class EfficientNetLite0Embedder:
         grey = crops.to(self.device, torch.float32).reshape(b * c, 1, h, w)
         rgb = (grey.expand(-1, 3, -1, -1) - self._mean) / self._std
         rgb = rgb.contiguous(memory_format=torch.channels_last)
-        features = self.model.extract_features(rgb)
-        features = features.reshape(b, c, *features.shape[1:]).permute(0, 3, 4, 1, 2)  # B gh gw C 1280
+        features = self.model.extract_features(rgb) if self.layer == "head" else self._block_features(rgb)
+        features = features.reshape(b, c, *features.shape[1:]).permute(0, 3, 4, 1, 2)  # B gh gw C F
         if self.channel_mode == "mean":
             return features.mean(dim=3)
-        return features.flatten(3)  # feature index = channel * 1280 + feature
+        return features.flatten(3)  # feature index = channel * F + feature
+
+    def _block_features(self, rgb: torch.Tensor) -> torch.Tensor:
+        """The last block's output: ``extract_features`` without the head convolution."""
+        model = self.model
+        x = model._swish(model._bn0(model._conv_stem(rgb)))
+        for block in model._blocks:
+            x = block(x)  # eval mode: no drop-connect
+        return x
 
     def describe(self) -> dict[str, Any]:
         """Provenance: the spec to rebuild it and the weights file with its checksum."""
@@ -459,7 +477,8 @@ def _import_callable(target: str) -> Callable[[], Any]:
 def load_embedder(spec: str, **options: Any) -> Embedder:
     """An embedder from a text spec.
 
-    - ``"efficientnet-lite0"``, ``"efficientnet-lite0:concat"``, ``"efficientnet-lite0:mean"``
+    - ``"efficientnet-lite0"``, ``"efficientnet-lite0:concat"``, ``"efficientnet-lite0:mean"``,
+      each optionally followed by ``":blocks"`` (the 320-feature map before the head)
     - ``"torchscript:PATH"``
     - ``"module:package.module:callable"``
 
@@ -467,13 +486,14 @@ def load_embedder(spec: str, **options: Any) -> Embedder:
     """
     kind, _, rest = spec.partition(":")
     if kind == EFFICIENTNET_SPEC:
-        return EfficientNetLite0Embedder(channel_mode=rest or "concat", **options)  # type: ignore[arg-type]
+        mode, _, layer = (rest or "concat").partition(":")
+        return EfficientNetLite0Embedder(channel_mode=mode or "concat", layer=layer or "head", **options)  # type: ignore[arg-type]
     if kind == "torchscript" and rest:
         return TorchScriptEmbedder(rest, **options)
     if kind == "module" and rest:
         return ModuleEmbedder(rest, **options)
     raise ValueError(
-        f"unknown embedder spec {spec!r}; expected 'efficientnet-lite0[:concat|:mean]', "
+        f"unknown embedder spec {spec!r}; expected 'efficientnet-lite0[:concat|:mean][:blocks]', "
         "'torchscript:PATH' or 'module:package.module:callable'"
     )
 
