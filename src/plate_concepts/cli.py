@@ -221,6 +221,55 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("demo-run")
+def _demo_run(args: argparse.Namespace) -> int:
+    """The main job: the whole pipeline on the demo plate, then the result in napari."""
+    from plate_concepts.demo_pipeline import DemoSettings, format_report, run_demo_pipeline
+
+    bars: list[tqdm] = []
+
+    def progress_factory(unit: str):
+        bar = tqdm(desc=f"  {unit}", unit=unit[:-1] if unit.endswith("s") else unit, leave=False)
+        bars.append(bar)
+
+        def update(done: int, total: int) -> None:
+            bar.total, bar.n = total, done
+            bar.refresh()
+
+        return update
+
+    settings = DemoSettings(n_wells=args.wells, device=args.device)
+    try:
+        run = run_demo_pipeline(args.workdir, settings, progress_factory=progress_factory)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(format_report(run.report))
+    print(f"(report saved to {Path(args.workdir) / 'concept_report.json'})")
+    if args.no_viewer:
+        return 0
+    import napari
+
+    from plate_concepts.viewer.demo_view import show_demo_run
+
+    viewer = napari.Viewer(title="napari-plate-concepts: demo plate")
+    viewer.window.resize(1600, 1000)
+    show_demo_run(viewer, run, concept=args.concept)
+    if args.screenshot:
+        from qtpy.QtWidgets import QApplication
+
+        for _ in range(20):  # let the panel's worker finish drawing the feature's layers
+            QApplication.processEvents()
+            viewer.window._qt_window.repaint()
+        Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
+        viewer.screenshot(args.screenshot, canvas_only=False, flash=False)
+        print(f"saved a screenshot of the viewer to {args.screenshot}")
+        viewer.close()
+        return 0
+    napari.run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from plate_concepts import __version__
 
@@ -305,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", help="controls as COLUMN=VALUE[,VALUE] (sets is_control)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("demo-run", help="the main job: demo plate -> embeddings -> ICFL -> concept report -> napari")
+    p.add_argument("workdir", nargs="?", default="out/demo", help="where the store, dictionary and report go")
+    p.add_argument("--wells", type=int, default=96)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--concept", default="nuclear-enlargement", help="planted concept whose best feature is shown")
+    p.add_argument("--no-viewer", action="store_true", help="print the report only")
+    p.add_argument("--screenshot", metavar="PNG", help="save a screenshot of napari and exit (headless runs)")
 
     p = sub.add_parser("view", help="open a plate in napari with the plugin's panels")
     p.add_argument("path")

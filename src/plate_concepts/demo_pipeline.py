@@ -58,6 +58,7 @@ class DemoRun:
     store_path: Path
     dictionary_path: Path
     report: pd.DataFrame
+    explorer: FeatureExplorer
 
 
 def run_demo_pipeline(
@@ -115,7 +116,7 @@ def run_demo_pipeline(
     report = concept_report(explorer, ground_truth)
     with atomic_path(workdir / "concept_report.json") as tmp:
         tmp.write_text(json.dumps(report.to_dict(orient="records"), indent=2))
-    return DemoRun(plate_dir, store_path, dictionary_path, report)
+    return DemoRun(plate_dir, store_path, dictionary_path, report, explorer)
 
 
 def concept_report(explorer: FeatureExplorer, ground_truth: pd.DataFrame,

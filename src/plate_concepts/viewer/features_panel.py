@@ -1,0 +1,637 @@
+"""The Features panel: browse a dictionary's features and see where each one lights up.
+
+A sortable, searchable table lists every feature with its frequency and the label value it is
+most selective for. Selecting one (click or arrow keys) shows, over the plate:
+
+- ``feature N: mean activation per well`` (or fraction of active crops): a plate heatmap;
+- ``feature N: activation map``: the patch-level map over the fields of one well (the well
+  chosen here or in the Plate panel, else the feature's top well);
+- ``feature N: cells``: that well's cells coloured by their mean activation;
+
+and, in the panel, its top-activating crops and its activation per label value against the
+controls. The computing runs in a thread worker; the panel only turns results into layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from napari.layers import Image, Labels, Layer
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error
+from qtpy.QtCore import (
+    QAbstractTableModel,
+    QModelIndex,
+    QSize,
+    QSortFilterProxyModel,
+    Qt,
+    QTimer,
+    Signal,
+)
+from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QTableView,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from plate_concepts.viewer._feature_layers import (
+    FEATURE_ROLES,
+    METADATA_KEY,
+    ROLE_CELLS,
+    ROLE_MAP,
+    CropThumbnail,
+    FeatureView,
+    feature_table,
+    feature_view,
+)
+from plate_concepts.viewer._plots import BarChart
+from plate_concepts.viewer.state import get_state
+
+if TYPE_CHECKING:
+    import napari
+
+KINDS = {"mean activation": "mean", "fraction of active crops": "fraction"}
+MODES = {"cosine with feature direction": "cosine", "feature code": "code"}
+AUTO_WELL = "automatic"
+LAYER_CLASSES = {"image": Image, "labels": Labels}
+WELL_FIELD_ROLE = "well-field"  # the Plate panel's full-resolution layers of one well
+N_CROPS = 12
+THUMBNAIL = 64  # px per crop in the gallery
+LABEL_COLUMN_WIDTH = 110
+PANEL_MIN_WIDTH = 460  # the five table columns side by side
+#: Two-line headers keep the table narrow enough for a docked panel.
+HEADERS = {
+    "frequency": "freq.",
+    "most selective for": "most\nselective for",
+    "max selectivity": "max\nselect.",
+    "avg selectivity": "avg\nselect.",
+}
+
+
+class FeatureTableModel(QAbstractTableModel):
+    """A pandas table for a QTableView: text for display, raw values for sorting."""
+
+    def __init__(self, table: pd.DataFrame | None = None, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.table = pd.DataFrame() if table is None else table.reset_index(drop=True)
+        self.shown = [c for c in self.table.columns if c != "dead"]
+
+    def rowCount(self, parent: QModelIndex = QModelIndex()) -> int:  # noqa: B008 - Qt's API
+        return 0 if parent.isValid() else len(self.table)
+
+    def columnCount(self, parent: QModelIndex = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.shown)
+
+    def data(self, index: QModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid():
+            return None
+        column = self.shown[index.column()]
+        value = self.table[column].iat[index.row()]
+        if role == Qt.ItemDataRole.UserRole:
+            return value.item() if isinstance(value, np.generic) else value
+        if role == Qt.ItemDataRole.DisplayRole:
+            if column == "feature":
+                return str(int(value))
+            if isinstance(value, (float, np.floating)):
+                return "" if math.isnan(value) else f"{value:.3f}"
+            return str(value)
+        if role == Qt.ItemDataRole.TextAlignmentRole and column != "most selective for":
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        if role == Qt.ItemDataRole.ForegroundRole and bool(self.table["dead"].iat[index.row()]):
+            return QColor(128, 128, 128)
+        return None
+
+    def headerData(
+        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
+    ) -> Any:
+        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
+            return HEADERS.get(self.shown[section], self.shown[section])
+        if role == Qt.ItemDataRole.ToolTipRole and orientation == Qt.Orientation.Horizontal:
+            return {
+                "feature": "Feature number (dictionary column)",
+                "frequency": "Fraction of crops where the feature is active",
+                "most selective for": "The label value the feature is most selective for",
+                "max selectivity": "P(active | value) minus the largest P(active | other value)",
+                "avg selectivity": "P(active | value) minus P(active | any other value)",
+            }.get(self.shown[section])
+        return None
+
+    def feature_at(self, row: int) -> int:
+        return int(self.table["feature"].iat[row])
+
+    def row_of(self, feature: int) -> int | None:
+        rows = np.flatnonzero(self.table["feature"].to_numpy() == feature)
+        return int(rows[0]) if len(rows) else None
+
+
+class FeatureFilter(QSortFilterProxyModel):
+    """Sorts by raw values; keeps rows whose label value contains the search text, and hides
+    dead features on request."""
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.search = ""
+        self.hide_dead = True
+        self.setSortRole(Qt.ItemDataRole.UserRole)
+
+    def set_search(self, text: str) -> None:
+        self.search = text.strip().lower()
+        self.invalidateFilter()
+
+    def set_hide_dead(self, hide: bool) -> None:
+        self.hide_dead = bool(hide)
+        self.invalidateFilter()
+
+    def filterAcceptsRow(self, row: int, parent: QModelIndex) -> bool:
+        model = self.sourceModel()
+        if not isinstance(model, FeatureTableModel) or model.table.empty:
+            return True
+        if self.hide_dead and bool(model.table["dead"].iat[row]):
+            return False
+        if self.search:
+            return self.search in str(model.table["most selective for"].iat[row]).lower()
+        return True
+
+
+def _camera(viewer: Any) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
+def _pixmap(rgb: np.ndarray, size: int) -> QPixmap:
+    rgb = np.ascontiguousarray(rgb)
+    height, width = rgb.shape[:2]
+    image = QImage(rgb.data, width, height, 3 * width, QImage.Format.Format_RGB888).copy()
+    return QPixmap.fromImage(image).scaled(
+        size, size, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation
+    )
+
+
+class FeaturesPanel(QWidget):
+    """Feature table, feature layers over the plate, top crops and per-label activation."""
+
+    #: Emitted with the feature number once all its layers and plots are shown.
+    feature_shown = Signal(int)
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.state = get_state(viewer)
+        self._worker: Any = None
+        self._pending: dict[str, Any] | None = None
+        self._view: FeatureView | None = None
+        self._build()
+        self._on_explorer_changed(self.state.explorer)
+
+        connections = [
+            (self.state.explorer_changed, self._on_explorer_changed),
+            (self.state.dictionary_changed, self._on_dictionary_changed),
+            (self.state.feature_selected, self._on_feature_selected),
+        ]
+        for signal, slot in connections:
+            signal.connect(slot)
+        self.destroyed.connect(lambda *_: [signal.disconnect(slot) for signal, slot in connections])
+        # The Plate panel shows a well by adding its field layers: follow it (once per batch).
+        self._follow_timer = QTimer(self)
+        self._follow_timer.setSingleShot(True)
+        self._follow_timer.setInterval(50)
+        self._follow_timer.timeout.connect(self._follow_plate_well)
+        viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        self.destroyed.connect(
+            lambda *_: viewer.layers.events.inserted.disconnect(self._on_layer_inserted)
+        )
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        layout = QVBoxLayout(self)
+        self.setMinimumWidth(PANEL_MIN_WIDTH)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+
+        options = QFormLayout()
+        self.label_column = QComboBox()
+        self.label_column.setToolTip(
+            "The label whose values the selectivity columns and the bar chart describe"
+        )
+        self.label_column.currentTextChanged.connect(self._on_label_column_changed)
+        self.kind = QComboBox()
+        self.kind.addItems(list(KINDS))
+        self.kind.setToolTip("What the plate heatmap shows per well")
+        self.kind.currentTextChanged.connect(lambda _: self.refresh())
+        self.mode = QComboBox()
+        self.mode.addItems(list(MODES))
+        self.mode.setToolTip(
+            "Activation map: cosine of each patch token with the feature direction, "
+            "or the feature's code of each patch token"
+        )
+        self.mode.currentTextChanged.connect(lambda _: self.refresh())
+        self.well = QComboBox()
+        self.well.setToolTip(
+            "Whose fields get the activation map and the cell colours; automatic: the well "
+            "chosen in the Plate panel, else the feature's most active well"
+        )
+        self.well.currentTextChanged.connect(lambda _: self.refresh())
+        options.addRow("label", self.label_column)
+        options.addRow("wells coloured by", self.kind)
+        options.addRow("activation map", self.mode)
+        options.addRow("fields of well", self.well)
+        layout.addLayout(options)
+
+        self.search = QLineEdit()
+        self.search.setPlaceholderText("search label values…")
+        self.search.setClearButtonEnabled(True)
+        self.hide_dead = QCheckBox("hide dead features")
+        self.hide_dead.setChecked(True)
+        self.model = FeatureTableModel()
+        self.proxy = FeatureFilter(self)
+        self.proxy.setSourceModel(self.model)
+        self.search.textChanged.connect(self.proxy.set_search)
+        self.hide_dead.toggled.connect(self.proxy.set_hide_dead)
+        self.table = QTableView()
+        self.table.setModel(self.proxy)
+        self.table.setSortingEnabled(True)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.verticalHeader().setDefaultSectionSize(20)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setWordWrap(False)
+        self.table.setMinimumHeight(180)
+        self.table.selectionModel().currentRowChanged.connect(self._on_row_changed)
+        layout.addWidget(self.search)
+        layout.addWidget(self.hide_dead)
+        layout.addWidget(self.table, stretch=1)
+
+        self.title = QLabel(" ")
+        self.title.setWordWrap(True)
+        layout.addWidget(self.title)
+        self.bars = BarChart()
+        layout.addWidget(self.bars)
+        self.gallery_title = QLabel("Top-activating crops")
+        layout.addWidget(self.gallery_title)
+        self.gallery = QGridLayout()
+        self.gallery.setSpacing(2)
+        self.crop_buttons: list[QToolButton] = []
+        for index in range(N_CROPS):
+            button = QToolButton()
+            button.setIconSize(QSize(THUMBNAIL, THUMBNAIL))
+            button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextUnderIcon)
+            button.setAutoRaise(True)
+            button.setVisible(False)
+            button.clicked.connect(lambda _=False, i=index: self.go_to_crop(i))
+            self.gallery.addWidget(button, index // 4, index % 4)
+            self.crop_buttons.append(button)
+        layout.addLayout(self.gallery)
+
+    # ------------------------------------------------------------------ explorer and table
+    def _on_layer_inserted(self, event: Any) -> None:
+        if event.value.metadata.get(METADATA_KEY, {}).get("role") == WELL_FIELD_ROLE:
+            self._follow_timer.start()
+
+    def _follow_plate_well(self) -> None:
+        if (
+            self.well.currentText() == AUTO_WELL
+            and self._view is not None
+            and self.chosen_well() != self._view.well
+        ):
+            self.refresh()
+
+    def _on_dictionary_changed(self, _dictionary: Any) -> None:
+        # The old dictionary's layers would mislead: they go until the new features are ready.
+        self._view = None
+        for layer in [
+            lay
+            for lay in self.viewer.layers
+            if lay.metadata.get(METADATA_KEY, {}).get("role") in FEATURE_ROLES
+        ]:
+            self.viewer.layers.remove(layer)
+        self._show_crops([])
+        self.bars.set_data("", [], [])
+        self.title.setText(" ")
+        if self.state.explorer is None:
+            self._on_explorer_changed(None)
+
+    def _on_explorer_changed(self, explorer: Any) -> None:
+        self.label_column.blockSignals(True)
+        self.well.blockSignals(True)
+        previous_column = self.label_column.currentText()
+        self.label_column.clear()
+        self.well.clear()
+        self.well.addItem(AUTO_WELL)
+        if explorer is None:
+            self.status.setText(
+                "No features yet: fit or load a dictionary in the Dictionary panel."
+                if self.state.dictionary is None
+                else "Encoding the store with the dictionary…"
+            )
+            self.model = FeatureTableModel()
+        else:
+            columns = list(explorer.label_columns)
+            self.label_column.addItems(columns)
+            if previous_column in columns:
+                self.label_column.setCurrentText(previous_column)
+            elif explorer.label_column in columns:
+                self.label_column.setCurrentText(explorer.label_column)
+            self.well.addItems(list(explorer.well_values(0).index) if explorer.n_features else [])
+            self.status.setText(
+                f"{explorer.n_features} features over {len(explorer.store):,} crops of plate "
+                f"{explorer.plate_name}. Select one to see where it is active."
+            )
+            self.model = FeatureTableModel(
+                feature_table(explorer, self.label_column.currentText() or None)
+            )
+        self.label_column.blockSignals(False)
+        self.well.blockSignals(False)
+        self._set_model(self.model)
+        self.table.sortByColumn(
+            self.model.shown.index("max selectivity")
+            if "max selectivity" in self.model.shown
+            else 0,
+            Qt.SortOrder.DescendingOrder,
+        )
+        if (
+            explorer is not None
+            and self.state.feature is not None
+            and self.state.feature < explorer.n_features
+        ):
+            self._on_feature_selected(self.state.feature)
+
+    def _on_label_column_changed(self, column: str) -> None:
+        explorer = self.state.explorer
+        if explorer is None or not column:
+            return
+        feature = self.state.feature
+        self._set_model(FeatureTableModel(feature_table(explorer, column)))
+        if feature is not None:
+            self._select_row(feature)
+        self.refresh()
+
+    def _set_model(self, model: FeatureTableModel) -> None:
+        """Show a new table; the label column takes the width the numbers leave."""
+        self.model = model
+        self.proxy.setSourceModel(model)
+        header = self.table.horizontalHeader()
+        if "most selective for" in model.shown:  # long values are elided, the numbers stay in view
+            column = model.shown.index("most selective for")
+            header.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
+            header.resizeSection(column, LABEL_COLUMN_WIDTH)
+
+    def _on_row_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
+        if not current.isValid():
+            return
+        feature = self.model.feature_at(self.proxy.mapToSource(current).row())
+        if feature != self.state.feature:
+            self.state.select_feature(feature)
+
+    def _select_row(self, feature: int) -> None:
+        row = self.model.row_of(feature)
+        if row is None:
+            return
+        index = self.proxy.mapFromSource(self.model.index(row, 0))
+        if index.isValid() and self.table.currentIndex().row() != index.row():
+            self.table.selectionModel().blockSignals(True)
+            self.table.setCurrentIndex(index)
+            self.table.selectionModel().blockSignals(False)
+            self.table.scrollTo(index)
+
+    def select_feature(self, feature: int) -> None:
+        """Show ``feature`` (as a click on its row would)."""
+        self.state.select_feature(feature)
+
+    # ------------------------------------------------------------------ showing a feature
+    def _on_feature_selected(self, feature: int) -> None:
+        explorer = self.state.explorer
+        if explorer is None or not 0 <= feature < explorer.n_features:
+            return
+        self._select_row(feature)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the selected feature's layers and plots (in a worker)."""
+        explorer, feature = self.state.explorer, self.state.feature
+        if explorer is None or feature is None or not 0 <= feature < explorer.n_features:
+            return
+        limits, colors = self._channel_display()
+        request = {
+            "explorer": explorer,
+            "mosaic": self.state.mosaic,
+            "feature": feature,
+            "kind": KINDS[self.kind.currentText()],
+            "mode": MODES[self.mode.currentText()],
+            "well": self.chosen_well(),
+            "label_column": self.label_column.currentText() or None,
+            "n_crops": N_CROPS,
+            "channel_limits": limits,
+            "channel_colors": colors,
+            "thumbnail_size": THUMBNAIL,
+        }
+        self.title.setText(f"Feature {feature}: computing…")
+        if self._worker is not None:
+            self._pending = request  # only the latest selection matters (arrow keys held down)
+            return
+        self._start(request)
+
+    def _start(self, request: dict[str, Any]) -> None:
+        worker = create_worker(feature_view, _start_thread=False, _ignore_errors=True, **request)
+        worker.returned.connect(
+            lambda view, explorer=request["explorer"]: self._apply(view, explorer)
+        )
+        worker.errored.connect(
+            lambda error: show_error(f"Could not show feature {request['feature']}: {error}")
+        )
+        worker.finished.connect(self._on_worker_finished)
+        self._worker = worker
+        worker.start()
+
+    def _on_worker_finished(self) -> None:
+        self._worker = None
+        if self._pending is not None:
+            request, self._pending = self._pending, None
+            self._start(request)
+
+    def chosen_well(self) -> str | None:
+        """The well whose fields are shown: this panel's choice, else the Plate panel's (its
+        state or its field layers), else None (the feature's most active well)."""
+        if self.well.currentText() and self.well.currentText() != AUTO_WELL:
+            return self.well.currentText()
+        for name in ("well", "selected_well", "current_well"):
+            well = getattr(self.state, name, None)
+            if isinstance(well, str) and well:
+                return well
+        for layer in reversed(list(self.viewer.layers)):
+            info = layer.metadata.get(METADATA_KEY, {})
+            if (
+                info.get("role") not in FEATURE_ROLES
+                and isinstance(info.get("well"), str)
+                and layer.visible
+            ):
+                return info["well"]
+        return None
+
+    def _channel_display(
+        self,
+    ) -> tuple[list[tuple[float, float]] | None, list[tuple[float, ...]] | None]:
+        """Contrast limits and colours of the plate's channel layers (hidden channels black),
+        so crop thumbnails look like the plate."""
+        plate = self.state.plate
+        if plate is None:
+            return None, None
+        layers = {}
+        for layer in self.viewer.layers:
+            info = layer.metadata.get(METADATA_KEY, {})
+            if info.get("role") == "plate-channel" and info.get("mosaic") is self.state.mosaic:
+                layers[info.get("channel")] = layer
+        limits, colors = [], []
+        for channel in plate.channels:
+            layer = layers.get(channel)
+            if layer is None:
+                limits.append(
+                    (0.0, float(np.iinfo(plate.dtype).max) if plate.dtype.kind in "ui" else 1.0)
+                )
+                colors.append((1.0, 1.0, 1.0))
+                continue
+            limits.append(tuple(float(v) for v in layer.contrast_limits))
+            top = layer.colormap.map(np.array([1.0]))[0][:3]
+            colors.append(tuple(float(v) for v in top) if layer.visible else (0.0, 0.0, 0.0))
+        return limits, colors
+
+    def _apply(self, view: FeatureView, explorer: Any = None) -> None:
+        if (
+            view.feature != self.state.feature
+            or self.state.explorer is None
+            or (explorer is not None and explorer is not self.state.explorer)
+        ):
+            return  # a newer selection, or another dictionary, is on its way
+        self._view = view
+        present = set()
+        for data, kwargs, layer_type in view.layers:
+            present.add(kwargs["metadata"][METADATA_KEY]["role"])
+            self._upsert(data, kwargs, layer_type)
+        for layer in list(self.viewer.layers):
+            role = layer.metadata.get(METADATA_KEY, {}).get("role")
+            if role in FEATURE_ROLES and role not in present:
+                self.viewer.layers.remove(layer)
+        self._raise_above_well_fields()
+        self._show_title(view)
+        if view.bars is not None:
+            self.bars.set_data(
+                view.bars.title, view.bars.labels, view.bars.values, view.bars.is_control
+            )
+        self._show_crops(view.crops)
+        self.feature_shown.emit(view.feature)
+
+    def _raise_above_well_fields(self) -> None:
+        """Keep the activation map and cells above the Plate panel's full-resolution fields."""
+        layers = self.viewer.layers
+        roles = [layer.metadata.get(METADATA_KEY, {}).get("role") for layer in layers]
+        if WELL_FIELD_ROLE not in roles:
+            return
+        top_field = max(i for i, role in enumerate(roles) if role == WELL_FIELD_ROLE)
+        for role in (ROLE_MAP, ROLE_CELLS):
+            if role in roles and roles.index(role) < top_field:
+                layers.move(roles.index(role), len(layers))
+                roles.append(roles.pop(roles.index(role)))
+
+    def _upsert(self, data: Any, kwargs: dict[str, Any], layer_type: str) -> None:
+        """Update the layer of the same role in place (keeping the user's colormap, opacity and
+        visibility), or add it."""
+        role = kwargs["metadata"][METADATA_KEY]["role"]
+        layer = next(
+            (
+                lay
+                for lay in self.viewer.layers
+                if lay.metadata.get(METADATA_KEY, {}).get("role") == role
+                and isinstance(lay, LAYER_CLASSES[layer_type])
+            ),
+            None,
+        )
+        if layer is None:
+            self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
+            return
+        layer.metadata = kwargs["metadata"]
+        layer.name = kwargs["name"]
+        # Each of these redraws the layer: set only what changed (the well, for map and cells).
+        if not np.allclose(layer.scale[-2:], kwargs["scale"]):
+            layer.scale = kwargs["scale"]
+        if not np.allclose(layer.translate[-2:], kwargs["translate"]):
+            layer.translate = kwargs["translate"]
+        if layer_type == "image":
+            low, high = kwargs["contrast_limits"]
+            layer.data = data
+            layer.contrast_limits_range = (low, high)
+            layer.contrast_limits = (low, high)
+        else:
+            layer.features = kwargs["features"]
+            layer.colormap = kwargs["colormap"]
+            layer.data = data
+
+    def _show_title(self, view: FeatureView) -> None:
+        row = self.model.row_of(view.feature)
+        text = f"Feature {view.feature}"
+        if row is not None:
+            record = self.model.table.iloc[row]
+            text += f": active in {100 * record['frequency']:.1f} % of crops"
+            if record["most selective for"]:
+                text += (
+                    f"; most selective for {self.label_column.currentText()} = {record['most selective for']} "
+                    f"(max selectivity {record['max selectivity']:.2f})"
+                )
+        if view.well:
+            text += f". Fields of well {view.well} shown."
+        self.title.setText(text)
+
+    def _show_crops(self, crops: list[CropThumbnail]) -> None:
+        self.gallery_title.setText(
+            "Top-activating crops (click one to go there)"
+            if crops
+            else "Top-activating crops: open the plate to see them"
+        )
+        for index, button in enumerate(self.crop_buttons):
+            if index < len(crops):
+                crop = crops[index]
+                button.setIcon(QIcon(_pixmap(crop.rgb, THUMBNAIL)))
+                button.setText(crop.caption)
+                button.setToolTip(
+                    f"well {crop.well}, field {crop.field + 1}, crop at ({crop.crop_y}, {crop.crop_x}), "
+                    f"activation {crop.value:.4g}"
+                )
+                button.setVisible(True)
+            else:
+                button.setVisible(False)
+
+    def go_to_crop(self, index: int) -> None:
+        """Centre the view on a top crop and show its well's fields."""
+        if self._view is None or index >= len(self._view.crops) or self.state.mosaic is None:
+            return
+        crop = self._view.crops[index]
+        y, x = self.state.mosaic.to_mosaic(
+            crop.well,
+            crop.field,
+            crop.crop_y + crop.crop_size / 2,
+            crop.crop_x + crop.crop_size / 2,
+        )
+        camera = _camera(self.viewer)
+        camera.center = (y, x)
+        camera.zoom = max(camera.zoom, 100 / crop.crop_size)  # the crop at least ~100 screen px
+        if self.well.findText(crop.well) >= 0:
+            self.well.setCurrentText(crop.well)
+
+    @property
+    def is_busy(self) -> bool:
+        return self._worker is not None or self._pending is not None

@@ -1,0 +1,248 @@
+"""The Features panel on a tiny plate shown in napari: the table (sort, search, dead features),
+and selecting a feature (click or arrow keys) -> heatmap, activation map and cell layers that
+line up with the plate mosaic, crops and bars."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from qtpy.QtCore import Qt
+from test_feature_layers import FIELD, make_world
+
+pytestmark = pytest.mark.gui
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture
+def shown(make_napari_viewer, world):
+    """A viewer with the tiny plate, its store, dictionary and explorer, and the panel docked."""
+    from plate_concepts.viewer.app import show_plate
+    from plate_concepts.viewer.features_panel import FeaturesPanel
+    from plate_concepts.viewer.state import get_state
+
+    plate, _mosaic, store, explorer = world
+    viewer = make_napari_viewer()
+    mosaic = show_plate(viewer, plate)
+    state = get_state(viewer)
+    state.set_store(store)
+    state.set_dictionary(explorer.estimator)
+    panel = FeaturesPanel(viewer)
+    viewer.window.add_dock_widget(panel, name="Features")
+    state.set_explorer(explorer)
+    return viewer, state, panel, mosaic, explorer
+
+
+def _feature_layers(viewer):
+    from plate_concepts.viewer._feature_layers import METADATA_KEY
+
+    return {
+        layer.metadata[METADATA_KEY]["role"]: layer
+        for layer in viewer.layers
+        if layer.metadata.get(METADATA_KEY, {}).get("role", "").startswith("feature-")
+    }
+
+
+def _visible_features(panel):
+    return [int(panel.proxy.index(r, 0).data()) for r in range(panel.proxy.rowCount())]
+
+
+def _column(panel, name):
+    return panel.model.shown.index(name)
+
+
+def test_table_lists_sorts_and_filters_features(shown, qtbot):
+    _viewer, _state, panel, _mosaic, explorer = shown
+    table = explorer.feature_table("treatment")
+    assert panel.label_column.currentText() == "treatment"
+    alive = table.loc[~table["dead"], "feature"].tolist()
+    assert sorted(_visible_features(panel)) == sorted(alive)  # dead features hidden by default
+    panel.hide_dead.setChecked(False)
+    assert panel.proxy.rowCount() == explorer.n_features
+
+    panel.table.sortByColumn(
+        _column(panel, "frequency"), Qt.SortOrder.AscendingOrder
+    )  # = a header click
+    shown_freq = [
+        panel.proxy.index(r, _column(panel, "frequency")).data(Qt.ItemDataRole.UserRole)
+        for r in range(panel.proxy.rowCount())
+    ]
+    assert shown_freq == sorted(shown_freq)
+
+    panel.search.setText("dru")
+    visible = _visible_features(panel)
+    expected = table.loc[table["best_value"] == "drug", "feature"].tolist()
+    assert sorted(visible) == sorted(expected) and 0 < len(visible) < explorer.n_features
+    panel.search.clear()
+    assert panel.proxy.rowCount() == explorer.n_features
+
+    panel.label_column.setCurrentText("batch")
+    values = {panel.model.table["most selective for"].iat[r] for r in range(len(panel.model.table))}
+    assert values <= {"b1", "b2"}
+
+
+def test_selecting_a_feature_shows_aligned_layers(shown, qtbot):
+    viewer, state, panel, mosaic, explorer = shown
+    feature = int(panel.proxy.index(0, 0).data())
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.table.setCurrentIndex(panel.proxy.index(0, 0))  # a click on the first row
+    assert state.feature == feature
+    layers = _feature_layers(viewer)
+    assert set(layers) == {"feature-heatmap", "feature-map", "feature-cells"}
+
+    heatmap = layers["feature-heatmap"]
+    assert heatmap.name == f"feature {feature}: mean activation per well"
+    assert np.allclose(np.asarray(heatmap.data.shape) * heatmap.scale, mosaic.shape)
+    assert heatmap.colormap.name == "inferno"
+    values = explorer.well_values(feature, "mean")
+    for well in ("A01", "B02"):
+        oy, ox = mosaic.field_origin(well, 0)
+        index = np.round((np.array([oy + 10, ox + 10]) - heatmap.translate) / heatmap.scale).astype(
+            int
+        )
+        assert heatmap.data[tuple(index)] == pytest.approx(values[well])
+
+    well = values.idxmax()
+    activation = layers["feature-map"]
+    assert activation.name == f"feature {feature}: activation map"
+    assert activation.metadata["plate_concepts"]["well"] == well
+    factor = activation.scale[0]
+    y0, x0, _, _ = mosaic.well_box(well)
+    assert np.allclose(activation.translate, (y0 + (factor - 1) / 2, x0 + (factor - 1) / 2))
+    oy, ox = mosaic.field_origin(well, 1)
+    block = activation.data[int((oy - y0) // factor) :, int((ox - x0) // factor) :][
+        : int(FIELD // factor), : int(FIELD // factor)
+    ]
+    np.testing.assert_allclose(block, explorer.field_map(feature, well, 1, "cosine", int(factor)))
+
+    cells = layers["feature-cells"]
+    assert cells.name == f"feature {feature}: cells"
+    assert np.allclose(cells.translate, (y0, x0)) and np.allclose(cells.scale, (1, 1))
+    field0 = cells.features[cells.features["field"] == 1].sort_values("cell")
+    expected = explorer.cell_values(feature, well, 0, "cells")
+    np.testing.assert_allclose(field0["mean activation"], expected["mean_activation"])
+    brightest = int(field0.loc[field0["mean activation"].idxmax(), "index"])
+    # The layer's pixel at a cell is that cell's id, and the colormap paints it.
+    ys, _xs = np.nonzero(cells.data == brightest)
+    assert len(ys) and cells.colormap.map(np.array([brightest]))[0][3] > 0
+
+    assert panel.bars.labels[-1] == "controls" and len(panel.bars.values) == 3
+    visible = [b for b in panel.crop_buttons if not b.isHidden()]
+    top = explorer.top_crops(feature, 12)
+    assert len(visible) == len(top) and visible[0].text().startswith(
+        f"{top[0].well} f{top[0].field + 1}"
+    )
+
+
+def test_arrow_keys_kind_and_well_update_the_same_layers(shown, qtbot):
+    viewer, state, panel, mosaic, _explorer = shown
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.table.setCurrentIndex(panel.proxy.index(0, 0))
+    before = _feature_layers(viewer)
+    second = int(panel.proxy.index(1, 0).data())
+    panel.table.setFocus()
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        qtbot.keyClick(panel.table, Qt.Key.Key_Down)
+    assert state.feature == second
+    after = _feature_layers(viewer)
+    assert all(
+        after[role] is before[role] for role in before
+    )  # updated in place: user settings kept
+    assert after["feature-heatmap"].name == f"feature {second}: mean activation per well"
+
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.kind.setCurrentText("fraction of active crops")
+    heatmap = _feature_layers(viewer)["feature-heatmap"]
+    assert heatmap.name == f"feature {second}: fraction of active crops per well"
+    assert heatmap.contrast_limits[1] <= 1.0 + 1e-6
+
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.well.setCurrentText("A03")
+    activation = _feature_layers(viewer)["feature-map"]
+    y0, x0, _, _ = mosaic.well_box("A03")
+    assert activation.metadata["plate_concepts"]["well"] == "A03"
+    assert np.allclose(
+        activation.translate,
+        (y0 + (activation.scale[0] - 1) / 2, x0 + (activation.scale[1] - 1) / 2),
+    )
+
+    panel.go_to_crop(0)
+    crop = panel._view.crops[0]
+    centre = mosaic.to_mosaic(
+        crop.well, crop.field, crop.crop_y + crop.crop_size / 2, crop.crop_x + crop.crop_size / 2
+    )
+    from plate_concepts.viewer.features_panel import _camera
+
+    assert np.allclose(_camera(viewer).center[-2:], centre)
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
+
+
+def test_the_plate_panels_well_is_followed(shown, qtbot):
+    from plate_concepts.viewer.app import show_well
+
+    viewer, _state, panel, _mosaic, _explorer = shown
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.select_feature(2)
+    assert panel.chosen_well() is None  # nothing chosen: the feature's top well
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        show_well(viewer, "B01")  # as the Plate panel does
+    layers = _feature_layers(viewer)
+    assert layers["feature-map"].metadata["plate_concepts"]["well"] == "B01"
+    assert set(layers["feature-cells"].features["well"]) == {"B01"}
+    names = [layer.name for layer in viewer.layers]
+    last_field = max(
+        i
+        for i, layer in enumerate(viewer.layers)
+        if layer.metadata.get("plate_concepts", {}).get("role") == "well-field"
+    )
+    assert (
+        names.index("feature 2: activation map") > last_field
+        and names.index("feature 2: cells") > last_field
+    )
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
+
+
+def test_a_new_dictionary_clears_the_old_features(shown, qtbot):
+    viewer, state, panel, _mosaic, explorer = shown
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.select_feature(0)
+    state.set_dictionary(explorer.estimator)  # e.g. a new fit: the explorer is rebuilt
+    assert _feature_layers(viewer) == {} and panel.model.rowCount() == 0
+    assert all(button.isHidden() for button in panel.crop_buttons)
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        state.set_explorer(explorer)  # ready again: the selected feature comes back
+    assert set(_feature_layers(viewer)) == {"feature-heatmap", "feature-map", "feature-cells"}
+    assert panel.model.rowCount() == explorer.n_features
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
+
+
+def test_feature_layers_render(make_napari_viewer, world, qtbot):
+    from plate_concepts.viewer.app import show_plate
+    from plate_concepts.viewer.features_panel import FeaturesPanel
+    from plate_concepts.viewer.state import get_state
+
+    plate, _mosaic, store, explorer = world
+    viewer = make_napari_viewer(show=True)
+    show_plate(viewer, plate)
+    state = get_state(viewer)
+    panel = FeaturesPanel(viewer)
+    viewer.window.add_dock_widget(panel, name="Features")
+    state.set_store(store)
+    state.set_dictionary(explorer.estimator)
+    state.set_explorer(explorer)
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.select_feature(1)
+    for layer in viewer.layers:  # the feature layers alone
+        layer.visible = (
+            layer.metadata.get("plate_concepts", {}).get("role", "").startswith("feature-")
+        )
+    viewer.reset_view()
+    qtbot.wait(100)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot[..., :3].std() > 5  # coloured wells and cells, not a blank canvas
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
