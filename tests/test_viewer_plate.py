@@ -78,5 +78,7 @@ def test_hovering_a_well_shows_its_plate_map_labels(make_napari_viewer):
     viewer.cursor.position = (oy + 100, ox + 100)
     for callback in viewer.mouse_move_callbacks:
         callback(viewer, None)
-    assert "D06" in viewer.text_overlay.text and "genotype: WT" in viewer.text_overlay.text
+    from plate_concepts.viewer.app import text_overlay
+
+    assert "D06" in text_overlay(viewer).text and "genotype: WT" in text_overlay(viewer).text
     assert np.isfinite(viewer.camera.zoom)

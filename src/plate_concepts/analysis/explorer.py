@@ -219,8 +219,9 @@ class FeatureExplorer:
         self._state: _Prepared | None = None
         self._small = _LRU(cache_size)
         self._large = _LRU(4)
-        # Pre-processed patch tokens and patch codes of the last field (can be 100s of MB).
-        self._patches = _LRU(2)
+        # Pre-processed patch tokens and patch codes of the last few fields (each can be 100s of
+        # MB): enough for a well's fields, so switching features re-reads none of them.
+        self._patches = _LRU(4)
 
     # ------------------------------------------------------------------ set-up
     def _choose_plate(self, plate: Plate | None, plate_name: str | None) -> str:
