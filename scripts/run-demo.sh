@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The main job, from a fresh machine: set up, then open the demo plate in napari with the plugin.
-# With no display it runs under Xvfb and saves a screenshot instead of waiting for a user.
+# The main job, from a fresh machine: set up, then run the whole pipeline on the embedded demo
+# plate (generate -> embed with EfficientNet-Lite0 -> ICFL on control-whitened tokens -> concept
+# report against the ground truth) and open the result in napari. Every step is cached in
+# out/demo, so a second run only redraws. With no display it renders under Xvfb and saves
+# out/demo.png instead of waiting for a user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
 VENV="${VENV:-.venv}"
-REAL=../shared/data/real/nf1_plate2
-args=("$REAL/images" --platemap "$REAL/platemap_NF1_plate2.csv")
+args=(out/demo)
 if [ -z "${DISPLAY:-}" ] && [ "$(uname)" != "Darwin" ]; then
-  mkdir -p out
-  args+=(--screenshot out/demo-plate.png)
+  args+=(--screenshot out/demo.png)
 fi
-exec bash scripts/with-display.sh "$VENV/bin/plate-concepts" view "${args[@]}" "$@"
+exec bash scripts/with-display.sh "$VENV/bin/plate-concepts" demo-run "${args[@]}" "$@"

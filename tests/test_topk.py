@@ -315,3 +315,24 @@ def test_recovers_planted_atoms():
     best_cosine = (atoms @ module.decoder.detach().T).max(dim=1).values
     assert (best_cosine >= 0.9).float().mean() >= 0.8
     assert stats["fvu"] < 0.15 and stats["cosine"] > 0.95
+
+
+def test_training_step_runs_under_bf16_autocast():
+    """The trainer's bf16 option autocasts the loss: the dense selection may run in bf16, the
+    sparse parts stay float32, and the gradients match a float32 step closely."""
+    torch.manual_seed(0)
+    module = TopKModule(64, 16, k=4, seed=0)
+    module.tokens_since_fired += 10**7  # every feature dead: AuxK runs too
+    x = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, codes, stats = module.training_loss(x)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
+    bf16_grad = module.decoder.grad.clone()
+    module.zero_grad()
+    module.tokens_since_fired.fill_(10**7)
+    loss32, _, _ = module.training_loss(x)
+    loss32.backward()
+    assert abs(float(loss) - float(loss32)) < 0.05 * float(loss32)
+    assert torch.nn.functional.cosine_similarity(bf16_grad.flatten(), module.decoder.grad.flatten(), dim=0) > 0.9

@@ -115,10 +115,12 @@ class TopKModule(DictionaryModule):
     def decode(self, codes: SparseCodes) -> torch.Tensor:
         """bias + sum of the k active decoder rows weighted by their values (sparse gather)."""
         codes = codes.to(self.decoder.device)
-        return self._sparse_decode(codes.indices, codes.values.to(self.decoder.dtype)) + self.bias
+        return self._sparse_decode(codes.indices, codes.values) + self.bias
 
     def _sparse_decode(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return _SparseDecode.apply(indices, values, self.decoder)
+        # Under bf16 autocast the encoder's values come out in bf16; the gather runs in the
+        # decoder's dtype (float32), which also keeps the reconstruction accurate.
+        return _SparseDecode.apply(indices, values.to(self.decoder.dtype), self.decoder)
 
     # ------------------------------------------------------------------ training
 
@@ -137,20 +139,24 @@ class TopKModule(DictionaryModule):
 
         with torch.no_grad():
             centred = x - self.bias
+        # Only the dense M-wide selection profits from bf16 autocast; the sparse parts, whose
+        # hand-written backward assumes one dtype, run in the parameters' dtype.
         pre, top_values, indices = self._select(centred)
-        values = _SparseEncoderValues.apply(
-            centred, self.bias, self.encoder, self.encoder_bias, indices, top_values
-        )
-        x_hat = self._sparse_decode(indices, values) + self.bias
-        error = x_hat - x
-        variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
-        fvu = error.pow(2).sum() / variance
-        loss = fvu
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            pre, top_values = pre.to(self.encoder.dtype), top_values.to(self.encoder.dtype)
+            values = _SparseEncoderValues.apply(
+                centred, self.bias, self.encoder, self.encoder_bias, indices, top_values
+            )
+            x_hat = self._sparse_decode(indices, values) + self.bias
+            error = x_hat - x
+            variance = (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+            fvu = error.pow(2).sum() / variance
+            loss = fvu
 
-        aux_loss = torch.zeros((), device=x.device)
-        if dead_features.numel() > 0:
-            aux_loss = self._aux_loss(centred, pre, dead_features, -error.detach())
-            loss = loss + self.aux_weight * aux_loss
+            aux_loss = torch.zeros((), device=x.device)
+            if dead_features.numel() > 0:
+                aux_loss = self._aux_loss(centred, pre, dead_features, -error.detach())
+                loss = loss + self.aux_weight * aux_loss
         del pre
 
         codes = SparseCodes(indices, values.detach(), self.n_features)
