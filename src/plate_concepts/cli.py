@@ -260,7 +260,8 @@ def _demo_run(args: argparse.Namespace) -> int:
 
         for _ in range(20):  # let the panel's worker finish drawing the feature's layers
             QApplication.processEvents()
-            viewer.window._qt_window.repaint()
+        viewer.reset_view()  # now that the canvas has its final size
+        QApplication.processEvents()
         Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
         viewer.screenshot(args.screenshot, canvas_only=False, flash=False)
         print(f"saved a screenshot of the viewer to {args.screenshot}")

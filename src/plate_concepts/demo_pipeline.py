@@ -42,8 +42,8 @@ class DemoSettings:
     seed: int = 0
     crop_size: int = 128
     model: str = "efficientnet-lite0:concat:blocks"
-    n_features: int = 512
-    n_rounds: int = 4
+    n_features: int = 256
+    n_rounds: int = 2
     per_round: int = 4
     steps: int = 600
     batch_size: int = 1024

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 
 def show_demo_run(viewer: napari.Viewer, run: DemoRun, concept: str = "nuclear-enlargement") -> int:
-    """Open the run's plate, store, dictionary and explorer in ``viewer``, dock the Plate,
-    Dictionary and Features panels, and select the best feature for ``concept``. Returns it."""
+    """Open the run's plate, store, dictionary and explorer in ``viewer``, dock the Features
+    panel, and select the best feature for ``concept``. Returns that feature."""
     explorer = run.explorer
     plate = explorer.plate
     mosaic = PlateMosaic(plate)
@@ -29,7 +29,7 @@ def show_demo_run(viewer: napari.Viewer, run: DemoRun, concept: str = "nuclear-e
                layer_data=[*layers[:n_channels], *mosaic_label_layer_data(plate, mosaic), *layers[n_channels:]])
     state = get_state(viewer)
     state.set_store(explorer.store)
-    _, features = viewer.window.add_plugin_dock_widget("napari-plate-concepts", "Features")
+    viewer.window.add_plugin_dock_widget("napari-plate-concepts", "Features")
     state.set_dictionary(explorer.estimator)
     state.set_explorer(explorer)
     rows = run.report[run.report["concept"] == concept]
