@@ -98,18 +98,7 @@ def _view(args: argparse.Namespace) -> int:
     viewer = napari.Viewer(title=f"napari-plate-concepts: {plate.name}")
     viewer.window.resize(1600, 1000)
     show_plate(viewer, plate)
-    if args.screenshot:
-        from qtpy.QtWidgets import QApplication
-
-        QApplication.processEvents()  # let the canvas take its final size before fitting the view
-        viewer.reset_view()
-        Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
-        viewer.screenshot(args.screenshot, canvas_only=False, flash=False)
-        print(f"saved a screenshot of the viewer to {args.screenshot}")
-        viewer.close()
-        return 0
-    napari.run()
-    return 0
+    return _run_or_screenshot(viewer, args.screenshot)
 
 
 @command("demo")
@@ -255,19 +244,26 @@ def _demo_run(args: argparse.Namespace) -> int:
     viewer = napari.Viewer(title="napari-plate-concepts: demo plate")
     viewer.window.resize(1600, 1000)
     show_demo_run(viewer, run, concept=args.concept)
-    if args.screenshot:
-        from qtpy.QtWidgets import QApplication
+    return _run_or_screenshot(viewer, args.screenshot)
 
-        for _ in range(20):  # let the panel's worker finish drawing the feature's layers
-            QApplication.processEvents()
-        viewer.reset_view()  # now that the canvas has its final size
-        QApplication.processEvents()
-        Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
-        viewer.screenshot(args.screenshot, canvas_only=False, flash=False)
-        print(f"saved a screenshot of the viewer to {args.screenshot}")
-        viewer.close()
+
+def _run_or_screenshot(viewer, screenshot: str | None) -> int:
+    """Hand the viewer to the user, or (headless runs) save a screenshot of it and close it."""
+    import napari
+
+    if not screenshot:
+        napari.run()
         return 0
-    napari.run()
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(20):  # let the canvas take its final size and workers draw their layers
+        QApplication.processEvents()
+    viewer.reset_view()
+    QApplication.processEvents()
+    Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(screenshot, canvas_only=False, flash=False)
+    print(f"saved a screenshot of the viewer to {screenshot}")
+    viewer.close()
     return 0
 
 
