@@ -19,7 +19,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,11 @@ class DemoSettings:
     """What the pipeline does; the defaults run on 2 CPU cores in a few minutes."""
 
     n_wells: int = 96
+    fields_per_well: int = 2
+    field_size: int = 512
     seed: int = 0
     crop_size: int = 128
-    model: str = "efficientnet-lite0:concat:blocks"
+    model: Any = "efficientnet-lite0:concat:blocks"  # an embedder spec, or an Embedder
     n_features: int = 256
     n_rounds: int = 2
     per_round: int = 4
@@ -49,7 +51,6 @@ class DemoSettings:
     batch_size: int = 1024
     shrinkage: str | float | None = "auto"
     device: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,11 +83,15 @@ def run_demo_pipeline(
     progress = progress_factory or (lambda _name: None)
 
     log("1/4 demo plate (generated once, then cached)")
-    plate_dir = cached_demo_plate(n_wells=settings.n_wells, seed=settings.seed, progress=progress("fields"))
+    plate_dir = cached_demo_plate(
+        n_wells=settings.n_wells, fields_per_well=settings.fields_per_well, field_size=settings.field_size,
+        seed=settings.seed, progress=progress("fields"),
+    )
     plate = open_plate(plate_dir / "demo_plate.zarr")
 
-    store_path = workdir / f"store-{settings.model.replace(':', '-')}-{settings.crop_size}px"
-    log(f"2/4 embeddings with {settings.model}, {settings.crop_size}-px crops -> {store_path}")
+    model_name = settings.model if isinstance(settings.model, str) else settings.model.name
+    store_path = workdir / f"store-{model_name.replace(':', '-')}-{settings.crop_size}px"
+    log(f"2/4 embeddings with {model_name}, {settings.crop_size}-px crops -> {store_path}")
     store = embed_plate(
         plate, store_path, settings.model, crop_size=settings.crop_size, control=CONTROL,
         device=settings.device, progress=progress("crops"), cancel=cancel,
