@@ -43,6 +43,7 @@ class DemoSettings:
     field_size: int = 512
     seed: int = 0
     crop_size: int = 128
+    patch_tokens: bool = True  # per-cell values from patch-level maps, not whole crops
     model: Any = "efficientnet-lite0:concat:blocks"  # an embedder spec, or an Embedder
     n_features: int = 256
     n_rounds: int = 2
@@ -90,16 +91,20 @@ def run_demo_pipeline(
     plate = open_plate(plate_dir / "demo_plate.zarr")
 
     model_name = settings.model if isinstance(settings.model, str) else settings.model.name
-    store_path = workdir / f"store-{model_name.replace(':', '-')}-{settings.crop_size}px"
+    patches = "-patches" if settings.patch_tokens else ""
+    store_path = workdir / f"store-{model_name.replace(':', '-')}-{settings.crop_size}px{patches}"
     log(f"2/4 embeddings with {model_name}, {settings.crop_size}-px crops -> {store_path}")
     store = embed_plate(
         plate, store_path, settings.model, crop_size=settings.crop_size, control=CONTROL,
+        patch_tokens=settings.patch_tokens,
         device=settings.device, progress=progress("crops"), cancel=cancel,
     )
     if cancel is not None and cancel.is_set():
         raise InterruptedError("demo cancelled during embedding; run again to resume")
 
-    dictionary_path = workdir / f"icfl-M{settings.n_features}-J{settings.n_rounds}L{settings.per_round}.safetensors"
+    dictionary_path = workdir / (
+        f"{store_path.name}-icfl-M{settings.n_features}-J{settings.n_rounds}L{settings.per_round}.safetensors"
+    )
     if not dictionary_path.exists():
         log(f"3/4 ICFL with {settings.n_features} features on control-whitened tokens -> {dictionary_path}")
         fit_progress = progress("steps")
