@@ -44,7 +44,6 @@ from plate_concepts.analysis.activations import (
     cancel_requested,
     cell_activations,
     check_feature,
-    codes_matrix,
     cosine_map,
     crop_feature_values,
     encode_patches,
@@ -54,6 +53,7 @@ from plate_concepts.analysis.activations import (
     preprocess_patches,
     well_aggregates,
 )
+from plate_concepts.analysis.metrics import codes_matrix
 from plate_concepts.analysis.selectivity import SelectivityResult, selectivity
 from plate_concepts.dictionary.codes import SparseCodes
 from plate_concepts.embeddings.store import INDEX_COLUMNS, EmbeddingStore
