@@ -1,9 +1,11 @@
 """How fast the viewer answers: selecting a feature, and opening a 384-well plate.
 
-1. Feature selection on the demo plate: the time from selecting a feature in the Features panel
-   to all its layers (plate heatmap, activation map, cells) and plots being updated
-   (``FeaturesPanel.feature_shown``), for a first selection and while stepping through features
-   (as with the arrow keys); plus the Qt-free part alone (``feature_view``), synchronously.
+1. Feature selection on the demo plate, after the explorer's ``prepare`` and ``preload`` (what
+   the Dictionary panel runs after a fit or load): the time from selecting a feature in the
+   Features panel to all its layers (plate heatmap, activation map, cells), gallery and plot
+   being updated (``FeaturesPanel.feature_shown``), and to the next draw of the canvas, while
+   stepping through features (as with the arrow keys) - with the fields of a chosen well on
+   display, and following each feature's top well; plus the Qt-free part (``feature_view``).
 2. Opening a 384-well OME-Zarr plate (one small field per well, written once with
    ``write_ome_zarr_plate`` into the cache): reading it (``open_plate``), building the mosaic
    and layer data, and showing it in a viewer until the first draw.
@@ -12,6 +14,12 @@ Needs a display (``xvfb-run -a``). Everything it makes is cached (demo plate, em
 dictionary, the 384-well plate), so the first run takes minutes and later runs seconds::
 
     xvfb-run -a python benchmarks/bench_feature_selection.py [--wells 96] [--features 20]
+
+or on the output of the main job (``plate-concepts demo-run out/demo``)::
+
+    xvfb-run -a python benchmarks/bench_feature_selection.py --only selection \
+        --store out/demo/store-efficientnet-lite0-concat-blocks-128px-patches \
+        --dictionary out/demo/icfl-M256-J2L4.safetensors
 """
 
 from __future__ import annotations
@@ -44,9 +52,16 @@ def _summary(times: list[float]) -> str:
 
 # ---------------------------------------------------------------------- the demo world
 def demo_world(
-    wells: int, cache: Path | None, n_features: int, steps: int, crop: int = 256
+    wells: int,
+    cache: Path | None,
+    n_features: int,
+    steps: int,
+    crop: int = 256,
+    store_path: Path | None = None,
+    dictionary: Path | None = None,
 ) -> tuple[Any, Any, Path]:
-    """(plate, store, dictionary file) of the demo plate, each made once and cached."""
+    """(plate, store, dictionary file) of the demo plate, each made once and cached (or the
+    given store and dictionary, e.g. a ``plate-concepts demo-run`` output's)."""
     from plate_concepts.demo import ZARR_NAME, cached_demo_plate
     from plate_concepts.dictionary.estimators import ICFL
     from plate_concepts.embeddings.embed import embed_plate
@@ -56,7 +71,7 @@ def demo_world(
     started = time.perf_counter()
     folder = cached_demo_plate(cache, n_wells=wells, fields_per_well=2, field_size=512, seed=0)
     plate = open_plate(folder / ZARR_NAME)
-    store_path = folder / f"bench-embeddings-efficientnet-mean-{crop}px.store"
+    store_path = store_path or folder / f"bench-embeddings-efficientnet-mean-{crop}px.store"
     if not (EmbeddingStore.is_store(store_path) and len(EmbeddingStore.open(store_path))):
         print("embedding the demo plate (once)...")
         embed_plate(
@@ -69,7 +84,7 @@ def demo_world(
             overwrite=True,
         )
     store = EmbeddingStore.open(store_path)
-    dictionary = folder / f"bench-icfl-{crop}px-{n_features}-{steps}.safetensors"
+    dictionary = dictionary or folder / f"bench-icfl-{crop}px-{n_features}-{steps}.safetensors"
     if not dictionary.is_file():
         print("fitting the dictionary (once)...")
         ICFL(n_features=n_features, n_rounds=4, per_round=4, steps=steps, batch_size=512).fit(
@@ -88,13 +103,13 @@ def bench_feature_selection(args: argparse.Namespace) -> None:
 
     from plate_concepts.analysis.explorer import FeatureExplorer
     from plate_concepts.dictionary.estimators import ICFL
-    from plate_concepts.viewer._feature_layers import feature_view
+    from plate_concepts.viewer._feature_layers import N_CROPS, THUMBNAIL_SIZE, feature_view
     from plate_concepts.viewer.app import show_plate
-    from plate_concepts.viewer.features_panel import FeaturesPanel
+    from plate_concepts.viewer.features_panel import AUTO_WELL, FeaturesPanel
     from plate_concepts.viewer.state import get_state
 
     plate, store, dictionary_file = demo_world(
-        args.wells, args.cache, args.n_features, args.steps, args.crop
+        args.wells, args.cache, args.n_features, args.steps, args.crop, args.store, args.dictionary
     )
     estimator = ICFL.load(dictionary_file)
     started = time.perf_counter()
@@ -103,6 +118,9 @@ def bench_feature_selection(args: argparse.Namespace) -> None:
         f"explorer prepare (encode {len(store)} crops, per-well and selectivity tables): "
         f"{time.perf_counter() - started:.2f} s"
     )
+    started = time.perf_counter()
+    summary = explorer.preload(n_top_crops=N_CROPS, thumbnail_size=THUMBNAIL_SIZE)
+    print(f"explorer preload: {time.perf_counter() - started:.2f} s ({summary.describe()})")
 
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1600, 1000)
@@ -115,22 +133,36 @@ def bench_feature_selection(args: argparse.Namespace) -> None:
     state.set_explorer(explorer)
     shown: list[int] = []
     panel.feature_shown.connect(shown.append)
+    drawn: list[float] = []
+    scene_canvas = viewer.window._qt_viewer.canvas._scene_canvas  # private: the vispy canvas
+    # After the scene's own draw callback: the time the frame has been drawn.
+    scene_canvas.events.draw.connect(
+        lambda _event: drawn.append(time.perf_counter()), position="last"
+    )
 
     table = explorer.feature_table()
     alive = table.loc[~table["dead"], "feature"].to_numpy()
     features = [int(f) for f in np.random.default_rng(0).permutation(alive)[: args.features + 1]]
 
-    def select(feature: int) -> float:
+    def select(feature: int) -> tuple[float, float]:
+        """Seconds from selecting ``feature`` to its layers and plots updated, and to the
+        canvas drawn with them."""
         count = len(shown)
         start = time.perf_counter()
         panel.select_feature(feature)
         _wait_until(lambda: len(shown) > count and shown[-1] == feature, what=f"feature {feature}")
-        return time.perf_counter() - start
+        updated = time.perf_counter()
+        _wait_until(lambda: bool(drawn) and drawn[-1] > updated, what="a draw")
+        return updated - start, drawn[-1] - start
 
-    first = select(features[0])
-    stepping = [select(f) for f in features[1:]]
-    # The same features again: the explorer's caches hold their field maps and cell values.
-    again = [select(f) for f in features[1:]]
+    results = {}
+    for scenario, well in (
+        ("fields of a chosen well", str(explorer.well_values(0).index[0])),
+        ("automatic well (each feature's top well)", AUTO_WELL),
+    ):
+        panel.well.setCurrentText(well)
+        select(features[0])
+        results[scenario] = [select(f) for f in features[1:]]
     viewer.close()
 
     direct = []
@@ -140,16 +172,18 @@ def bench_feature_selection(args: argparse.Namespace) -> None:
             explorer,
             state.mosaic,
             feature,
-            n_crops=12,
+            n_crops=N_CROPS,
             channel_limits=[(0, 1)] * len(plate.channels),
             channel_colors=[(1, 1, 1)] * len(plate.channels),
+            thumbnail_size=THUMBNAIL_SIZE,
         )
         direct.append(time.perf_counter() - start)
-    print("\nfeature selection -> all layers and plots updated (Features panel, demo plate)")
-    print(f"  first selection           {1000 * first:7.1f} ms")
-    print(f"  new features              {_summary(stepping)}")
-    print(f"  features seen before      {_summary(again)}")
-    print(f"  feature_view alone (warm) {_summary(direct)}")
+    print("\nfeature selection on the demo plate (Features panel), stepping through new features")
+    for scenario, times in results.items():
+        print(f"  {scenario}:")
+        print(f"    layers and plots updated  {_summary([t for t, _ in times])}")
+        print(f"    canvas drawn              {_summary([d for _, d in times])}")
+    print(f"  feature_view alone (no Qt)    {_summary(direct)}")
 
 
 # ---------------------------------------------------------------------- the 384-well plate
@@ -257,6 +291,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="times the 384-well plate is opened")
     parser.add_argument(
         "--cache", type=Path, default=None, help="cache folder (default: the demo cache)"
+    )
+    parser.add_argument(
+        "--store", type=Path, default=None, help="an embedding store of the demo plate to use"
+    )
+    parser.add_argument(
+        "--dictionary", type=Path, default=None, help="a dictionary file fitted on --store"
     )
     parser.add_argument("--only", choices=["selection", "open384"], default=None)
     args = parser.parse_args()

@@ -166,6 +166,12 @@ def test_fit_through_the_panel_then_the_explorer_is_prepared(make_napari_viewer,
     assert state.explorer.batch_column == "batch"
     assert panel.fit_button.isEnabled() and panel.save_button.isEnabled()
     qtbot.waitUntil(lambda: not panel.is_busy, timeout=10_000)
+    # Then the same worker read every field for instant browsing.
+    assert "in memory" in panel.explorer_label.text() and "all" in panel.explorer_label.text()
+    well = state.explorer.well_values(0).index[0]
+    assert state.explorer.in_memory(
+        well, label_name=plate.label_names[0] if plate.label_names else None
+    )
 
 
 @pytest.mark.gui

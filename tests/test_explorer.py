@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -11,7 +9,7 @@ import pytest
 import torch
 
 from plate_concepts.analysis.activations import Cancelled, field_activation_map
-from plate_concepts.analysis.explorer import CONTROL_GROUP, FeatureExplorer
+from plate_concepts.analysis.explorer import _LRU, CONTROL_GROUP, FeatureExplorer
 from plate_concepts.dictionary import ICFL
 from plate_concepts.embeddings.store import EmbeddingStore
 from plate_concepts.plates.geometry import PlateFormat
@@ -269,15 +267,104 @@ def test_errors_and_cancel(setup):
         explorer.well_values(M)
 
 
-def test_queries_are_fast_once_prepared(setup):
-    # Loose: the GUI target is < 100 ms per query; these tiny sizes must be far below it.
+def test_lru_keeps_to_its_item_and_memory_budgets():
+    cache = _LRU(3, max_bytes=1000)
+    for key in "abc":
+        cache.put(key, np.zeros(100, np.float32))  # 400 bytes each
+    assert "a" not in cache and cache.nbytes == 800  # the least recently used went
+    assert cache.get("b", lambda: None) is not None  # b is now the most recent
+    cache.put("d", np.zeros(10, np.uint8))
+    cache.put("e", np.zeros(10, np.uint8))
+    assert "c" not in cache and {"b", "d", "e"} == {k for k in "abcde" if k in cache}
+    assert cache.nbytes == 420 and cache.fits(580) and not cache.fits(581)
+    cache.put("huge", np.zeros(2000, np.uint8))  # larger than the whole budget: not kept
+    assert "huge" not in cache and cache.nbytes == 420
+    cache.clear()
+    assert cache.nbytes == 0 and "b" not in cache
+
+
+def _fresh(explorer, plate, **kwargs):
+    return FeatureExplorer(
+        explorer.store, explorer.estimator, plate=plate, label_column="treatment", **kwargs
+    ).prepare()
+
+
+def test_preload_answers_from_memory_exactly_as_from_disk(setup, monkeypatch):
     explorer, plate, _ = setup
-    mosaic = PlateMosaic(plate, min_size=256)
-    start = time.perf_counter()
-    for feature in range(M):
-        explorer.feature_table()
-        explorer.well_values(feature)
-        explorer.plate_heatmap(feature, mosaic)
-        explorer.top_crops(feature)
-        explorer.label_value_activation(feature)
-    assert (time.perf_counter() - start) / M < 0.5
+    fresh = _fresh(explorer, plate)
+    feature = drug_feature(fresh)
+    top = [crop.row for crop in fresh.top_crops(feature, 4, on_plate=True)]
+    assert not fresh.in_memory("A05", label_name="cells", crop_rows=top, thumbnail_size=16)
+    seen = []
+    summary = fresh.preload(
+        n_top_crops=4, thumbnail_size=16, progress=lambda done, total: seen.append((done, total))
+    )
+    n_fields = 2 * len(WELLS)
+    assert (summary.fields, summary.fields_with_patches, summary.fields_with_labels) == (
+        n_fields,
+        n_fields,
+        n_fields,
+    )
+    assert summary.patch_tokens and summary.crops >= 4 and summary.nbytes > 0
+    assert seen[-1][0] == seen[-1][1] and "all 24 fields" in summary.describe()
+    assert fresh.in_memory("A05", label_name="cells", crop_rows=top, thumbnail_size=16)
+    assert fresh.label_image("A05", 1, "cells").dtype == np.uint8  # ids 1 and 2
+
+    def no_disk(*_args, **_kwargs):
+        raise AssertionError("read from disk after preload")
+
+    monkeypatch.setattr(fresh.store, "read_patches", no_disk)
+    monkeypatch.setattr(plate, "field_labels", no_disk)
+    monkeypatch.setattr(plate, "image", no_disk)
+    for mode in ("cosine", "code"):
+        np.testing.assert_array_equal(
+            fresh.field_map(feature, "A05", 1, mode=mode),
+            explorer.field_map(feature, "A05", 1, mode=mode),
+        )
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(
+        fresh.cell_values(feature, "A05", 1), explorer.cell_values(feature, "A05", 1)
+    )
+    for row, pixels in zip(top, fresh.crop_pixels(top, 16), strict=True):
+        # 32-px crops at 16 px: pyramid level 1 of the plate, or every 2nd pixel of level 0
+        expected = explorer.crop_image(row)
+        assert pixels.shape == (2, 16, 16)
+        assert np.abs(pixels.astype(float).mean() - expected.astype(float).mean()) < 100
+
+
+def test_preload_stops_at_its_memory_budget(setup):
+    explorer, plate, _ = setup
+    whole = _fresh(explorer, plate).preload(n_top_crops=4, thumbnail_size=16)
+    # Room for everything but the patch tokens of the last block of fields (8 fields of 1 KiB:
+    # 4 crops x 2 x 2 patches x 16 dimensions x 4 bytes).
+    budget = whole.nbytes - 4 * 1024
+    small = _fresh(explorer, plate, cache_bytes=budget)
+    summary = small.preload(n_top_crops=4, thumbnail_size=16)
+    assert (summary.fields_with_patches, summary.fields) == (16, 24)
+    assert summary.nbytes <= budget and summary.crops == whole.crops
+    assert "patch tokens of 16 of 24 fields" in summary.describe()
+    assert small.in_memory("A05") and not small.in_memory("B03")  # wells in store order
+    feature = drug_feature(small)
+    np.testing.assert_array_equal(  # still right: read when asked
+        small.field_map(feature, "B03", 1), explorer.field_map(feature, "B03", 1)
+    )
+    with pytest.raises(Cancelled):
+        _fresh(explorer, plate).preload(cancel=lambda: True)
+
+
+def test_top_crops_on_plate_leaves_other_plates_out(setup, tmp_path):
+    explorer, plate, obs = setup
+    tokens = explorer.store.read()
+    other = obs.assign(plate="P2")
+    path = tmp_path / "two-plates"
+    store = EmbeddingStore.create(path, dim=DIM, patch_grid=(2, 2), chunk_rows=32)
+    patches = explorer.store.read_patches()
+    store.append(tokens, obs, patch_tokens=patches)
+    store.append(tokens, other, patch_tokens=patches)  # the same crops again, on plate P2
+    two = FeatureExplorer(store, explorer.estimator, plate=plate, label_column="treatment")
+    two.prepare()
+    feature = drug_feature(explorer)
+    assert {two.obs["plate"].iat[c.row] for c in two.top_crops(feature, 8)} == {"P1", "P2"}
+    on_plate = two.top_crops(feature, 8, on_plate=True)
+    assert {two.obs["plate"].iat[c.row] for c in on_plate} == {"P1"}
+    assert [c.row for c in on_plate] == [c.row for c in explorer.top_crops(feature, 8)]

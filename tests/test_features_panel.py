@@ -19,14 +19,12 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("world"))
 
 
-@pytest.fixture
-def shown(make_napari_viewer, world):
-    """A viewer with the tiny plate, its store, dictionary and explorer, and the panel docked."""
+def _show(make_napari_viewer, plate, store, explorer):
+    """A viewer with the plate, its store, dictionary and explorer, and the panel docked."""
     from plate_concepts.viewer.app import show_plate
     from plate_concepts.viewer.features_panel import FeaturesPanel
     from plate_concepts.viewer.state import get_state
 
-    plate, _mosaic, store, explorer = world
     viewer = make_napari_viewer()
     mosaic = show_plate(viewer, plate)
     state = get_state(viewer)
@@ -36,6 +34,12 @@ def shown(make_napari_viewer, world):
     viewer.window.add_dock_widget(panel, name="Features")
     state.set_explorer(explorer)
     return viewer, state, panel, mosaic, explorer
+
+
+@pytest.fixture
+def shown(make_napari_viewer, world):
+    plate, _mosaic, store, explorer = world
+    return _show(make_napari_viewer, plate, store, explorer)
 
 
 def _feature_layers(viewer):
@@ -246,3 +250,52 @@ def test_feature_layers_render(make_napari_viewer, world, qtbot):
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert shot[..., :3].std() > 5  # coloured wells and cells, not a blank canvas
     qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
+
+
+def test_preloaded_features_are_shown_at_once_and_in_place(make_napari_viewer, world, qtbot):
+    """After preload the panel computes a selection on the GUI thread (no worker) and writes
+    the new values into the same layers' arrays; without it, a worker does the reading."""
+    from plate_concepts.analysis.explorer import FeatureExplorer
+
+    plate, _mosaic, store, world_explorer = world
+    explorer = FeatureExplorer(store, world_explorer.estimator, plate=plate).prepare()
+    viewer, _state, panel, mosaic, _ = _show(make_napari_viewer, plate, store, explorer)
+    panel.well.setCurrentText("A02")
+    shown = []
+    panel.feature_shown.connect(shown.append)
+
+    panel.select_feature(0)  # nothing in memory yet: a worker reads the fields
+    assert panel.is_busy and shown == []
+    qtbot.waitUntil(lambda: shown == [0] and not panel.is_busy, timeout=20_000)
+
+    explorer.preload()
+    layers = _feature_layers(viewer)
+    arrays = {role: layer.data for role, layer in layers.items()}
+    for feature in (1, 2):
+        panel.select_feature(feature)
+        assert shown[-1] == feature and not panel.is_busy  # shown before select_feature returned
+        after = _feature_layers(viewer)
+        assert all(after[role] is layers[role] for role in layers)
+        assert all(after[role].data is arrays[role] for role in arrays)  # the same arrays
+        activation = after["feature-map"]
+        factor = int(activation.scale[0])
+        y0, x0, _, _ = mosaic.well_box("A02")
+        oy, ox = mosaic.field_origin("A02", 1)
+        block = activation.data[(oy - y0) // factor :, (ox - x0) // factor :][
+            : FIELD // factor, : FIELD // factor
+        ]
+        np.testing.assert_allclose(block, explorer.field_map(feature, "A02", 1, "cosine", factor))
+        cells = after["feature-cells"]
+        field1 = cells.features[cells.features["field"] == 2].sort_values("cell")
+        np.testing.assert_allclose(
+            field1["mean activation"],
+            explorer.cell_values(feature, "A02", 1, "cells")["mean_activation"],
+        )
+        assert after["feature-heatmap"].data[
+            tuple(
+                np.round(
+                    (np.array([oy, ox]) - after["feature-heatmap"].translate)
+                    / after["feature-heatmap"].scale
+                ).astype(int)
+            )
+        ] == pytest.approx(explorer.well_values(feature)["A02"])

@@ -237,6 +237,16 @@ def _demo_run(args: argparse.Namespace) -> int:
     print(f"(report saved to {Path(args.workdir) / 'concept_report.json'})")
     if args.no_viewer:
         return 0
+    # What selecting a feature reads (labels, top crops, patch tokens), so the viewer answers
+    # from memory.
+    with tqdm(desc="  reading fields for the viewer", unit="item", leave=False) as bar:
+
+        def preload_progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)  # update, not refresh: tqdm's rate limit applies
+
+        summary = run.explorer.preload(progress=preload_progress)
+    print(f"ready to browse: {summary.describe()}")
     import napari
 
     from plate_concepts.viewer.demo_view import show_demo_run

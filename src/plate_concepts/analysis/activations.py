@@ -403,21 +403,25 @@ def cell_activations(activation_map: Any, labels: Any) -> pd.DataFrame:
     flat = labels.ravel()
     if flat.size and flat.min() < 0:
         raise ValueError(f"label image holds negative label {int(flat.min())}; labels must be >= 0")
-    foreground = flat > 0
-    if flat.size and flat.max() <= 4 * flat.size:  # usual, compact ids: count by label directly
-        inverse = flat[foreground].astype(np.int64)
-        present = np.flatnonzero(np.bincount(inverse))
-        ids = present[present > 0]
-        slot = np.zeros(int(flat.max()) + 1, dtype=np.int64)
-        slot[ids] = np.arange(len(ids))
-        inverse = slot[inverse]
-    else:
-        ids, inverse = np.unique(flat[foreground], return_inverse=True)
-    pixels = values.ravel()[foreground]
+    pixels = values.ravel()
     finite = np.isfinite(pixels)
-    area = np.bincount(inverse, minlength=len(ids))
-    n_valid = np.bincount(inverse[finite], minlength=len(ids))
-    sums = np.bincount(inverse[finite], weights=pixels[finite], minlength=len(ids))
+    if flat.size and flat.max() <= 4 * flat.size:
+        # Usual, compact ids: one bincount per sum over every pixel, the ids as bins.
+        flat = flat.astype(np.intp, copy=False)  # bincount refuses uint64
+        size = int(flat.max()) + 1
+        area = np.bincount(flat, minlength=size)
+        n_valid = np.bincount(flat, weights=finite, minlength=size)
+        sums = np.bincount(flat, weights=np.where(finite, pixels, 0.0), minlength=size)
+        ids = np.flatnonzero(area)
+        ids = ids[ids > 0]
+        area, n_valid, sums = area[ids], n_valid[ids], sums[ids]
+    else:
+        foreground = flat > 0
+        ids, inverse = np.unique(flat[foreground], return_inverse=True)
+        kept = finite[foreground]
+        area = np.bincount(inverse, minlength=len(ids))
+        n_valid = np.bincount(inverse[kept], minlength=len(ids))
+        sums = np.bincount(inverse[kept], weights=pixels[foreground][kept], minlength=len(ids))
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(n_valid > 0, sums / np.maximum(n_valid, 1), np.nan)
     return pd.DataFrame(

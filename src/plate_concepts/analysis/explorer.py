@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -40,7 +40,6 @@ from plate_concepts.analysis.activations import (
     CancelLike,
     ProgressLike,
     WellAggregates,
-    _top_rows,
     cancel_requested,
     cell_activations,
     check_feature,
@@ -60,6 +59,14 @@ from plate_concepts.embeddings.store import INDEX_COLUMNS, EmbeddingStore
 from plate_concepts.plates.geometry import canonical_well
 from plate_concepts.plates.model import Plate
 
+#: Label images tried, in order, for per-cell values.
+CELL_LABEL_NAMES = ("cells", "cell", "cytoplasm", "nuclei", "nucleus")
+#: Top-activating crops a viewer shows per feature, and their thumbnail size (px): what
+#: :meth:`FeatureExplorer.preload` reads by default.
+TOP_CROPS = 12
+THUMBNAIL_SIZE = 64
+#: Fields whose patch tokens :meth:`FeatureExplorer.preload` reads and pre-processes at once.
+PRELOAD_FIELDS = 16
 #: Name of the extra row of :meth:`FeatureExplorer.label_value_activation` for control tokens.
 CONTROL_GROUP = "controls"
 _NOT_LABELS = (*INDEX_COLUMNS, "is_control", "foreground_fraction")
@@ -77,6 +84,30 @@ class TopCrop(NamedTuple):
     value: float
 
 
+class PreloadSummary(NamedTuple):
+    """What :meth:`FeatureExplorer.preload` put in memory."""
+
+    fields: int
+    fields_with_patches: int  # 0 when the store has no patch tokens
+    fields_with_labels: int
+    crops: int
+    nbytes: int
+    patch_tokens: bool
+
+    def describe(self) -> str:
+        text = f"{self.nbytes / 2**20:,.0f} MB in memory: labels of {self.fields_with_labels} fields, {self.crops} crops"
+        if not self.patch_tokens:
+            return text
+        if self.fields_with_patches < self.fields:
+            text += (
+                f", patch tokens of {self.fields_with_patches} of {self.fields} fields (the others "
+                "are read when shown)"
+            )
+        else:
+            text += f", patch tokens of all {self.fields} fields"
+        return text
+
+
 class PlateHeatmap(NamedTuple):
     """A per-well image and the napari ``scale``/``translate`` that lay it over mosaic level 0."""
 
@@ -85,13 +116,43 @@ class PlateHeatmap(NamedTuple):
     translate: tuple[float, float]
 
 
-class _LRU:
-    """A small thread-safe least-recently-used cache."""
+def _nbytes(value: Any) -> int:
+    """Memory held by a cached value: its arrays (and SparseCodes' tensors), summed."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, SparseCodes):
+        return sum(t.element_size() * t.nelement() for t in (value.indices, value.values))
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
-    def __init__(self, size: int) -> None:
+
+class _LRU:
+    """A small thread-safe least-recently-used cache holding at most ``size`` items and, when
+    ``max_bytes`` is given, at most that much array memory."""
+
+    def __init__(self, size: int, max_bytes: int | None = None) -> None:
         self.size = max(0, int(size))
+        self.max_bytes = None if max_bytes is None else max(0, int(max_bytes))
+        self.nbytes = 0
         self._items: OrderedDict[Hashable, Any] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def peek(self, key: Hashable) -> Any:
+        """The cached value of ``key`` (marked as just used), or None."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more would stay within the memory budget."""
+        return self.max_bytes is None or self.nbytes + nbytes <= self.max_bytes
 
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         with self._lock:
@@ -99,17 +160,27 @@ class _LRU:
                 self._items.move_to_end(key)
                 return self._items[key]
         value = compute()  # outside the lock: a slow computation does not block other keys
-        with self._lock:
-            if self.size:
-                self._items[key] = value
-                self._items.move_to_end(key)
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
+        self.put(key, value)
         return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        size = _nbytes(value)
+        with self._lock:
+            if not self.size or (self.max_bytes is not None and size > self.max_bytes):
+                return
+            if key in self._items:
+                self.nbytes -= _nbytes(self._items.pop(key))
+            self._items[key] = value
+            self.nbytes += size
+            while len(self._items) > self.size or (
+                self.max_bytes is not None and self.nbytes > self.max_bytes
+            ):
+                self.nbytes -= _nbytes(self._items.popitem(last=False)[1])
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self.nbytes = 0
 
 
 @dataclass
@@ -124,6 +195,8 @@ class _Prepared:
     wells: WellAggregates
     field_rows: dict[tuple[str, int], np.ndarray]
     selectivity: dict[str, SelectivityResult]
+    on_plate: np.ndarray  # store rows of the explorer's plate
+    on_plate_mask: np.ndarray  # (n_tokens,) bool: the same rows
 
 
 class FeatureExplorer:
@@ -156,6 +229,9 @@ class FeatureExplorer:
         Per-feature results kept (field maps and heatmaps keep a few, they are large).
     encode_batch_size
         Tokens encoded per block in :meth:`prepare`.
+    cache_bytes
+        Memory for per-field data kept between features: pre-processed patch tokens, label
+        images and crop pixels (:meth:`preload` fills it up to this).
     """
 
     def __init__(
@@ -172,6 +248,7 @@ class FeatureExplorer:
         dead_threshold: float = 1e-5,
         cache_size: int = 64,
         encode_batch_size: int = 4096,
+        cache_bytes: int = 1 << 30,
     ) -> None:
         if not isinstance(store, EmbeddingStore):
             store = EmbeddingStore.open(store)
@@ -219,9 +296,9 @@ class FeatureExplorer:
         self._state: _Prepared | None = None
         self._small = _LRU(cache_size)
         self._large = _LRU(4)
-        # Pre-processed patch tokens and patch codes of the last few fields (each can be 100s of
-        # MB): enough for a well's fields, so switching features re-reads none of them.
-        self._patches = _LRU(4)
+        # Per-field data (pre-processed patch tokens, patch codes, label images, crop pixels)
+        # within a memory budget: switching features re-reads none of what it holds.
+        self._fields = _LRU(1 << 30, max_bytes=cache_bytes)
 
     # ------------------------------------------------------------------ set-up
     def _choose_plate(self, plate: Plate | None, plate_name: str | None) -> str:
@@ -279,6 +356,7 @@ class FeatureExplorer:
         )
         by_token = codes_matrix(codes)  # = codes.dense(), stored entries = active pairs
         by_feature = by_token.tocsc()  # one feature's tokens in one slice
+        by_feature.sort_indices()
         frequency = np.diff(by_feature.indptr) / n
         mean_activation = np.asarray(by_feature.sum(axis=0)).ravel() / n
 
@@ -300,7 +378,16 @@ class FeatureExplorer:
         self._small.clear()
         self._large.clear()
         self._state = _Prepared(
-            codes, by_token, by_feature, frequency, mean_activation, wells, field_rows, results
+            codes,
+            by_token,
+            by_feature,
+            frequency,
+            mean_activation,
+            wells,
+            field_rows,
+            results,
+            on_plate,
+            np.isin(np.arange(n), on_plate),
         )
         return self
 
@@ -432,25 +519,34 @@ class FeatureExplorer:
         geometry = (mosaic.shape, mosaic.well_shape, mosaic.tile_shape, mosaic.field_grid)
         return self._large.get(("heatmap", feature, kind, level, geometry), build)
 
-    def top_crops(self, feature: int, n: int = 16) -> list[TopCrop]:
-        """The (at most) ``n`` store crops where ``feature`` is most active, largest first."""
-        values = self.feature_values(feature)
-        obs = self.obs
-        out = []
-        for row in _top_rows(values, n):
-            record = obs.iloc[int(row)]
-            out.append(
-                TopCrop(
-                    int(row),
-                    str(record["well"]),
-                    int(record["field"]),
-                    int(record["crop_y"]),
-                    int(record["crop_x"]),
-                    int(record["crop_size"]),
-                    float(values[row]),
-                )
-            )
-        return out
+    def top_crops(self, feature: int, n: int = 16, *, on_plate: bool = False) -> list[TopCrop]:
+        """The (at most) ``n`` store crops where ``feature`` is most active, largest first;
+        ``on_plate``: only crops of the explorer's plate (those it can show)."""
+        top = self._top_token_rows(feature, n, on_plate)
+        records = self.obs.iloc[[row for row, _ in top]]
+        columns = [
+            records[c].to_numpy() for c in ("well", "field", "crop_y", "crop_x", "crop_size")
+        ]
+        return [
+            TopCrop(int(row), str(well), int(field), int(y), int(x), int(size), value)
+            for (row, value), well, field, y, x, size in zip(top, *columns, strict=True)
+        ]
+
+    def _top_token_rows(self, feature: int, n: int, on_plate: bool) -> list[tuple[int, float]]:
+        """(row, code) of the ``n`` tokens where ``feature`` is largest (ties: lower row first),
+        from the feature's column of active tokens alone."""
+        feature = check_feature(feature, self.n_features)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        state = self._prepared
+        start, stop = state.by_feature.indptr[feature : feature + 2]
+        rows = state.by_feature.indices[start:stop]  # increasing: the matrix is canonical
+        values = state.by_feature.data[start:stop]
+        if on_plate and len(state.on_plate) < len(self.obs):
+            keep = state.on_plate_mask[rows]
+            rows, values = rows[keep], values[keep]
+        order = np.argsort(-values, kind="stable")[:n]
+        return [(int(rows[i]), float(values[i])) for i in order]
 
     def label_value_activation(self, feature: int, label_column: str | None = None) -> pd.DataFrame:
         """Per value of a label column: n_tokens, mean_activation (mean code, inactive = 0) and
@@ -467,30 +563,33 @@ class FeatureExplorer:
             active = np.bincount(
                 codes[labelled], weights=values[labelled] != 0, minlength=len(uniques)
             )
-            table = pd.DataFrame(
-                {
-                    "value": list(uniques),
-                    "group": "label",
-                    "n_tokens": counts,
-                    "mean_activation": sums / np.maximum(counts, 1),
-                    "fraction_active": active / np.maximum(counts, 1),
-                }
-            )
+            columns = {
+                "value": list(uniques),
+                "group": ["label"] * len(uniques),
+                "n_tokens": list(counts),
+                "mean_activation": list(sums / np.maximum(counts, 1)),
+                "fraction_active": list(active / np.maximum(counts, 1)),
+            }
             if self.control_column in self.obs.columns:
-                control = self.obs[self.control_column].fillna(False).to_numpy(dtype=bool)
+                control = self._control_mask()
                 n_control = int(control.sum())
-                table.loc[len(table)] = {
-                    "value": CONTROL_GROUP,
-                    "group": "control",
-                    "n_tokens": n_control,
-                    "mean_activation": float(values[control].mean()) if n_control else np.nan,
-                    "fraction_active": float((values[control] != 0).mean())
-                    if n_control
-                    else np.nan,
-                }
-            return table
+                shown = values[control]
+                for name, value in (
+                    ("value", CONTROL_GROUP),
+                    ("group", "control"),
+                    ("n_tokens", n_control),
+                    ("mean_activation", float(shown.mean()) if n_control else np.nan),
+                    ("fraction_active", float((shown != 0).mean()) if n_control else np.nan),
+                ):
+                    columns[name].append(value)
+            return pd.DataFrame(columns)
 
         return self._small.get(("label_values", int(feature), column), build).copy()
+
+    def _control_mask(self) -> np.ndarray:
+        return self._small.get(
+            ("control",), lambda: self.obs[self.control_column].eq(True).to_numpy()
+        )  # a missing flag counts as not a control
 
     def _factorized(self, column: str) -> tuple[np.ndarray, list[Any]]:
         def build() -> tuple[np.ndarray, list[Any]]:
@@ -579,14 +678,14 @@ class FeatureExplorer:
             )
             return preprocess_patches(self.estimator, self.store.read_patches(rows), batches)
 
-        return self._patches.get(("patches", well, field), build)
+        return self._fields.get(("patches", well, field), build)
 
     def _field_patch_codes(self, well: str, field: int) -> tuple[SparseCodes, tuple[int, int]]:
         def build() -> tuple[SparseCodes, tuple[int, int]]:
             patches = self._field_patches(well, field)
             return encode_patches(self.estimator, patches), patches.shape[1:3]
 
-        return self._patches.get(("patch_codes", well, field), build)
+        return self._fields.get(("patch_codes", well, field), build)
 
     def cell_values(
         self,
@@ -599,15 +698,8 @@ class FeatureExplorer:
         """Mean of the full-resolution field map inside every object of the plate's label image
         ``label_name``: columns label, mean_activation, area (see
         :func:`~plate_concepts.analysis.activations.cell_activations`)."""
-        plate = self._require_plate("cell values")
-        labels = plate.field_labels(well, field)
-        if label_name not in labels:
-            raise KeyError(
-                f"well {canonical_well(well)} field {field} of plate {plate.name!r} has no label image "
-                f"{label_name!r} (it has: {sorted(labels)})"
-            )
+        label_image = self.label_image(well, field, label_name)
         activation = self.field_map(feature, well, field, mode=mode, downsample=1)
-        label_image = np.asarray(labels[label_name])
         if label_image.shape != activation.shape:
             raise ValueError(
                 f"label image {label_name!r} of well {well} field {field} is {label_image.shape}, "
@@ -615,17 +707,211 @@ class FeatureExplorer:
             )
         return cell_activations(activation, label_image)
 
+    def label_image(self, well: str, field: int, label_name: str) -> np.ndarray:
+        """The full-resolution label image ``label_name`` of one field (the smallest integer
+        dtype that holds its ids), cached for the next feature."""
+        plate = self._require_plate("label images")
+        well, field = canonical_well(well), int(field)
+
+        def build() -> np.ndarray:
+            labels = plate.field_labels(well, field)
+            if label_name not in labels:
+                raise KeyError(
+                    f"well {well} field {field} of plate {plate.name!r} has no label image "
+                    f"{label_name!r} (it has: {sorted(labels)})"
+                )
+            return _compact_labels(np.asarray(labels[label_name]))
+
+        return self._fields.get(("labels", well, field, label_name), build)
+
+    def crop_pixels(self, rows: Sequence[int], size: int) -> list[np.ndarray]:
+        """(C, h, w) raw pixels of the crops of store ``rows``, about ``size`` pixels on a side:
+        read from the coarsest pyramid level that still has ``size`` pixels per crop, then
+        strided; cached (thumbnails). Crops not cached yet are read together."""
+        for row in rows:
+            self._plate_record(row)
+        size = int(size)
+        cached = {int(row): self._fields.peek(("crop", int(row), size)) for row in rows}
+        missing = [row for row, pixels in cached.items() if pixels is None]
+        if missing:
+            cached.update(zip(missing, self._read_crop_pixels(missing, size), strict=True))
+        return [cached[int(row)] for row in rows]
+
+    def _crop_level(self, crop_size: int, size: int) -> int:
+        plate = self._require_plate("crop images")
+        level = 0
+        while level + 1 < plate.n_levels and crop_size // 2 ** (level + 1) >= size:
+            level += 1
+        return level
+
+    def _read_crop_pixels(self, rows: list[int], size: int) -> list[np.ndarray]:
+        """Read the crops of ``rows`` field by field (one read per field and level), cache
+        each and return them in order."""
+        import dask
+
+        plate = self._require_plate("crop images")
+        records = self.obs.iloc[rows]
+        groups: dict[tuple[str, int, int], list[int]] = {}
+        for index, (well, field, crop_size) in enumerate(
+            zip(records["well"], records["field"], records["crop_size"], strict=True)
+        ):
+            level = self._crop_level(int(crop_size), size)
+            groups.setdefault((str(well), int(field), level), []).append(index)
+        keys = list(groups)
+        images = dask.compute(*[plate.image(well, field, level) for well, field, level in keys])
+        out: list[np.ndarray] = [np.empty(0)] * len(rows)
+        for key, image in zip(keys, images, strict=True):
+            f = 2 ** key[2]
+            for index in groups[key]:
+                y, x, crop_size = (
+                    int(records[column].iat[index]) for column in ("crop_y", "crop_x", "crop_size")
+                )
+                pixels = image[:, y // f : (y + crop_size) // f, x // f : (x + crop_size) // f]
+                stride = max(1, max(pixels.shape[1:]) // size)
+                pixels = np.ascontiguousarray(pixels[:, ::stride, ::stride])
+                self._fields.put(("crop", rows[index], size), pixels)
+                out[index] = pixels
+        return out
+
+    def in_memory(
+        self,
+        well: str,
+        *,
+        mode: Literal["cosine", "code"] = "cosine",
+        label_name: str | None = None,
+        crop_rows: Sequence[int] = (),
+        thumbnail_size: int = THUMBNAIL_SIZE,
+    ) -> bool:
+        """Whether maps of ``well``'s fields (in ``mode``), their label images ``label_name``
+        and the pixels of the crops of ``crop_rows`` are all cached: answering needs no disk
+        read (after :meth:`preload`, within its budget)."""
+        well = canonical_well(well)
+        fields = [key[1] for key in self._prepared.field_rows if key[0] == well]
+        keys: list[Hashable] = [("crop", int(row), int(thumbnail_size)) for row in crop_rows]
+        for field in fields:
+            if self.store.patch_grid is not None:
+                keys.append(("patches" if mode == "cosine" else "patch_codes", well, field))
+            if label_name is not None:
+                keys.append(("labels", well, field, label_name))
+        return all(key in self._fields for key in keys)
+
+    def preload(
+        self,
+        *,
+        n_top_crops: int = TOP_CROPS,
+        thumbnail_size: int = THUMBNAIL_SIZE,
+        label_name: str | None = None,
+        progress: ProgressLike | None = None,
+        cancel: CancelLike | None = None,
+    ) -> PreloadSummary:
+        """Read, within the ``cache_bytes`` budget, what selecting a feature would otherwise
+        read from disk (slow; run in a worker after :meth:`prepare`):
+
+        1. the cell label image (``label_name``, default :func:`cell_label_name`) of every field;
+        2. the pixels of every feature's ``n_top_crops`` most active crops, for thumbnails of
+           ``thumbnail_size`` pixels;
+        3. the pre-processed patch tokens of every field, in store order, while they fit.
+
+        ``progress(done, total)`` counts fields; ``cancel`` raises
+        :class:`~plate_concepts.analysis.activations.Cancelled` (what was read stays cached).
+        """
+        state = self._prepared
+        fields = sorted(state.field_rows, key=lambda key: int(state.field_rows[key][0]))
+        has_images = self.plate is not None
+        label_name = label_name or (cell_label_name(self.plate.label_names) if has_images else None)
+        crop_rows = (
+            sorted(
+                {
+                    row
+                    for feature in np.flatnonzero(state.frequency >= self.dead_threshold)
+                    for row, _ in self._top_token_rows(int(feature), n_top_crops, on_plate=True)
+                }
+            )
+            if has_images and n_top_crops > 0
+            else []
+        )
+        with_patches = self.store.patch_grid is not None
+        total = (
+            (len(fields) if label_name else 0)
+            + len(crop_rows)
+            + (len(fields) if with_patches else 0)
+        )
+        done = 0
+
+        def step(count: int) -> None:
+            nonlocal done
+            if cancel_requested(cancel):
+                raise Cancelled("preloading the feature explorer was cancelled")
+            done += count
+            if progress is not None:
+                progress(done, total)
+
+        # Each stage stops when the budget is spent rather than evict what it has read.
+        step(0)
+        labelled = 0
+        if label_name:
+            for well, field in fields:
+                labels = self.plate.field_labels(well, field).get(label_name)
+                if labels is not None:
+                    if not self._fields.fits(labels.size * labels.dtype.itemsize):
+                        break
+                    self.label_image(well, field, label_name)
+                    labelled += 1
+                step(1)
+        pixel_bytes = (
+            len(self.plate.channels) * thumbnail_size**2 * np.dtype(self.plate.dtype).itemsize
+            if has_images
+            else 0
+        )
+        n_crops = 0
+        for start in range(0, len(crop_rows), 256):
+            block = crop_rows[start : start + 256]
+            if not self._fields.fits(len(block) * pixel_bytes):
+                break
+            self._read_crop_pixels(block, int(thumbnail_size))
+            n_crops += len(block)
+            step(len(block))
+        loaded = 0
+        if with_patches:
+            for start in range(0, len(fields), PRELOAD_FIELDS):
+                block = fields[start : start + PRELOAD_FIELDS]
+                rows = np.concatenate([state.field_rows[key] for key in block])
+                grid = self.store.patch_grid
+                expected = (
+                    len(rows) * grid[0] * grid[1] * self.estimator.model_.decoder.shape[1] * 4
+                )
+                if not self._fields.fits(expected):
+                    break  # the budget is spent: later fields are read when shown
+                batches = (
+                    None
+                    if self.batch_column is None
+                    else self.obs[self.batch_column].to_numpy()[rows]
+                )
+                patches = preprocess_patches(self.estimator, self.store.read_patches(rows), batches)
+                offset = 0
+                for key in block:
+                    n = len(state.field_rows[key])
+                    self._fields.put(
+                        ("patches", *key), np.ascontiguousarray(patches[offset : offset + n])
+                    )
+                    offset += n
+                loaded += len(block)
+                step(len(block))
+        if progress is not None and done < total:
+            progress(total, total)  # a stage stopped at the budget: nothing more to read
+        return PreloadSummary(
+            fields=len(fields),
+            fields_with_patches=loaded if with_patches else 0,
+            fields_with_labels=labelled,
+            crops=n_crops,
+            nbytes=self._fields.nbytes,
+            patch_tokens=with_patches,
+        )
+
     def crop_image(self, row: int) -> np.ndarray:
         """(C, s, s) pixels of the crop of store row ``row``, read from the plate."""
         plate = self._require_plate("crop images")
-        n = len(self.obs)
-        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= int(row) < n:
-            raise IndexError(f"row {row!r} is not a token row of {self.store.path} (0..{n - 1})")
-        record = self.obs.iloc[int(row)]
-        if str(record["plate"]) != self.plate_name:
-            raise ValueError(
-                f"row {row} belongs to plate {record['plate']!r}, not to the explorer's plate {self.plate_name!r}"
-            )
+        record = self._plate_record(row)
         y, x, size = int(record["crop_y"]), int(record["crop_x"]), int(record["crop_size"])
         image = plate.image(str(record["well"]), int(record["field"]))
         if y < 0 or x < 0 or y + size > image.shape[1] or x + size > image.shape[2]:
@@ -635,12 +921,51 @@ class FeatureExplorer:
             )
         return np.asarray(image[:, y : y + size, x : x + size])
 
+    def _plate_record(self, row: int) -> pd.Series:
+        """The obs record of a store row of the explorer's plate (clear errors otherwise)."""
+        self._require_plate("crop images")
+        n = len(self.obs)
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= int(row) < n:
+            raise IndexError(f"row {row!r} is not a token row of {self.store.path} (0..{n - 1})")
+        record = self.obs.iloc[int(row)]
+        if str(record["plate"]) != self.plate_name:
+            raise ValueError(
+                f"row {row} belongs to plate {record['plate']!r}, not to the explorer's plate {self.plate_name!r}"
+            )
+        return record
+
     def _require_plate(self, what: str) -> Plate:
         if self.plate is None:
             raise ValueError(
                 f"{what} need the plate's images: create the FeatureExplorer with plate="
             )
         return self.plate
+
+
+def cell_label_name(label_names: Sequence[str]) -> str | None:
+    """The label image that outlines whole cells, if the plate has one (else its first)."""
+    lowered = {name.lower(): name for name in label_names}
+    for wanted in CELL_LABEL_NAMES:
+        if wanted in lowered:
+            return lowered[wanted]
+    return next(
+        (name for name in label_names if "cell" in name.lower()),
+        label_names[0] if label_names else None,
+    )
+
+
+def _compact_labels(labels: np.ndarray) -> np.ndarray:
+    """The same ids in the smallest unsigned dtype that holds them (half the memory of int32
+    for the usual < 65,536 objects per field)."""
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"label images must hold integers, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        return labels
+    top = int(labels.max(initial=0))
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return labels.astype(dtype, copy=False)
+    return labels
 
 
 def _aggregate_table(aggregates: WellAggregates, kind: str) -> np.ndarray:

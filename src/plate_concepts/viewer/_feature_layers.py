@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from plate_concepts.analysis.explorer import THUMBNAIL_SIZE, TOP_CROPS, cell_label_name
+
 if TYPE_CHECKING:
     from plate_concepts.analysis.explorer import FeatureExplorer
     from plate_concepts.plates.mosaic import PlateMosaic
@@ -39,8 +41,12 @@ ROLE_CELLS = "feature-cells"
 FEATURE_ROLES = (ROLE_HEATMAP, ROLE_MAP, ROLE_CELLS)
 KIND_TEXT = {"mean": "mean activation per well", "fraction": "fraction of active crops per well"}
 MODE_TEXT = {"cosine": "cosine with the feature direction", "code": "feature code"}
-#: Label images tried, in order, for the per-cell colouring.
-CELL_LABEL_NAMES = ("cells", "cell", "cytoplasm", "nuclei", "nucleus")
+#: Top-activating crops shown per feature.
+N_CROPS = TOP_CROPS
+#: A feature view over at most this many field pixels, from memory, is computed on the GUI
+#: thread (~10 ms per million pixels): a worker's start and the GIL it shares with painting
+#: would cost more than the work.
+QUICK_MAX_PIXELS = 4_000_000
 #: The activation map of a well is computed at most this many pixels on its longer side.
 MAP_MAX_SIDE = 1536
 #: The cells layer of a well is shown at most this many pixels on its longer side.
@@ -195,18 +201,6 @@ def activation_map_layer_data(
     )
 
 
-def cell_label_name(label_names: Sequence[str]) -> str | None:
-    """The label image that outlines whole cells, if the plate has one (else its first)."""
-    lowered = {name.lower(): name for name in label_names}
-    for wanted in CELL_LABEL_NAMES:
-        if wanted in lowered:
-            return lowered[wanted]
-    return next(
-        (name for name in label_names if "cell" in name.lower()),
-        label_names[0] if label_names else None,
-    )
-
-
 def cells_layer_data(
     explorer: FeatureExplorer,
     mosaic: PlateMosaic,
@@ -240,8 +234,8 @@ def cells_layer_data(
     tables, offset = [], 0
     for field_index in fields:
         values = explorer.cell_values(feature, well, field_index, label_name, mode=mode)
-        full = np.asarray(plate.field_labels(well, field_index)[label_name]).astype(np.int64)
-        labels = full[::factor, ::factor]
+        full = explorer.label_image(well, field_index, label_name)
+        labels = full[::factor, ::factor].astype(np.int32)
         oy, ox = mosaic.field_origin(well, field_index)
         top, left = (oy - grid.origin[0]) // factor, (ox - grid.origin[1]) // factor
         h, w = (
@@ -373,30 +367,10 @@ def top_crop_thumbnails(
     size: int = 96,
 ) -> list[CropThumbnail]:
     """The ``n`` most active crops of ``feature`` as RGB thumbnails (empty without a plate)."""
-    plate = explorer.plate
-    if plate is None:
+    if explorer.plate is None:
         return []
-    import dask
-
-    crops = explorer.top_crops(feature, n)
-    # Read from the coarsest pyramid level that still has ``size`` pixels per crop, and in one
-    # compute, so that crops of the same field share their chunk reads.
-    level = 0
-    while level + 1 < plate.n_levels and all(
-        c.crop_size // 2 ** (level + 1) >= size for c in crops
-    ):
-        level += 1
-    f = 2**level
-    pixels = dask.compute(
-        *[
-            plate.image(c.well, c.field, level)[
-                :,
-                c.crop_y // f : (c.crop_y + c.crop_size) // f,
-                c.crop_x // f : (c.crop_x + c.crop_size) // f,
-            ]
-            for c in crops
-        ]
-    )
+    crops = explorer.top_crops(feature, n, on_plate=True)
+    pixels = explorer.crop_pixels([c.row for c in crops], size)
     return [
         CropThumbnail(
             composite_rgb(image, limits, colors, size),
@@ -474,10 +448,10 @@ def feature_view(
     mode: Mode = "cosine",
     well: str | None = None,
     label_column: str | None = None,
-    n_crops: int = 12,
+    n_crops: int = N_CROPS,
     channel_limits: Sequence[tuple[float, float]] | None = None,
     channel_colors: Sequence[Sequence[float]] | None = None,
-    thumbnail_size: int = 64,
+    thumbnail_size: int = THUMBNAIL_SIZE,
 ) -> FeatureView:
     """Layers, crops and bars of one feature. ``well``: whose fields get the activation map and
     the cell colours (default: the feature's top well)."""
@@ -505,6 +479,38 @@ def feature_view(
     if column is not None:
         view.bars = label_value_bars(explorer, feature, column, kind=kind)
     return view
+
+
+def computed_quickly(
+    explorer: FeatureExplorer,
+    mosaic: PlateMosaic | None,
+    feature: int,
+    *,
+    kind: Kind = "mean",
+    mode: Mode = "cosine",
+    well: str | None = None,
+    n_crops: int = N_CROPS,
+    thumbnail_size: int = THUMBNAIL_SIZE,
+    max_pixels: int = QUICK_MAX_PIXELS,
+) -> bool:
+    """Whether :func:`feature_view` with these arguments reads nothing from disk and maps at
+    most ``max_pixels`` field pixels: quick enough (tens of ms) to run on the GUI thread."""
+    well = well or top_well(explorer, feature, kind)
+    if mosaic is None or well is None:
+        return True
+    plate = explorer.plate
+    fields = field_keys(explorer, well)
+    if plate is not None and len(fields) * plate.image_shape[0] * plate.image_shape[1] > max_pixels:
+        return False
+    return explorer.in_memory(
+        well,
+        mode=mode,
+        label_name=None if plate is None else cell_label_name(plate.label_names),
+        crop_rows=[c.row for c in explorer.top_crops(feature, n_crops, on_plate=True)]
+        if plate is not None
+        else [],
+        thumbnail_size=thumbnail_size,
+    )
 
 
 def feature_table(explorer: FeatureExplorer, label_column: str | None) -> pd.DataFrame:

@@ -47,6 +47,7 @@ from plate_concepts.viewer._dictionary_fit import (
     recorded_batch_column,
     token_labels,
 )
+from plate_concepts.viewer._feature_layers import N_CROPS, THUMBNAIL_SIZE
 from plate_concepts.viewer._plots import LossCurve
 from plate_concepts.viewer.state import get_state
 
@@ -60,9 +61,11 @@ DICTIONARY_FILTER = "Dictionary files (*.safetensors)"
 
 
 class _ProgressRelay(QObject):
-    """Carries ``progress(done, total)`` calls from a worker thread to the GUI thread."""
+    """Carries ``progress(done, total)`` calls from a worker thread to the GUI thread, and
+    ``preloading(done, total)`` ones once the explorer reads fields for instant browsing."""
 
     progress = Signal(int, int)
+    preloading = Signal(int, int)
 
 
 def _spin(low: int, high: int, value: int, step: int = 1, tip: str = "") -> QSpinBox:
@@ -502,8 +505,10 @@ class DictionaryPanel(QWidget):
         self._refresh_labels()
 
     def prepare_explorer(self) -> Any:
-        """Encode the store with the viewer's dictionary in the background, then set the
-        explorer in the state; returns the worker (None if there is nothing to prepare)."""
+        """Encode the store with the viewer's dictionary in the background and set the explorer
+        in the state; then, in the same worker, read what makes selecting a feature instant
+        (:meth:`FeatureExplorer.preload`). Returns the worker (None if there is nothing to
+        prepare)."""
         if self._explorer_cancel is not None:
             self._explorer_cancel.set()  # a newer dictionary or store replaces that job
         dictionary, store, plate = self.state.dictionary, self.state.store, self.state.plate
@@ -530,18 +535,26 @@ class DictionaryPanel(QWidget):
         cancel = threading.Event()
         relay = _ProgressRelay()
         relay.progress.connect(self._on_explorer_progress)
+        relay.preloading.connect(self._on_preload_progress)
 
-        def build() -> FeatureExplorer:
+        def build() -> Any:
             from plate_concepts.analysis.explorer import FeatureExplorer
 
             explorer = FeatureExplorer(store, dictionary, plate=plate, batch_column=batch_column)
             explorer.prepare(progress=relay.progress.emit, cancel=cancel)
-            return explorer
+            yield explorer  # browsable now; the reads below make selection instant
+            return explorer.preload(
+                n_top_crops=N_CROPS,
+                thumbnail_size=THUMBNAIL_SIZE,
+                progress=relay.preloading.emit,
+                cancel=cancel,
+            )
 
         worker = create_worker(build, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(
+        worker.yielded.connect(
             lambda explorer: self._on_explorer_ready(explorer, dictionary, store)
         )
+        worker.returned.connect(lambda summary: self._on_preloaded(summary, dictionary, store))
         worker.errored.connect(lambda error: self._on_explorer_error(error, cancel))
         worker.finished.connect(lambda: self._on_explorer_finished(worker, relay))
         self._explorer_worker, self._explorer_cancel = worker, cancel
@@ -555,11 +568,26 @@ class DictionaryPanel(QWidget):
             self.progress.setValue(done)
             self.progress.setFormat("encoding tokens %v / %m")
 
+    def _on_preload_progress(self, done: int, total: int) -> None:
+        if self._fit_worker is None:
+            self.progress.setRange(0, max(total, 1))
+            self.progress.setValue(done)
+            self.progress.setFormat("reading fields and crops %v / %m")
+
+    def _on_preloaded(self, summary: Any, dictionary: Any, store: Any) -> None:
+        if dictionary is self.state.dictionary and store is self.state.store:
+            self.explorer_label.setText(
+                f"Features ready: browse them in the Features panel ({summary.describe()})."
+            )
+
     def _on_explorer_ready(self, explorer: FeatureExplorer, dictionary: Any, store: Any) -> None:
         if dictionary is not self.state.dictionary or store is not self.state.store:
             return  # replaced while it was being prepared
         self.state.set_explorer(explorer)
-        self.explorer_label.setText("Features ready: browse them in the Features panel.")
+        self.explorer_label.setText(
+            "Features ready: browse them in the Features panel. Reading the fields' patch tokens, "
+            "labels and top crops so that selecting a feature is instant…"
+        )
 
     def _on_explorer_error(self, error: Exception, cancel: threading.Event) -> None:
         if cancel.is_set():
@@ -570,6 +598,7 @@ class DictionaryPanel(QWidget):
 
     def _on_explorer_finished(self, worker: Any, relay: _ProgressRelay) -> None:
         relay.progress.disconnect(self._on_explorer_progress)
+        relay.preloading.disconnect(self._on_preload_progress)
         if self._explorer_worker is worker:
             self._explorer_worker, self._explorer_cancel = None, None
 

@@ -50,10 +50,13 @@ from qtpy.QtWidgets import (
 from plate_concepts.viewer._feature_layers import (
     FEATURE_ROLES,
     METADATA_KEY,
+    N_CROPS,
     ROLE_CELLS,
     ROLE_MAP,
+    THUMBNAIL_SIZE,
     CropThumbnail,
     FeatureView,
+    computed_quickly,
     feature_table,
     feature_view,
 )
@@ -68,8 +71,6 @@ MODES = {"cosine with feature direction": "cosine", "feature code": "code"}
 AUTO_WELL = "automatic"
 LAYER_CLASSES = {"image": Image, "labels": Labels}
 WELL_FIELD_ROLE = "well-field"  # the Plate panel's full-resolution layers of one well
-N_CROPS = 12
-THUMBNAIL = 64  # px per crop in the gallery
 LABEL_COLUMN_WIDTH = 110
 PANEL_MIN_WIDTH = 460  # the five table columns side by side
 #: Two-line headers keep the table narrow enough for a docked panel.
@@ -290,7 +291,7 @@ class FeaturesPanel(QWidget):
         self.crop_buttons: list[QToolButton] = []
         for index in range(N_CROPS):
             button = QToolButton()
-            button.setIconSize(QSize(THUMBNAIL, THUMBNAIL))
+            button.setIconSize(QSize(THUMBNAIL_SIZE, THUMBNAIL_SIZE))
             button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextUnderIcon)
             button.setAutoRaise(True)
             button.setVisible(False)
@@ -439,8 +440,15 @@ class FeaturesPanel(QWidget):
             "n_crops": N_CROPS,
             "channel_limits": limits,
             "channel_colors": colors,
-            "thumbnail_size": THUMBNAIL,
+            "thumbnail_size": THUMBNAIL_SIZE,
         }
+        quick_arguments = {
+            k: request[k] for k in ("kind", "mode", "well", "n_crops", "thumbnail_size")
+        }
+        if computed_quickly(explorer, request["mosaic"], feature, **quick_arguments):
+            self._pending = None  # any worker still running was for an older selection
+            self._apply(feature_view(**request), explorer)
+            return
         self.title.setText(f"Feature {feature}: computing…")
         if self._worker is not None:
             self._pending = request  # only the latest selection matters (arrow keys held down)
@@ -561,25 +569,37 @@ class FeaturesPanel(QWidget):
             ),
             None,
         )
+        data = np.asarray(data)
         if layer is None:
-            self.viewer.add_layer(Layer.create(data, kwargs, layer_type))
+            # The layer owns a copy: its array is overwritten in place by the next feature,
+            # and ``data`` may be held by the explorer's caches.
+            self.viewer.add_layer(Layer.create(data.copy(), kwargs, layer_type))
             return
         layer.metadata = kwargs["metadata"]
         layer.name = kwargs["name"]
-        # Each of these redraws the layer: set only what changed (the well, for map and cells).
+        # Every setter below redraws the layer, and a new array also re-lays out the viewer's
+        # dims: an array of the same shape is copied into the layer's own, the scale and
+        # translate are set only when the well changed, and the layer is redrawn once.
+        same_shape = layer.data.shape == data.shape and layer.data.dtype == data.dtype
+        if same_shape:
+            np.copyto(layer.data, data)
         if not np.allclose(layer.scale[-2:], kwargs["scale"]):
             layer.scale = kwargs["scale"]
         if not np.allclose(layer.translate[-2:], kwargs["translate"]):
             layer.translate = kwargs["translate"]
-        if layer_type == "image":
-            low, high = kwargs["contrast_limits"]
-            layer.data = data
-            layer.contrast_limits_range = (low, high)
-            layer.contrast_limits = (low, high)
-        else:
+        if layer_type == "labels":
             layer.features = kwargs["features"]
-            layer.colormap = kwargs["colormap"]
-            layer.data = data
+            if not same_shape:
+                layer.data = data.copy()
+            layer.colormap = kwargs["colormap"]  # redraws the labels
+            return
+        low, high = kwargs["contrast_limits"]
+        layer.contrast_limits_range = (low, high)
+        layer.contrast_limits = (low, high)
+        if same_shape:
+            layer.refresh()
+        else:
+            layer.data = data.copy()
 
     def _show_title(self, view: FeatureView) -> None:
         row = self.model.row_of(view.feature)
@@ -605,7 +625,7 @@ class FeaturesPanel(QWidget):
         for index, button in enumerate(self.crop_buttons):
             if index < len(crops):
                 crop = crops[index]
-                button.setIcon(QIcon(_pixmap(crop.rgb, THUMBNAIL)))
+                button.setIcon(QIcon(_pixmap(crop.rgb, THUMBNAIL_SIZE)))
                 button.setText(crop.caption)
                 button.setToolTip(
                     f"well {crop.well}, field {crop.field + 1}, crop at ({crop.crop_y}, {crop.crop_x}), "
