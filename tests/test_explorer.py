@@ -368,3 +368,32 @@ def test_top_crops_on_plate_leaves_other_plates_out(setup, tmp_path):
     on_plate = two.top_crops(feature, 8, on_plate=True)
     assert {two.obs["plate"].iat[c.row] for c in on_plate} == {"P1"}
     assert [c.row for c in on_plate] == [c.row for c in explorer.top_crops(feature, 8)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_dictionary_on_the_gpu_browses_as_on_the_cpu(setup, tmp_path):
+    explorer, plate, _ = setup
+    path = tmp_path / "dictionary.safetensors"
+    explorer.estimator.save(path)
+    on_gpu = FeatureExplorer(
+        explorer.store, ICFL.load(path, device="cuda"), plate=plate, label_column="treatment"
+    ).prepare()
+    assert on_gpu.estimator.model_.decoder.device.type == "cuda"
+    summary = on_gpu.preload(n_top_crops=4, thumbnail_size=16)
+    assert summary.fields_with_patches == summary.fields
+    # The same codes, up to float rounding in the pursuit: frequencies within a token or two.
+    np.testing.assert_allclose(
+        on_gpu.feature_table()["frequency"], explorer.feature_table()["frequency"], atol=0.03
+    )
+    feature = drug_feature(explorer)
+    for mode in ("cosine", "code"):
+        np.testing.assert_allclose(
+            on_gpu.field_map(feature, "A05", 1, mode=mode),
+            explorer.field_map(feature, "A05", 1, mode=mode),
+            atol=1e-4,
+        )
+    np.testing.assert_allclose(
+        on_gpu.cell_values(feature, "A05", 1)["mean_activation"],
+        explorer.cell_values(feature, "A05", 1)["mean_activation"],
+        atol=1e-4,
+    )
