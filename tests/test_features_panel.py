@@ -266,9 +266,15 @@ def test_preloaded_features_are_shown_at_once_and_in_place(make_napari_viewer, w
 
     panel.select_feature(0)  # nothing in memory yet: a worker reads the fields
     assert panel.is_busy and shown == []
-    qtbot.waitUntil(lambda: shown == [0] and not panel.is_busy, timeout=20_000)
-
-    explorer.preload()
+    explorer.preload()  # meanwhile; then a newer request is answered from memory at once
+    panel.kind.setCurrentText("fraction of active crops")
+    assert shown == [0]
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
+    qtbot.wait(50)
+    # The worker's older view (mean activation) came back last and was not shown.
+    heatmap = _feature_layers(viewer)["feature-heatmap"]
+    assert heatmap.name == "feature 0: fraction of active crops per well" and shown == [0]
+    panel.kind.setCurrentText("mean activation")
     layers = _feature_layers(viewer)
     arrays = {role: layer.data for role, layer in layers.items()}
     for feature in (1, 2):

@@ -193,7 +193,8 @@ class FeaturesPanel(QWidget):
         self.viewer = viewer
         self.state = get_state(viewer)
         self._worker: Any = None
-        self._pending: dict[str, Any] | None = None
+        self._pending: tuple[dict[str, Any], int] | None = None
+        self._requests = 0  # numbers the requests: only the latest one's view is shown
         self._view: FeatureView | None = None
         self._build()
         self._on_explorer_changed(self.state.explorer)
@@ -424,10 +425,13 @@ class FeaturesPanel(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        """Recompute the selected feature's layers and plots (in a worker)."""
+        """Recompute the selected feature's layers and plots: at once when everything is in
+        memory and small (:func:`computed_quickly`), else in a worker."""
         explorer, feature = self.state.explorer, self.state.feature
         if explorer is None or feature is None or not 0 <= feature < explorer.n_features:
             return
+        self._requests += 1
+        number = self._requests
         limits, colors = self._channel_display()
         request = {
             "explorer": explorer,
@@ -447,18 +451,23 @@ class FeaturesPanel(QWidget):
         }
         if computed_quickly(explorer, request["mosaic"], feature, **quick_arguments):
             self._pending = None  # any worker still running was for an older selection
-            self._apply(feature_view(**request), explorer)
+            try:
+                view = feature_view(**request)
+            except Exception as error:  # as the worker's errors: a notification, not a crash
+                show_error(f"Could not show feature {feature}: {error}")
+                return
+            self._apply(view, explorer, number)
             return
         self.title.setText(f"Feature {feature}: computing…")
         if self._worker is not None:
-            self._pending = request  # only the latest selection matters (arrow keys held down)
+            self._pending = (request, number)  # only the latest matters (arrow keys held down)
             return
-        self._start(request)
+        self._start(request, number)
 
-    def _start(self, request: dict[str, Any]) -> None:
+    def _start(self, request: dict[str, Any], number: int) -> None:
         worker = create_worker(feature_view, _start_thread=False, _ignore_errors=True, **request)
         worker.returned.connect(
-            lambda view, explorer=request["explorer"]: self._apply(view, explorer)
+            lambda view, explorer=request["explorer"]: self._apply(view, explorer, number)
         )
         worker.errored.connect(
             lambda error: show_error(f"Could not show feature {request['feature']}: {error}")
@@ -470,8 +479,8 @@ class FeaturesPanel(QWidget):
     def _on_worker_finished(self) -> None:
         self._worker = None
         if self._pending is not None:
-            request, self._pending = self._pending, None
-            self._start(request)
+            (request, number), self._pending = self._pending, None
+            self._start(request, number)
 
     def chosen_well(self) -> str | None:
         """The well whose fields are shown: this panel's choice, else the Plate panel's (its
@@ -519,9 +528,10 @@ class FeaturesPanel(QWidget):
             colors.append(tuple(float(v) for v in top) if layer.visible else (0.0, 0.0, 0.0))
         return limits, colors
 
-    def _apply(self, view: FeatureView, explorer: Any = None) -> None:
+    def _apply(self, view: FeatureView, explorer: Any = None, number: int | None = None) -> None:
         if (
-            view.feature != self.state.feature
+            (number is not None and number != self._requests)
+            or view.feature != self.state.feature
             or self.state.explorer is None
             or (explorer is not None and explorer is not self.state.explorer)
         ):
@@ -580,7 +590,12 @@ class FeaturesPanel(QWidget):
         # Every setter below redraws the layer, and a new array also re-lays out the viewer's
         # dims: an array of the same shape is copied into the layer's own, the scale and
         # translate are set only when the well changed, and the layer is redrawn once.
-        same_shape = layer.data.shape == data.shape and layer.data.dtype == data.dtype
+        same_shape = (
+            isinstance(layer.data, np.ndarray)
+            and layer.data.flags.writeable
+            and layer.data.shape == data.shape
+            and layer.data.dtype == data.dtype
+        )
         if same_shape:
             np.copyto(layer.data, data)
         if not np.allclose(layer.scale[-2:], kwargs["scale"]):
