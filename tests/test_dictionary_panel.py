@@ -228,6 +228,27 @@ def test_save_and_load_round_trip(make_napari_viewer, qtbot, tiny, tmp_path):
 
 
 @pytest.mark.gui
+def test_cancel_stops_the_explorer_job_and_says_what_is_left(make_napari_viewer, qtbot, tiny):
+    from test_feature_layers import make_dictionary
+
+    _plate, store = tiny
+    _viewer, state, panel = _panel(make_napari_viewer, store)
+    state.set_dictionary(make_dictionary(store))  # the explorer job starts
+    assert panel.is_busy and "Encoding" in panel.explorer_label.text()
+    panel.cancel()
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=30_000)
+    text = panel.explorer_label.text()
+    if state.explorer is None:  # stopped while encoding
+        assert text == "Feature preparation cancelled."
+    else:  # the features were handed over, reading ahead stopped
+        assert text.startswith("Reading ahead cancelled: the features can be browsed")
+    # A new dictionary starts a new job, which runs to the end.
+    state.set_dictionary(make_dictionary(store))
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=30_000)
+    assert state.explorer is not None and "in memory" in panel.explorer_label.text()
+
+
+@pytest.mark.gui
 def test_bad_settings_start_nothing_and_the_panel_renders(make_napari_viewer, qtbot, tiny):
     _plate, store = tiny
     _viewer, _state, panel = _panel(make_napari_viewer, store)

@@ -305,3 +305,35 @@ def test_preloaded_features_are_shown_at_once_and_in_place(make_napari_viewer, w
                 ).astype(int)
             )
         ] == pytest.approx(explorer.well_values(feature)["A02"])
+
+
+def test_a_dictionary_file_opened_alone_is_prepared_for_the_features_panel(
+    make_napari_viewer, world, qtbot, tmp_path
+):
+    """File > Open of a dictionary with no Dictionary panel docked: the Features panel's
+    preparer encodes the store and reads ahead, and the features are listed."""
+    from plate_concepts.viewer._explorer_jobs import explorer_preparer
+    from plate_concepts.viewer.app import show_plate
+    from plate_concepts.viewer.features_panel import FeaturesPanel
+    from plate_concepts.viewer.state import get_state
+
+    plate, _mosaic, store, explorer = world
+    path = tmp_path / "dictionary.safetensors"
+    explorer.estimator.save(path)
+    viewer = make_napari_viewer()
+    show_plate(viewer, plate)
+    state = get_state(viewer)
+    state.set_store(store)
+    panel = FeaturesPanel(viewer)
+    viewer.window.add_dock_widget(panel, name="Features")
+    assert "No features yet" in panel.status.text() and panel.model.rowCount() == 0
+    preparer = explorer_preparer(viewer)
+    statuses = []
+    preparer.status_changed.connect(statuses.append)
+    viewer.open(str(path), plugin="napari-plate-concepts")
+    qtbot.waitUntil(lambda: state.explorer is not None and not preparer.is_busy, timeout=30_000)
+    assert state.explorer.n_features == explorer.n_features
+    assert panel.model.rowCount() == explorer.n_features and "features over" in panel.status.text()
+    assert statuses[0] == "Encoding the store with the dictionary…"
+    assert "in memory" in statuses[-1]
+    assert state.explorer.in_memory("A01", label_name="cells")

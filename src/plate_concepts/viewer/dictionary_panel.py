@@ -2,8 +2,9 @@
 the background, watch it learn, cancel it, save it, or load one from a file.
 
 A fitted or loaded dictionary becomes the viewer's dictionary (``state.set_dictionary``); the
-panel then encodes the store with it in the background (``FeatureExplorer.prepare``) and
-hands the explorer to the Features panel (``state.set_explorer``).
+viewer's :class:`~plate_concepts.viewer._explorer_jobs.ExplorerPreparer` then encodes the store
+with it in the background and hands the explorer to the Features panel; this panel shows its
+progress and can cancel it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -44,28 +45,18 @@ from plate_concepts.viewer._dictionary_fit import (
     describe_event,
     fit_steps,
     label_choices,
-    recorded_batch_column,
     token_labels,
 )
-from plate_concepts.viewer._feature_layers import N_CROPS, THUMBNAIL_SIZE
+from plate_concepts.viewer._explorer_jobs import explorer_preparer
 from plate_concepts.viewer._plots import LossCurve
 from plate_concepts.viewer.state import get_state
 
 if TYPE_CHECKING:
     import napari
 
-    from plate_concepts.analysis.explorer import FeatureExplorer
     from plate_concepts.dictionary.trainer import TrainingEvent
 
 DICTIONARY_FILTER = "Dictionary files (*.safetensors)"
-
-
-class _ProgressRelay(QObject):
-    """Carries ``progress(done, total)`` calls from a worker thread to the GUI thread, and
-    ``preloading(done, total)`` ones once the explorer reads fields for instant browsing."""
-
-    progress = Signal(int, int)
-    preloading = Signal(int, int)
 
 
 def _spin(low: int, high: int, value: int, step: int = 1, tip: str = "") -> QSpinBox:
@@ -87,8 +78,7 @@ class DictionaryPanel(QWidget):
         self._labels: dict[str, list[str]] = {}
         self._fit_worker: Any = None
         self._fit_cancel: threading.Event | None = None
-        self._explorer_worker: Any = None
-        self._explorer_cancel: threading.Event | None = None
+        self.preparer = explorer_preparer(viewer)
         self._build()
         self._refresh_labels()
         self._show_dictionary(self.state.dictionary)
@@ -101,6 +91,10 @@ class DictionaryPanel(QWidget):
         for signal, slot in connections:
             signal.connect(slot)
         self.destroyed.connect(lambda *_: self._teardown(connections))
+        # Qt signals: disconnected by Qt when this panel goes.
+        self.preparer.status_changed.connect(self.explorer_label.setText)
+        self.preparer.progress.connect(self._on_explorer_progress)
+        self.explorer_label.setText(self.preparer.status or " ")
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -406,8 +400,8 @@ class DictionaryPanel(QWidget):
         if self._fit_cancel is not None:
             self._fit_cancel.set()
             self.progress_label.setText("cancelling after the current step…")
-        elif self._explorer_cancel is not None:
-            self._explorer_cancel.set()
+        else:
+            self.preparer.cancel()
 
     def _on_training_event(self, event: TrainingEvent) -> None:
         self.progress.setMaximum(event.total_steps)
@@ -444,7 +438,7 @@ class DictionaryPanel(QWidget):
     @property
     def is_busy(self) -> bool:
         """True while a fit or an explorer preparation runs."""
-        return self._fit_worker is not None or self._explorer_worker is not None
+        return self._fit_worker is not None or self.preparer.is_busy
 
     # ------------------------------------------------------------------ files
     def _ask_save(self) -> None:
@@ -494,118 +488,22 @@ class DictionaryPanel(QWidget):
 
     def _on_dictionary_changed(self, dictionary: Any) -> None:
         self._show_dictionary(dictionary)
-        self.prepare_explorer()
 
     def _on_store_changed(self, _store: Any) -> None:
         self._refresh_labels()
-        if self.state.dictionary is not None:
-            self.prepare_explorer()
 
     def _on_plate_changed(self, _plate: Any) -> None:
         self._refresh_labels()
 
-    def prepare_explorer(self) -> Any:
-        """Encode the store with the viewer's dictionary in the background and set the explorer
-        in the state; then, in the same worker, read what makes selecting a feature instant
-        (:meth:`FeatureExplorer.preload`). Returns the worker (None if there is nothing to
-        prepare)."""
-        if self._explorer_cancel is not None:
-            self._explorer_cancel.set()  # a newer dictionary or store replaces that job
-        dictionary, store, plate = self.state.dictionary, self.state.store, self.state.plate
-        if dictionary is None:
-            return None
-        if store is None:
-            self.explorer_label.setText(
-                "Open an embedding store to browse this dictionary's features."
-            )
-            return None
-        if getattr(dictionary, "n_features_in_", store.dim) != store.dim:
-            self.explorer_label.setText(
-                f"This dictionary was fitted on {dictionary.n_features_in_}-dimensional tokens; the store has "
-                f"{store.dim}. Open the store it was fitted on."
-            )
-            return None
-        batch_column = recorded_batch_column(dictionary)
-        if batch_column is not None and batch_column not in store.obs.columns:
-            self.explorer_label.setText(
-                f"This dictionary was whitened per batch of {batch_column!r}, which the store's tokens do not "
-                "carry; features can only be browsed on a store that has that column."
-            )
-            return None
-        cancel = threading.Event()
-        relay = _ProgressRelay()
-        relay.progress.connect(self._on_explorer_progress)
-        relay.preloading.connect(self._on_preload_progress)
-
-        def build() -> Any:
-            from plate_concepts.analysis.explorer import FeatureExplorer
-
-            explorer = FeatureExplorer(store, dictionary, plate=plate, batch_column=batch_column)
-            explorer.prepare(progress=relay.progress.emit, cancel=cancel)
-            yield explorer  # browsable now; the reads below make selection instant
-            return explorer.preload(
-                n_top_crops=N_CROPS,
-                thumbnail_size=THUMBNAIL_SIZE,
-                progress=relay.preloading.emit,
-                cancel=cancel,
-            )
-
-        worker = create_worker(build, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(
-            lambda explorer: self._on_explorer_ready(explorer, dictionary, store)
-        )
-        worker.returned.connect(lambda summary: self._on_preloaded(summary, dictionary, store))
-        worker.errored.connect(lambda error: self._on_explorer_error(error, cancel))
-        worker.finished.connect(lambda: self._on_explorer_finished(worker, relay))
-        self._explorer_worker, self._explorer_cancel = worker, cancel
-        self.explorer_label.setText("Encoding the store with the dictionary…")
-        worker.start()
-        return worker
-
-    def _on_explorer_progress(self, done: int, total: int) -> None:
+    def _on_explorer_progress(self, what: str, done: int, total: int) -> None:
         if self._fit_worker is None:
             self.progress.setRange(0, max(total, 1))
             self.progress.setValue(done)
-            self.progress.setFormat("encoding tokens %v / %m")
-
-    def _on_preload_progress(self, done: int, total: int) -> None:
-        if self._fit_worker is None:
-            self.progress.setRange(0, max(total, 1))
-            self.progress.setValue(done)
-            self.progress.setFormat("reading fields and crops %v / %m")
-
-    def _on_preloaded(self, summary: Any, dictionary: Any, store: Any) -> None:
-        if dictionary is self.state.dictionary and store is self.state.store:
-            self.explorer_label.setText(
-                f"Features ready: browse them in the Features panel ({summary.describe()})."
-            )
-
-    def _on_explorer_ready(self, explorer: FeatureExplorer, dictionary: Any, store: Any) -> None:
-        if dictionary is not self.state.dictionary or store is not self.state.store:
-            return  # replaced while it was being prepared
-        self.state.set_explorer(explorer)
-        self.explorer_label.setText(
-            "Features ready: browse them in the Features panel. Reading the fields' patch tokens, "
-            "labels and top crops so that selecting a feature is instant…"
-        )
-
-    def _on_explorer_error(self, error: Exception, cancel: threading.Event) -> None:
-        if cancel.is_set():
-            self.explorer_label.setText("Feature preparation cancelled.")
-            return
-        self.explorer_label.setText(f"Could not prepare the features: {error}")
-        show_error(f"Preparing the features failed: {error}")
-
-    def _on_explorer_finished(self, worker: Any, relay: _ProgressRelay) -> None:
-        relay.progress.disconnect(self._on_explorer_progress)
-        relay.preloading.disconnect(self._on_preload_progress)
-        if self._explorer_worker is worker:
-            self._explorer_worker, self._explorer_cancel = None, None
+            self.progress.setFormat(f"{what} %v / %m")
 
     # ------------------------------------------------------------------ cleanup
     def _teardown(self, connections: list[tuple[Any, Any]]) -> None:
-        for cancel in (self._fit_cancel, self._explorer_cancel):
-            if cancel is not None:
-                cancel.set()
+        if self._fit_cancel is not None:
+            self._fit_cancel.set()  # the explorer's job goes on: the Features panel may want it
         for signal, slot in connections:
             signal.disconnect(slot)

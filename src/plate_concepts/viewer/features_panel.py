@@ -9,7 +9,9 @@ most selective for. Selecting one (click or arrow keys) shows, over the plate:
 - ``feature N: cells``: that well's cells coloured by their mean activation;
 
 and, in the panel, its top-activating crops and its activation per label value against the
-controls. The computing runs in a thread worker; the panel only turns results into layers.
+controls. What a selection needs is computed on the GUI thread when it is all in memory and
+small (tens of ms, after the explorer's preload), else in a thread worker; the panel only turns
+results into layers, updated in place.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from plate_concepts.viewer._explorer_jobs import ENCODING, explorer_preparer
 from plate_concepts.viewer._feature_layers import (
     FEATURE_ROLES,
     METADATA_KEY,
@@ -197,6 +200,11 @@ class FeaturesPanel(QWidget):
         self._requests = 0  # numbers the requests: only the latest one's view is shown
         self._view: FeatureView | None = None
         self._build()
+        # Prepares the explorer whenever the dictionary or store changes, also when no
+        # Dictionary panel is open (a dictionary opened with File > Open).
+        self.preparer = explorer_preparer(viewer)
+        self.preparer.status_changed.connect(self._on_preparer_status)
+        self.preparer.progress.connect(self._on_preparer_progress)
         self._on_explorer_changed(self.state.explorer)
 
         connections = [
@@ -338,9 +346,10 @@ class FeaturesPanel(QWidget):
         self.well.addItem(AUTO_WELL)
         if explorer is None:
             self.status.setText(
-                "No features yet: fit or load a dictionary in the Dictionary panel."
+                "No features yet: fit or load a dictionary in the Dictionary panel, or open a "
+                "dictionary file (File > Open)."
                 if self.state.dictionary is None
-                else "Encoding the store with the dictionary…"
+                else self.preparer.status or "Encoding the store with the dictionary…"
             )
             self.model = FeatureTableModel()
         else:
@@ -373,6 +382,16 @@ class FeaturesPanel(QWidget):
             and self.state.feature < explorer.n_features
         ):
             self._on_feature_selected(self.state.feature)
+
+    def _on_preparer_status(self, text: str) -> None:
+        if self.state.explorer is None and self.state.dictionary is not None:
+            self.status.setText(text)
+
+    def _on_preparer_progress(self, what: str, done: int, total: int) -> None:
+        if self.state.explorer is None and what == ENCODING:
+            self.status.setText(
+                f"Encoding the store with the dictionary: {done:,} of {total:,} tokens…"
+            )
 
     def _on_label_column_changed(self, column: str) -> None:
         explorer = self.state.explorer
