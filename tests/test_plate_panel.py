@@ -230,7 +230,11 @@ def test_panel_opens_the_nf1_folder_with_its_platemap(make_napari_viewer, qtbot)
         "D06 field 1 DAPI",
         "D06 field 1 GFP",
         "D06 field 1 RFP",
+        "D06 field 1 cells",  # the CellProfiler masks beside the images, numbered
+        "D06 field 1 cytoplasm",
+        "D06 field 1 nuclei",
     ]
+    assert int(layers[-1].data.max()) == 27  # nuclei of D06
     for layer in layers:
         assert layer.data.shape == (904, 1224)
         np.testing.assert_allclose(layer.translate, state.mosaic.field_origin("D06", 0))

@@ -136,9 +136,11 @@ def test_tiff_folder_opens_with_the_platemap_next_to_it(make_napari_viewer):
     ]  # fmt: skip
     plate = get_state(viewer).plate
     assert plate is not None and plate.platemap is not None
-    assert (
-        plate.platemap.loc["D06", "genotype"] == "WT" and plate.label_names == []
-    )  # masks not read
+    assert plate.platemap.loc["D06", "genotype"] == "WT" and plate.label_names == [
+        "cells",
+        "cytoplasm",
+        "nuclei",
+    ]  # the masks beside the images
     grid = layers[3]
     assert grid.features.loc[grid.features["well"] == "D06", "genotype"].item() == "WT"
     # The status bar names the well under the cursor with its plate-map labels.

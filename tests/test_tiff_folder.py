@@ -59,6 +59,43 @@ def test_nf1_folder_reads_wells_channels_and_pixels_lazily():
 
 
 @needs_real
+def test_nf1_cellprofiler_masks_become_numbered_label_images():
+    from skimage.measure import label
+
+    plate = read_tiff_folder(NF1 / "images")  # masks/ beside images/ is found
+    assert plate.label_names == ["cells", "cytoplasm", "nuclei"]
+    nuclei = plate.field_labels("B07")["nuclei"]
+    assert nuclei.shape == plate.image_shape
+    mask = tifffile.imread(NF1 / "masks" / "B7_01_1_3_DAPI_001_MaskNuclei.tiff")
+    assert set(np.unique(mask)) == {0, 255}  # binary: the objects are its components
+    ids = nuclei.compute()
+    assert ids.dtype == np.int32 and ids.max() == 28
+    np.testing.assert_array_equal(ids, label(mask > 0, connectivity=1))
+    assert read_tiff_folder(NF1 / "images", masks=False).label_names == []
+
+
+def test_mask_files_with_ids_stems_and_shapes(tmp_path):
+    images = tmp_path / "images"
+    for well in ("B07", "B08"):
+        for channel in (1, 2):
+            write_tiff(images / f"P_{well}_s1_w{channel}.tif", channel)
+    ids = np.zeros((6, 5), np.uint16)
+    ids[0:2, 0:2], ids[4:6, 3:5] = 7, 300  # object ids, kept as they are
+    (tmp_path / "labels").mkdir()
+    tifffile.imwrite(tmp_path / "labels" / "P_B08_s1_w1_MaskCells.tif", ids)
+    tifffile.imwrite(tmp_path / "labels" / "P_B09_s1_w1_MaskCells.tif", ids)  # no such image
+    plate = read_tiff_folder(images, "imagexpress")
+    assert plate.label_names == ["cells"] and plate.field_labels("B07") == {}
+    np.testing.assert_array_equal(plate.field_labels("B08")["cells"].compute(), ids)
+
+    tifffile.imwrite(tmp_path / "labels" / "P_B07_s1_w2_MaskNuclei.tif", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"P_B07_s1_w2_MaskNuclei\.tif is \(4, 4\).*\(6, 5\)"):
+        read_tiff_folder(images, "imagexpress")
+    with pytest.raises(FileNotFoundError, match="mask folder"):
+        read_tiff_folder(images, "imagexpress", masks=tmp_path / "nowhere")
+
+
+@needs_real
 def test_phenix_field_and_platemap():
     plate = read_tiff_folder(PHENIX / "images")
     assert plate.reader == "tiff-phenix"

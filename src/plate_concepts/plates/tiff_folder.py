@@ -11,6 +11,13 @@ File names are parsed by a regular expression with named groups:
 
 A pattern without ``/`` is matched against each file's name, one with ``/`` against its path
 relative to the folder (for exports that put timepoints or planes in subfolders).
+
+Segmentation masks saved next to the images (CellProfiler's ``SaveImages`` naming:
+``<image file stem>_Mask<Objects>.tif``, e.g. ``B7_01_1_3_DAPI_001_MaskNuclei.tiff``) become the
+fields' label images, named by their objects in lower case (``nuclei``, ``cells``); they are
+looked for in a ``masks``, ``labels`` or ``segmentation`` folder inside or beside the folder.
+A binary mask (background and one value) has its connected components numbered; a mask of
+object ids is read as it is.
 Pixels stay on disk: each channel is one ``dask.delayed`` read of its file, and only the TIFF
 headers are read to learn and check shapes.
 """
@@ -56,6 +63,10 @@ PRESETS: dict[str, str] = {
 }
 """Built-in file-name patterns (matched whole, case-sensitively)."""
 
+MASK_NAME = re.compile(r"(?P<stem>.+)_Mask(?P<objects>[A-Za-z0-9]+)\.tiff?")
+"""A mask file: the stem of the image file it was segmented from, and its objects."""
+MASK_FOLDERS = ("masks", "labels", "segmentation")
+
 Id = int | str
 """A field/channel/plane id from a file name: an int when it is all digits."""
 
@@ -79,6 +90,7 @@ def read_tiff_folder(
     recursive: bool = False,
     plane: int | str | None = None,
     timepoint: int | str | None = None,
+    masks: str | Path | bool = True,
 ) -> Plate:
     """Read a folder of per-channel TIFF files as a lazy, single-level :class:`Plate`.
 
@@ -96,6 +108,9 @@ def read_tiff_folder(
         Also look in subfolders.
     plane, timepoint
         Which plane / timepoint to read when the pattern has those groups; default the first.
+    masks
+        The folder of segmentation masks (see the module docstring); True looks for one inside
+        or beside ``folder``, False reads none.
 
     Files that do not match the pattern are ignored. The plate's reader is ``tiff-<preset>``, or
     ``tiff-pattern`` for a user regex.
@@ -141,6 +156,17 @@ def read_tiff_folder(
         field_ids = sorted((f for w, f in table if w == well), key=_id_key)
         for index, field_id in enumerate(field_ids):
             images[(well, index)] = [lazy_tiff_stack(ordered_paths[(well, field_id)], shape, dtype)]
+    field_indices = {
+        (well, field_id): index
+        for well in {w for w, _ in table}
+        for index, field_id in enumerate(sorted((f for w, f in table if w == well), key=_id_key))
+    }
+    stems = {
+        path.name.split(".")[0]: (well, field_indices[(well, field_id)])
+        for (well, field_id), channels in table.items()
+        for path in channels.values()
+    }
+    mask_folder = _mask_folder(folder) if masks is True else (Path(masks) if masks else None)
     plates = {f.plate for f in files if f.plate}
     return Plate(
         name=plates.pop() if len(plates) == 1 else _plate_name(folder),
@@ -148,7 +174,53 @@ def read_tiff_folder(
         images=images,
         reader=reader,
         source=str(folder),
+        labels={} if mask_folder is None else _read_masks(mask_folder, stems, shape),
     )
+
+
+def _mask_folder(folder: Path) -> Path | None:
+    """The first masks/labels/segmentation folder inside or beside ``folder``."""
+    for parent in (folder, folder.parent):
+        for name in MASK_FOLDERS:
+            if (parent / name).is_dir() and parent / name != folder:
+                return parent / name
+    return None
+
+
+def _read_masks(
+    folder: Path, stems: dict[str, tuple[str, int]], shape: tuple[int, int]
+) -> dict[tuple[str, int], dict[str, list[da.Array]]]:
+    """Label images of the fields from the mask files of ``folder`` whose stems name one of
+    the plate's image files (others are left out); lazy, one read per mask."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"mask folder {folder} does not exist or is not a folder")
+    labels: dict[tuple[str, int], dict[str, list[da.Array]]] = defaultdict(dict)
+    for path in _list_files(folder, recursive=False):
+        match = MASK_NAME.fullmatch(path.name)
+        if match is None or match["stem"] not in stems:
+            continue
+        mask_shape, dtype = tiff_plane_header(path)
+        if mask_shape != tuple(shape):
+            raise ValueError(
+                f"mask {path} is {mask_shape} but the images it belongs to are {shape}"
+            )
+        if dtype.kind not in "iu":
+            raise ValueError(f"mask {path} holds {dtype} values; label images hold integer ids")
+        key = stems[match["stem"]]
+        read = dask.delayed(_read_mask, pure=True)(str(path), shape)
+        labels[key][match["objects"].lower()] = [da.from_delayed(read, shape, dtype=np.int32)]
+    return {key: dict(sorted(named.items())) for key, named in labels.items()}
+
+
+def _read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
+    """A mask as an int32 label image: object ids kept, a binary mask's components numbered."""
+    from skimage.measure import label
+
+    mask = _read_plane(path, 0, shape)
+    values = np.unique(mask)
+    if len(values) <= 2 and values[0] == 0:  # background and one value: a binary mask
+        return label(mask > 0, connectivity=1).astype(np.int32)
+    return mask.astype(np.int32)
 
 
 def detect_tiff_preset(folder: str | Path, recursive: bool = False) -> str | None:
