@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import ndimage
 
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.mosaic import PlateMosaic
@@ -38,7 +39,12 @@ def make_plate(wells: list[str] = WELLS, n_fields: int = 2, seed: int = 0) -> Pl
             cells = _cells(field)
             image[0][cells > 0] += 800  # a bright cell body in channel 0
             images[(well, field)] = [da.from_array(image, chunks=(1, FIELD, FIELD))]
-            labels[(well, field)] = {"cells": [da.from_array(cells, chunks=(FIELD, FIELD))]}
+            # Nuclei: the same ids, each cell shrunk by 2 px.
+            nuclei = np.where(ndimage.binary_erosion(cells > 0, iterations=2), cells, 0)
+            labels[(well, field)] = {
+                "cells": [da.from_array(cells, chunks=(FIELD, FIELD))],
+                "nuclei": [da.from_array(nuclei, chunks=(FIELD, FIELD))],
+            }
     platemap = pd.DataFrame(
         {
             "treatment": ["drug" if w in TREATED else "DMSO" for w in wells],

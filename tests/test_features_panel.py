@@ -337,3 +337,23 @@ def test_a_dictionary_file_opened_alone_is_prepared_for_the_features_panel(
     assert statuses[0] == "Encoding the store with the dictionary…"
     assert "in memory" in statuses[-1]
     assert state.explorer.in_memory("A01", label_name="cells")
+
+
+def test_the_objects_coloured_can_be_nuclei(shown, qtbot):
+    viewer, _state, panel, _mosaic, explorer = shown
+    assert [panel.objects.itemText(i) for i in range(panel.objects.count())] == ["cells", "nuclei"]
+    assert panel.objects.currentText() == "cells"  # whole cells first
+    panel.well.setCurrentText("A02")
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.select_feature(1)
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.objects.setCurrentText("nuclei")
+    layers = _feature_layers(viewer)
+    objects = layers["feature-cells"]
+    assert objects.name == "feature 1: nuclei"
+    assert objects.metadata["plate_concepts"]["label_name"] == "nuclei"
+    field1 = objects.features[objects.features["field"] == 1].sort_values("cell")
+    expected = explorer.cell_values(1, "A02", 0, "nuclei")
+    np.testing.assert_allclose(field1["mean activation"], expected["mean_activation"])
+    assert (field1["area (px)"].to_numpy() < explorer.cell_values(1, "A02", 0)["area"]).all()
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)

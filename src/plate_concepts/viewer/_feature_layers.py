@@ -262,7 +262,7 @@ def cells_layer_data(
     return (
         canvas,
         {
-            "name": layer_name(feature, "cells"),
+            "name": layer_name(feature, label_name),
             "scale": (float(factor), float(factor)),
             "translate": (grid.origin[0] + half, grid.origin[1] + half),
             "features": features,
@@ -452,9 +452,11 @@ def feature_view(
     channel_limits: Sequence[tuple[float, float]] | None = None,
     channel_colors: Sequence[Sequence[float]] | None = None,
     thumbnail_size: int = THUMBNAIL_SIZE,
+    label_name: str | None = None,
 ) -> FeatureView:
     """Layers, crops and bars of one feature. ``well``: whose fields get the activation map and
-    the cell colours (default: the feature's top well)."""
+    the object colours (default: the feature's top well); ``label_name``: whose objects are
+    coloured (default :func:`~plate_concepts.analysis.explorer.cell_label_name`)."""
     well = well or top_well(explorer, feature, kind)
     view = FeatureView(feature=int(feature), well=well)
     if mosaic is not None:
@@ -462,7 +464,7 @@ def feature_view(
         if well is not None:
             for layer in (
                 activation_map_layer_data(explorer, mosaic, feature, well, mode),
-                cells_layer_data(explorer, mosaic, feature, well, mode),
+                cells_layer_data(explorer, mosaic, feature, well, mode, label_name),
             ):
                 if layer is not None:
                     view.layers.append(layer)
@@ -491,6 +493,7 @@ def computed_quickly(
     well: str | None = None,
     n_crops: int = N_CROPS,
     thumbnail_size: int = THUMBNAIL_SIZE,
+    label_name: str | None = None,
     max_pixels: int = QUICK_MAX_PIXELS,
 ) -> bool:
     """Whether :func:`feature_view` with these arguments reads nothing from disk and maps at
@@ -505,7 +508,7 @@ def computed_quickly(
     return explorer.in_memory(
         well,
         mode=mode,
-        label_name=None if plate is None else cell_label_name(plate.label_names),
+        label_name=None if plate is None else label_name or cell_label_name(plate.label_names),
         crop_rows=[c.row for c in explorer.top_crops(feature, n_crops, on_plate=True)]
         if plate is not None
         else [],

@@ -49,6 +49,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from plate_concepts.analysis.explorer import cell_label_name
 from plate_concepts.viewer._explorer_jobs import ENCODING, explorer_preparer
 from plate_concepts.viewer._feature_layers import (
     FEATURE_ROLES,
@@ -256,10 +257,17 @@ class FeaturesPanel(QWidget):
             "chosen in the Plate panel, else the feature's most active well"
         )
         self.well.currentTextChanged.connect(lambda _: self.refresh())
+        self.objects = QComboBox()
+        self.objects.setToolTip(
+            "Whose objects (a label image of the plate: cells, nuclei…) are coloured by their "
+            "mean activation"
+        )
+        self.objects.currentTextChanged.connect(lambda _: self.refresh())
         options.addRow("label", self.label_column)
         options.addRow("wells coloured by", self.kind)
         options.addRow("activation map", self.mode)
         options.addRow("fields of well", self.well)
+        options.addRow("objects coloured", self.objects)
         layout.addLayout(options)
 
         self.search = QLineEdit()
@@ -360,6 +368,7 @@ class FeaturesPanel(QWidget):
             elif explorer.label_column in columns:
                 self.label_column.setCurrentText(explorer.label_column)
             self.well.addItems(list(explorer.well_values(0).index) if explorer.n_features else [])
+            self._fill_objects(explorer)
             self.status.setText(
                 f"{explorer.n_features} features over {len(explorer.store):,} crops of plate "
                 f"{explorer.plate_name}. Select one to see where it is active."
@@ -382,6 +391,19 @@ class FeaturesPanel(QWidget):
             and self.state.feature < explorer.n_features
         ):
             self._on_feature_selected(self.state.feature)
+
+    def _fill_objects(self, explorer: Any) -> None:
+        """The plate's label images, the one outlining whole cells first chosen."""
+        names = list(explorer.plate.label_names) if explorer.plate is not None else []
+        previous = self.objects.currentText()
+        self.objects.blockSignals(True)
+        self.objects.clear()
+        self.objects.addItems(names)
+        chosen = previous if previous in names else cell_label_name(names)
+        if chosen:
+            self.objects.setCurrentText(chosen)
+        self.objects.setEnabled(bool(names))
+        self.objects.blockSignals(False)
 
     def _on_preparer_status(self, text: str) -> None:
         if self.state.explorer is None and self.state.dictionary is not None:
@@ -464,9 +486,11 @@ class FeaturesPanel(QWidget):
             "channel_limits": limits,
             "channel_colors": colors,
             "thumbnail_size": THUMBNAIL_SIZE,
+            "label_name": self.objects.currentText() or None,
         }
         quick_arguments = {
-            k: request[k] for k in ("kind", "mode", "well", "n_crops", "thumbnail_size")
+            k: request[k]
+            for k in ("kind", "mode", "well", "n_crops", "thumbnail_size", "label_name")
         }
         if computed_quickly(explorer, request["mosaic"], feature, **quick_arguments):
             self._pending = None  # any worker still running was for an older selection
