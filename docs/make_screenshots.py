@@ -1,6 +1,6 @@
 """Screenshots of the plugin's panels for the documentation.
 
-    python docs/make_screenshots.py [OUT_DIR]        # default OUT_DIR: docs/images
+    python docs/make_screenshots.py [OUT_DIR [NAME ...]]   # default OUT_DIR: docs/images
 
 One function per panel, each taking the output folder and returning the file it wrote; ``main``
 runs them all (add yours to ``SCREENSHOTS``). Needs a display (or ``xvfb-run -a``). The NF1 images
@@ -222,13 +222,85 @@ def features_panel(out_dir: Path) -> Path:
         viewer.close()
 
 
-SCREENSHOTS: list[Callable[[Path], Path]] = [plate_panel, dictionary_panel, features_panel]
+def features_on_nf1(out_dir: Path) -> Path:
+    """The Features panel on the real NF1 plate: its images embedded (EfficientNet-Lite0,
+    128-px crops with patch tokens; controls = the WT well), a 64-feature ICFL dictionary, and
+    the feature most selective for a genotype over well B07, its nuclei (the CellProfiler masks
+    beside the images) coloured by their mean activation."""
+    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.demo import demo_cache_dir
+    from plate_concepts.dictionary.estimators import ICFL
+    from plate_concepts.embeddings.embed import embed_plate
+    from plate_concepts.embeddings.store import EmbeddingStore
+    from plate_concepts.plates import open_plate
+    from plate_concepts.viewer.app import show_plate
+    from plate_concepts.viewer.features_panel import FeaturesPanel, _camera
+    from plate_concepts.viewer.state import get_state
+
+    plate = open_plate(NF1 / "images", platemap=NF1 / "platemap_NF1_plate2.csv")
+    cache = demo_cache_dir() / "nf1_plate2"
+    store_path, dictionary_path = cache / "embeddings-128px.store", cache / "icfl-64.safetensors"
+    if not (EmbeddingStore.is_store(store_path) and len(EmbeddingStore.open(store_path))):
+        embed_plate(
+            plate,
+            store_path,
+            "efficientnet-lite0:concat:blocks",
+            crop_size=128,
+            patch_tokens=True,
+            control="genotype=WT",
+            overwrite=True,
+        )
+    store = EmbeddingStore.open(store_path)
+    if not dictionary_path.is_file():
+        ICFL(n_features=64, n_rounds=2, per_round=2, steps=300, batch_size=256, shrinkage="auto")\
+            .fit(store).save(dictionary_path)  # fmt: skip
+    explorer = FeatureExplorer(store, ICFL.load(dictionary_path), plate=plate).prepare()
+    explorer.preload()
+    viewer = _new_viewer()
+    try:
+        show_plate(viewer, plate)
+        state = get_state(viewer)
+        panel = FeaturesPanel(viewer)
+        viewer.window.add_dock_widget(panel, name="Features", area="right")
+        state.set_store(store)
+        state.set_dictionary(explorer.estimator)
+        state.set_explorer(explorer)
+        panel.label_column.setCurrentText("genotype")
+        panel.well.setCurrentText("B07")
+        panel.objects.setCurrentText("nuclei")
+        table = panel.model.table
+        feature = int(table[~table["dead"]].sort_values("max selectivity").iloc[-1]["feature"])
+        shown: list[int] = []
+        panel.feature_shown.connect(shown.append)
+        panel.select_feature(feature)
+        _wait_until(lambda: bool(shown) and not panel.is_busy, what="the feature's layers")
+        y0, x0, y1, x1 = state.mosaic.well_box("B07")
+        viewer.reset_view()
+        camera = _camera(viewer)
+        camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
+        camera.zoom = 0.6
+        _settle()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "features-nf1.png"
+        viewer.screenshot(str(path), canvas_only=False, flash=False)
+        return path
+    finally:
+        viewer.close()
+
+
+SCREENSHOTS: list[Callable[[Path], Path]] = [
+    plate_panel,
+    dictionary_panel,
+    features_panel,
+    features_on_nf1,
+]
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
     args = sys.argv[1:] if argv is None else argv
     out_dir = Path(args[0]) if args else Path(__file__).resolve().parent / "images"
-    written = [make(out_dir) for make in SCREENSHOTS]
+    only = [make for make in SCREENSHOTS if make.__name__ in args[1:]] or SCREENSHOTS
+    written = [make(out_dir) for make in only]
     for path in written:
         print(f"wrote {path}")
     return written
