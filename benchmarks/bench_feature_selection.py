@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -186,6 +187,90 @@ def bench_feature_selection(args: argparse.Namespace) -> None:
     print(f"  feature_view alone (no Qt)    {_summary(direct)}")
 
 
+# ---------------------------------------------------------------------- large fields
+def bench_big_wells(args: argparse.Namespace) -> None:
+    """Selection on wells of 9 fields of 1080 x 1080 px (a usual Cell Painting site layout):
+    synthetic images, square cells and random 384-d tokens (the timing does not depend on them),
+    128-px crops with 4 x 4 patch tokens."""
+    import dask.array as da
+    import napari
+    import pandas as pd
+
+    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.dictionary.estimators import ICFL
+    from plate_concepts.embeddings.store import EmbeddingStore
+    from plate_concepts.plates.geometry import PlateFormat
+    from plate_concepts.plates.model import Plate
+    from plate_concepts.viewer.app import show_plate
+    from plate_concepts.viewer.features_panel import FeaturesPanel
+    from plate_concepts.viewer.state import get_state
+
+    size, crop, grid, dim = 1080, 128, 4, 384
+    wells = ["A01", "A02", "B01", "B02"]
+    rng = np.random.default_rng(0)
+    cells = np.zeros((size, size), np.int32)
+    for index, (y, x) in enumerate(
+        (y, x) for y in range(0, size - 40, 45) for x in range(0, size - 40, 45)
+    ):
+        cells[y + 5 : y + 40, x + 5 : x + 40] = index + 1  # 576 cells of 35 x 35 px per field
+    images = {
+        (w, f): [
+            da.from_array(
+                rng.integers(0, 4000, (3, size, size), dtype=np.uint16), chunks=(1, size, size)
+            )
+        ]
+        for w in wells
+        for f in range(9)
+    }
+    labels = {(w, f): {"cells": [da.from_array(cells)]} for w in wells for f in range(9)}
+    platemap = pd.DataFrame(
+        {"treatment": ["DMSO", "a", "b", "DMSO"]}, index=pd.Index(wells, name="well")
+    )
+    plate = Plate(name="big", channels=["DNA", "ER", "Mito"], images=images, labels=labels, reader="bench",
+                  plate_format=PlateFormat.from_n_wells(96), platemap=platemap)  # fmt: skip
+    positions = [
+        (y, x) for y in range(0, size - crop + 1, crop) for x in range(0, size - crop + 1, crop)
+    ]
+    obs = pd.DataFrame(
+        [
+            {"plate": "big", "well": w, "field": f, "crop_y": y, "crop_x": x, "crop_size": crop,
+             "treatment": platemap.loc[w, "treatment"], "is_control": platemap.loc[w, "treatment"] == "DMSO"}
+            for w in wells for f in range(9) for y, x in positions
+        ]
+    )  # fmt: skip
+    patches = rng.normal(size=(len(obs), grid, grid, dim)).astype(np.float32)
+    folder = Path(tempfile.mkdtemp(prefix="bench-big-wells-"))
+    store = EmbeddingStore.create(folder / "store", dim=dim, patch_grid=(grid, grid))
+    store.append(patches.mean(axis=(1, 2)), obs, patch_tokens=patches)
+    estimator = ICFL(n_features=128, n_rounds=2, per_round=2, steps=50, batch_size=256).fit(store)
+    explorer = FeatureExplorer(store, estimator, plate=plate).prepare()
+    started = time.perf_counter()
+    summary = explorer.preload()
+    print(
+        f"\nwells of 9 fields of {size} px: {len(store)} crops; preload {time.perf_counter() - started:.1f} s ({summary.describe()})"
+    )
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1600, 1000)
+    show_plate(viewer, plate)
+    state = get_state(viewer)
+    panel = FeaturesPanel(viewer)
+    viewer.window.add_dock_widget(panel, name="Features", area="right")
+    state.set_store(store)
+    state.set_dictionary(estimator)
+    state.set_explorer(explorer)
+    panel.well.setCurrentText("A02")
+    shown: list[int] = []
+    panel.feature_shown.connect(shown.append)
+    times = []
+    for feature in range(args.features + 1):
+        count, start = len(shown), time.perf_counter()
+        panel.select_feature(feature)
+        _wait_until(lambda: len(shown) > count and not panel.is_busy, what=f"feature {feature}")
+        times.append(time.perf_counter() - start)
+    viewer.close()
+    print(f"  selection -> layers updated (fields of well A02) {_summary(times[1:])}")
+
+
 # ---------------------------------------------------------------------- the 384-well plate
 def plate_384(cache: Path, field: int) -> Path:
     """A 384-well OME-Zarr plate, one ``field`` x ``field`` 3-channel field per well, with a
@@ -298,10 +383,12 @@ def main() -> None:
     parser.add_argument(
         "--dictionary", type=Path, default=None, help="a dictionary file fitted on --store"
     )
-    parser.add_argument("--only", choices=["selection", "open384"], default=None)
+    parser.add_argument("--only", choices=["selection", "bigwells", "open384"], default=None)
     args = parser.parse_args()
     if args.only in (None, "selection"):
         bench_feature_selection(args)
+    if args.only in (None, "bigwells"):
+        bench_big_wells(args)
     if args.only in (None, "open384"):
         bench_open_384(args)
 
