@@ -203,3 +203,44 @@ def test_encode_store_streams_blocks_in_order(estimator, tmp_path):
     stop.set()
     with pytest.raises(Cancelled):
         encode_store(estimator, store, cancel=stop)
+
+
+@pytest.mark.parametrize(
+    ("size", "crop", "grid"),
+    [(64, 32, 2), (96, 32, 4), (100, 32, 3), (80, 80, 1)],  # 100: the last 4 px are not covered
+)
+def test_cell_operator_gives_the_means_of_the_full_map(size, crop, grid):
+    from plate_concepts.analysis.activations import cell_operator
+
+    rng = np.random.default_rng(size)
+    labels = rng.integers(0, 7, (size // 4 + 1, size // 4 + 1)).repeat(4, 0).repeat(4, 1)
+    labels = labels[:size, :size].astype(np.uint16)
+    labels[:, -2:] = 9  # an object in the uncovered strip when size = 100
+    crops = [
+        (y, x, crop)
+        for y in range(0, size - crop + 1, crop)
+        for x in range(0, size - crop + 1, crop)
+    ]
+    grids = rng.normal(size=(len(crops), grid, grid))
+    operator = cell_operator(crops, (grid, grid), labels)
+    expected = cell_activations(
+        field_activation_map([(*c, g) for c, g in zip(crops, grids, strict=True)], (size, size)),
+        labels,
+    )
+    table = operator.table(grids)
+    np.testing.assert_array_equal(table["label"], expected["label"])
+    np.testing.assert_array_equal(table["area"], expected["area"])
+    np.testing.assert_allclose(table["mean_activation"], expected["mean_activation"], atol=1e-6)
+    assert np.isnan(table.set_index("label").loc[9, "mean_activation"]) == (size == 100)
+    with pytest.raises(ValueError, match="token values"):
+        operator.means(grids[:-1])
+
+
+def test_cell_operator_refuses_overlapping_crops():
+    from plate_concepts.analysis.activations import cell_operator
+
+    labels = np.ones((48, 48), np.int32)
+    assert cell_operator([(0, 0, 32), (16, 16, 32)], (2, 2), labels) is None  # max is not linear
+    assert cell_operator([(0, 0, 24), (24, 24, 24)], (2, 2), labels) is not None
+    with pytest.raises(ValueError, match="integer"):
+        cell_operator([(0, 0, 24)], (2, 2), labels.astype(float))

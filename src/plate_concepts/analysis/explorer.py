@@ -38,10 +38,12 @@ from scipy import sparse
 from plate_concepts.analysis.activations import (
     Cancelled,
     CancelLike,
+    CellOperator,
     ProgressLike,
     WellAggregates,
     cancel_requested,
     cell_activations,
+    cell_operator,
     check_feature,
     cosine_map,
     crop_feature_values,
@@ -120,6 +122,13 @@ def _nbytes(value: Any) -> int:
     """Memory held by a cached value: its arrays (and SparseCodes' tensors), summed."""
     if isinstance(value, np.ndarray):
         return value.nbytes
+    if isinstance(value, CellOperator):
+        matrix = value.matrix
+        return (
+            value.ids.nbytes
+            + value.area.nbytes
+            + sum(a.nbytes for a in (matrix.data, matrix.indices, matrix.indptr))
+        )
     if isinstance(value, SparseCodes):
         return sum(t.element_size() * t.nelement() for t in (value.indices, value.values))
     if isinstance(value, (tuple, list)):
@@ -646,27 +655,51 @@ class FeatureExplorer:
         def build() -> np.ndarray:
             shape = self.field_shape(well, field)
             out_shape = (max(1, shape[0] // downsample), max(1, shape[1] // downsample))
-            crops = self.obs.iloc[rows]
-            if self.store.patch_grid is None:
-                values = self.feature_values(feature)[rows]
-                grids = values.reshape(-1, 1, 1)
-            elif mode == "cosine":
-                grids = cosine_map(
-                    self._field_patches(well, field), feature_direction(self.estimator, feature)
-                )
-            else:
-                codes, grid = self._field_patch_codes(well, field)
-                grids = crop_feature_values(codes, feature).reshape(len(rows), *grid)
             crop_maps = [
-                (int(y), int(x), int(s), g)
-                for y, x, s, g in zip(
-                    crops["crop_y"], crops["crop_x"], crops["crop_size"], grids, strict=True
+                (*crop, grid)
+                for crop, grid in zip(
+                    self._field_crops(rows),
+                    self._field_grids(feature, well, field, mode),
+                    strict=True,
                 )
             ]
             return field_activation_map(crop_maps, shape, out_shape, reduce="max")
 
         key_mode = "crop" if self.store.patch_grid is None else mode
         return self._large.get(("field", feature, well, field, key_mode, downsample), build)
+
+    def _field_crops(self, rows: np.ndarray) -> list[tuple[int, int, int]]:
+        """(crop_y, crop_x, crop_size) of store ``rows``."""
+        crops = self.obs.iloc[rows]
+        return [
+            (int(y), int(x), int(s))
+            for y, x, s in zip(crops["crop_y"], crops["crop_x"], crops["crop_size"], strict=True)
+        ]
+
+    def _field_grids(self, feature: int, well: str, field: int, mode: str) -> np.ndarray:
+        """(n_crops, gh, gw) values of ``feature`` on the token grids of one field's crops, in
+        ``mode``; (n_crops, 1, 1) crop codes when the store has no patch tokens."""
+        rows = self.field_rows(well, field)
+        if self.store.patch_grid is None:
+            return self.feature_values(feature)[rows].reshape(-1, 1, 1)
+        if mode == "cosine":
+            return cosine_map(
+                self._field_patches(well, field), feature_direction(self.estimator, feature)
+            )
+        codes, grid = self._field_patch_codes(well, field)
+        return crop_feature_values(codes, feature).reshape(len(rows), *grid)
+
+    def _cell_operator(self, well: str, field: int, label_name: str) -> CellOperator | None:
+        """Per-object means of a field's map as a linear map of its token values (None when
+        its crops overlap); cached with the field's data."""
+        well, field = canonical_well(well), int(field)
+
+        def build() -> CellOperator | None:
+            grid = self.store.patch_grid or (1, 1)
+            crops = self._field_crops(self.field_rows(well, field))
+            return cell_operator(crops, grid, self.label_image(well, field, label_name))
+
+        return self._fields.get(("cell_operator", well, field, label_name), build)
 
     def _field_patches(self, well: str, field: int) -> np.ndarray:
         """Pre-processed patch tokens (n_crops, gh, gw, d') of one field, cached for the next feature."""
@@ -699,6 +732,11 @@ class FeatureExplorer:
         ``label_name``: columns label, mean_activation, area (see
         :func:`~plate_concepts.analysis.activations.cell_activations`)."""
         label_image = self.label_image(well, field, label_name)
+        operator = self._cell_operator(well, field, label_name)
+        if label_image.shape == self.field_shape(well, field) and operator is not None:
+            grids = self._field_grids(feature, well, field, mode)
+            if np.isfinite(grids).all():
+                return operator.table(grids)
         activation = self.field_map(feature, well, field, mode=mode, downsample=1)
         if label_image.shape != activation.shape:
             raise ValueError(
@@ -793,6 +831,7 @@ class FeatureExplorer:
                 keys.append(("patches" if mode == "cosine" else "patch_codes", well, field))
             if label_name is not None:
                 keys.append(("labels", well, field, label_name))
+                keys.append(("cell_operator", well, field, label_name))
         return all(key in self._fields for key in keys)
 
     def preload(
@@ -856,6 +895,7 @@ class FeatureExplorer:
                     if not self._fields.fits(labels.size * labels.dtype.itemsize):
                         break
                     self.label_image(well, field, label_name)
+                    self._cell_operator(well, field, label_name)
                     labelled += 1
                 step(1)
         pixel_bytes = (
