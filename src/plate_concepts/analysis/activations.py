@@ -21,6 +21,7 @@ Geometry of the maps (our choice, where the publication is silent):
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -304,28 +305,22 @@ def _sampling_matrix(centres: np.ndarray, n_tokens: int, order: int) -> np.ndarr
     return out
 
 
-def _pixel_centres(
-    field_shape: tuple[int, int], out_shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Centres (in field pixels) of the rows and columns of an ``out_shape`` map of a field."""
-    return (
-        (np.arange(out_shape[0]) + 0.5) * field_shape[0] / out_shape[0],
-        (np.arange(out_shape[1]) + 0.5) * field_shape[1] / out_shape[1],
-    )
-
-
+@functools.lru_cache(maxsize=8192)
 def _crop_sampling(
-    centres: tuple[np.ndarray, np.ndarray],
-    crop_y: int,
-    crop_x: int,
-    size: int,
+    field_shape: tuple[int, int],
+    out_shape: tuple[int, int],
+    crop: tuple[int, int, int],
     grid_shape: tuple[int, int],
     order: int,
 ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
-    """The output window of one crop (rows and columns whose centre lies inside it) and the
-    weights sampling its token grid there: ``along_y @ grid @ along_x.T`` is the crop's map on
-    the window. None when no output pixel centre lies in the crop."""
-    centre_y, centre_x = centres
+    """The output window of one crop (rows and columns of an ``out_shape`` map of the field
+    whose pixel centre lies inside the crop) and the weights sampling its token grid there:
+    ``along_y @ grid @ along_x.T`` is the crop's map on the window. None when no output pixel
+    centre lies in the crop. Cached: the same crop geometry recurs in every field and feature
+    (callers must not modify the arrays)."""
+    crop_y, crop_x, size = crop
+    centre_y = (np.arange(out_shape[0]) + 0.5) * field_shape[0] / out_shape[0]
+    centre_x = (np.arange(out_shape[1]) + 0.5) * field_shape[1] / out_shape[1]
     r0, r1 = np.searchsorted(centre_y, [crop_y, crop_y + size])
     c0, c1 = np.searchsorted(centre_x, [crop_x, crop_x + size])
     if r0 >= r1 or c0 >= c1:
@@ -335,7 +330,9 @@ def _crop_sampling(
     ty = (centre_y[r0:r1] - crop_y) * gh / size - 0.5
     tx = (centre_x[c0:c1] - crop_x) * gw / size - 0.5
     window = (slice(int(r0), int(r1)), slice(int(c0), int(c1)))
-    return window, _sampling_matrix(ty, gh, order), _sampling_matrix(tx, gw, order)
+    along_y, along_x = _sampling_matrix(ty, gh, order), _sampling_matrix(tx, gw, order)
+    along_y.flags.writeable = along_x.flags.writeable = False
+    return window, along_y, along_x
 
 
 def field_activation_map(
@@ -363,7 +360,6 @@ def field_activation_map(
     out_h, out_w = (field_y, field_x) if out_shape is None else (int(s) for s in out_shape)
     if min(field_y, field_x, out_h, out_w) < 1:
         raise ValueError(f"field_shape {field_shape} and out_shape {out_shape} must be positive")
-    centres = _pixel_centres((field_y, field_x), (out_h, out_w))
 
     best = np.full((out_h, out_w), -np.inf, dtype=np.float64) if reduce == "max" else None
     total = np.zeros((out_h, out_w), dtype=np.float64)
@@ -376,7 +372,13 @@ def field_activation_map(
             )
         if size < 1:
             raise ValueError(f"crop {k} has crop_size {size}; expected a positive size")
-        sampling = _crop_sampling(centres, crop_y, crop_x, size, grid.shape, order)
+        sampling = _crop_sampling(
+            (field_y, field_x),
+            (out_h, out_w),
+            (int(crop_y), int(crop_x), int(size)),
+            grid.shape,
+            order,
+        )
         if sampling is None:
             continue
         window, along_y, along_x = sampling
@@ -502,11 +504,12 @@ def cell_operator(
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be a 2-D integer image, got {labels.dtype} {labels.shape}")
     gh, gw = (int(n) for n in grid_shape)
-    centres = _pixel_centres(labels.shape, labels.shape)
     covered = np.zeros(labels.shape, dtype=np.int16)
     rows, columns, weights = [], [], []
     for k, (crop_y, crop_x, size) in enumerate(crops):
-        sampling = _crop_sampling(centres, int(crop_y), int(crop_x), int(size), (gh, gw), order)
+        sampling = _crop_sampling(
+            labels.shape, labels.shape, (int(crop_y), int(crop_x), int(size)), (gh, gw), order
+        )
         if sampling is None:
             continue
         window, along_y, along_x = sampling

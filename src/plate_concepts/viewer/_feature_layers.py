@@ -49,8 +49,10 @@ N_CROPS = TOP_CROPS
 QUICK_MAX_PIXELS = 4_000_000
 #: The activation map of a well is computed at most this many pixels on its longer side.
 MAP_MAX_SIDE = 1536
-#: The cells layer of a well is shown at most this many pixels on its longer side.
-CELLS_MAX_SIDE = 4096
+#: The cells layer of a well is shown at most this many pixels on its longer side (a well of
+#: 3 x 3 fields of 1080 px at half resolution: colouring 10 million pixels per feature would
+#: cost more than any screen shows).
+CELLS_MAX_SIDE = 2048
 
 
 def layer_name(feature: int, what: str) -> str:

@@ -628,6 +628,7 @@ class FeaturesPanel(QWidget):
             # and ``data`` may be held by the explorer's caches.
             self.viewer.add_layer(Layer.create(data.copy(), kwargs, layer_type))
             return
+        previous = layer.metadata.get(METADATA_KEY, {})
         layer.metadata = kwargs["metadata"]
         layer.name = kwargs["name"]
         # Every setter below redraws the layer, and a new array also re-lays out the viewer's
@@ -639,7 +640,12 @@ class FeaturesPanel(QWidget):
             and layer.data.shape == data.shape
             and layer.data.dtype == data.dtype
         )
-        if same_shape:
+        # The objects of the same fields are the same image: only their colours change.
+        same_objects = layer_type == "labels" and all(
+            previous.get(key) == kwargs["metadata"][METADATA_KEY].get(key)
+            for key in ("well", "fields", "label_name")
+        )
+        if same_shape and not same_objects:
             np.copyto(layer.data, data)
         if not np.allclose(layer.scale[-2:], kwargs["scale"]):
             layer.scale = kwargs["scale"]
