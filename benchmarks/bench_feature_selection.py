@@ -51,6 +51,26 @@ def _summary(times: list[float]) -> str:
     return f"median {statistics.median(ms):7.1f} ms   min {min(ms):7.1f} ms   max {max(ms):7.1f} ms   (n = {len(ms)})"
 
 
+def _features_viewer(plate: Any, store: Any, explorer: Any) -> tuple[Any, Any, Any]:
+    """A shown viewer with the plate, the Features panel docked and the explorer set."""
+    import napari
+
+    from plate_concepts.viewer.app import show_plate
+    from plate_concepts.viewer.features_panel import FeaturesPanel
+    from plate_concepts.viewer.state import get_state
+
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1600, 1000)
+    show_plate(viewer, plate)
+    state = get_state(viewer)
+    panel = FeaturesPanel(viewer)
+    viewer.window.add_dock_widget(panel, name="Features", area="right")
+    state.set_store(store)
+    state.set_dictionary(explorer.estimator)
+    state.set_explorer(explorer)
+    return viewer, state, panel
+
+
 # ---------------------------------------------------------------------- the demo world
 def demo_world(
     wells: int,
@@ -100,14 +120,11 @@ def demo_world(
 
 
 def bench_feature_selection(args: argparse.Namespace) -> None:
-    import napari
 
     from plate_concepts.analysis.explorer import FeatureExplorer
     from plate_concepts.dictionary.estimators import ICFL
     from plate_concepts.viewer._feature_layers import N_CROPS, THUMBNAIL_SIZE, feature_view
-    from plate_concepts.viewer.app import show_plate
-    from plate_concepts.viewer.features_panel import AUTO_WELL, FeaturesPanel
-    from plate_concepts.viewer.state import get_state
+    from plate_concepts.viewer.features_panel import AUTO_WELL
 
     plate, store, dictionary_file = demo_world(
         args.wells, args.cache, args.n_features, args.steps, args.crop, args.store, args.dictionary
@@ -123,15 +140,7 @@ def bench_feature_selection(args: argparse.Namespace) -> None:
     summary = explorer.preload(n_top_crops=N_CROPS, thumbnail_size=THUMBNAIL_SIZE)
     print(f"explorer preload: {time.perf_counter() - started:.2f} s ({summary.describe()})")
 
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1600, 1000)
-    show_plate(viewer, plate)
-    state = get_state(viewer)
-    panel = FeaturesPanel(viewer)
-    viewer.window.add_dock_widget(panel, name="Features", area="right")
-    state.set_store(store)
-    state.set_dictionary(estimator)
-    state.set_explorer(explorer)
+    viewer, state, panel = _features_viewer(plate, store, explorer)
     shown: list[int] = []
     panel.feature_shown.connect(shown.append)
     drawn: list[float] = []
@@ -193,7 +202,6 @@ def bench_big_wells(args: argparse.Namespace) -> None:
     synthetic images, square cells and random 384-d tokens (the timing does not depend on them),
     128-px crops with 4 x 4 patch tokens."""
     import dask.array as da
-    import napari
     import pandas as pd
 
     from plate_concepts.analysis.explorer import FeatureExplorer
@@ -201,9 +209,6 @@ def bench_big_wells(args: argparse.Namespace) -> None:
     from plate_concepts.embeddings.store import EmbeddingStore
     from plate_concepts.plates.geometry import PlateFormat
     from plate_concepts.plates.model import Plate
-    from plate_concepts.viewer.app import show_plate
-    from plate_concepts.viewer.features_panel import FeaturesPanel
-    from plate_concepts.viewer.state import get_state
 
     size, crop, grid, dim = 1080, 128, 4, 384
     wells = ["A01", "A02", "B01", "B02"]
@@ -249,15 +254,7 @@ def bench_big_wells(args: argparse.Namespace) -> None:
     print(
         f"\nwells of 9 fields of {size} px: {len(store)} crops; preload {time.perf_counter() - started:.1f} s ({summary.describe()})"
     )
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1600, 1000)
-    show_plate(viewer, plate)
-    state = get_state(viewer)
-    panel = FeaturesPanel(viewer)
-    viewer.window.add_dock_widget(panel, name="Features", area="right")
-    state.set_store(store)
-    state.set_dictionary(estimator)
-    state.set_explorer(explorer)
+    viewer, state, panel = _features_viewer(plate, store, explorer)
     panel.well.setCurrentText("A02")
     shown: list[int] = []
     panel.feature_shown.connect(shown.append)
