@@ -76,6 +76,7 @@ AUTO_WELL = "automatic"
 LAYER_CLASSES = {"image": Image, "labels": Labels}
 WELL_FIELD_ROLE = "well-field"  # the Plate panel's full-resolution layers of one well
 LABEL_COLUMN_WIDTH = 110
+GALLERY_COLUMNS = 6  # two rows of thumbnails leave the table and plot room in a docked panel
 PANEL_MIN_WIDTH = 460  # the five table columns side by side
 #: Two-line headers keep the table narrow enough for a docked panel.
 HEADERS = {
@@ -313,7 +314,7 @@ class FeaturesPanel(QWidget):
             button.setAutoRaise(True)
             button.setVisible(False)
             button.clicked.connect(lambda _=False, i=index: self.go_to_crop(i))
-            self.gallery.addWidget(button, index // 4, index % 4)
+            self.gallery.addWidget(button, index // GALLERY_COLUMNS, index % GALLERY_COLUMNS)
             self.crop_buttons.append(button)
         layout.addLayout(self.gallery)
 
