@@ -244,3 +244,22 @@ def test_cell_operator_refuses_overlapping_crops():
     assert cell_operator([(0, 0, 24), (24, 24, 24)], (2, 2), labels) is not None
     with pytest.raises(ValueError, match="integer"):
         cell_operator([(0, 0, 24)], (2, 2), labels.astype(float))
+
+
+def test_cell_operator_and_cell_activations_take_any_label_ids():
+    from plate_concepts.analysis.activations import cell_operator
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, (64, 64)).astype(np.uint32)
+    labels = np.where(labels > 0, labels + 4_000_000_000, 0).astype(np.uint32)  # sparse, huge
+    crops = [(y, x, 32) for y in (0, 32) for x in (0, 32)]
+    grids = rng.normal(size=(4, 2, 2))
+    expected = cell_activations(
+        field_activation_map([(*c, g) for c, g in zip(crops, grids, strict=True)], (64, 64)), labels
+    )
+    assert list(expected["label"]) == [4_000_000_001, 4_000_000_002, 4_000_000_003]
+    table = cell_operator(crops, (2, 2), labels).table(grids)
+    np.testing.assert_array_equal(table["label"], expected["label"])
+    np.testing.assert_allclose(table["mean_activation"], expected["mean_activation"], atol=1e-6)
+    with pytest.raises(ValueError, match="negative label -5"):
+        cell_operator(crops, (2, 2), np.full((64, 64), -5))

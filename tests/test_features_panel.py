@@ -357,3 +357,41 @@ def test_the_objects_coloured_can_be_nuclei(shown, qtbot):
     np.testing.assert_allclose(field1["mean activation"], expected["mean_activation"])
     assert (field1["area (px)"].to_numpy() < explorer.cell_values(1, "A02", 0)["area"]).all()
     qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
+
+
+def test_a_new_plate_with_the_same_layout_redraws_its_objects(make_napari_viewer, world, qtbot):
+    """Same wells, fields and label name, another plate: the objects layer shows the new
+    plate's objects, not the old ones recoloured."""
+    import dask.array as da
+
+    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.plates.model import Plate
+
+    plate, _mosaic, store, explorer = world
+    viewer, state, panel, _mosaic, _ = _show(make_napari_viewer, plate, store, explorer)
+    panel.well.setCurrentText("A02")
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        panel.select_feature(1)
+    before = _feature_layers(viewer)["feature-cells"].data.copy()
+    moved = Plate(
+        name=plate.name,
+        channels=plate.channels,
+        images=plate.images,
+        labels={
+            key: {"cells": [da.from_array(np.roll(np.asarray(named["cells"][0]), 7, axis=1))]}
+            for key, named in plate.labels.items()
+        },
+        reader="test",
+        platemap=plate.platemap,
+    )
+    other = FeatureExplorer(store, explorer.estimator, plate=moved).prepare()
+    with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
+        state.set_explorer(other)
+    from plate_concepts.viewer._feature_layers import cells_layer_data
+
+    assert panel.well.currentText() == "A02"  # the user's choice outlives the explorer
+    after = _feature_layers(viewer)["feature-cells"].data
+    expected, _, _ = cells_layer_data(other, state.mosaic, 1, "A02")
+    np.testing.assert_array_equal(after, expected)
+    assert (after > 0).sum() == (before > 0).sum() and not np.array_equal(after > 0, before > 0)
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)

@@ -70,7 +70,7 @@ def test_nf1_cellprofiler_masks_become_numbered_label_images():
     assert set(np.unique(mask)) == {0, 255}  # binary: the objects are its components
     ids = nuclei.compute()
     assert ids.dtype == np.int32 and ids.max() == 28
-    np.testing.assert_array_equal(ids, label(mask > 0, connectivity=1))
+    np.testing.assert_array_equal(ids, label(mask > 0, connectivity=2))
     assert read_tiff_folder(NF1 / "images", masks=False).label_names == []
 
 

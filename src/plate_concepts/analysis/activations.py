@@ -427,28 +427,14 @@ def cell_activations(activation_map: Any, labels: Any) -> pd.DataFrame:
         )
     if labels.dtype.kind not in "iu":
         raise TypeError(f"label image must hold integers, got dtype {labels.dtype}")
-    flat = labels.ravel()
-    if flat.size and flat.min() < 0:
-        raise ValueError(f"label image holds negative label {int(flat.min())}; labels must be >= 0")
-    pixels = values.ravel()
+    ids, slots = _object_slots(labels)
+    flat = slots.ravel()
+    foreground = flat >= 0
+    inverse, pixels = flat[foreground], values.ravel()[foreground]
     finite = np.isfinite(pixels)
-    if flat.size and flat.max() <= 4 * flat.size:
-        # Usual, compact ids: one bincount per sum over every pixel, the ids as bins.
-        flat = flat.astype(np.intp, copy=False)  # bincount refuses uint64
-        size = int(flat.max()) + 1
-        area = np.bincount(flat, minlength=size)
-        n_valid = np.bincount(flat, weights=finite, minlength=size)
-        sums = np.bincount(flat, weights=np.where(finite, pixels, 0.0), minlength=size)
-        ids = np.flatnonzero(area)
-        ids = ids[ids > 0]
-        area, n_valid, sums = area[ids], n_valid[ids], sums[ids]
-    else:
-        foreground = flat > 0
-        ids, inverse = np.unique(flat[foreground], return_inverse=True)
-        kept = finite[foreground]
-        area = np.bincount(inverse, minlength=len(ids))
-        n_valid = np.bincount(inverse[kept], minlength=len(ids))
-        sums = np.bincount(inverse[kept], weights=pixels[foreground][kept], minlength=len(ids))
+    area = np.bincount(inverse, minlength=len(ids))
+    n_valid = np.bincount(inverse, weights=finite, minlength=len(ids))
+    sums = np.bincount(inverse, weights=np.where(finite, pixels, 0.0), minlength=len(ids))
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(n_valid > 0, sums / np.maximum(n_valid, 1), np.nan)
     return pd.DataFrame(
@@ -504,18 +490,24 @@ def cell_operator(
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be a 2-D integer image, got {labels.dtype} {labels.shape}")
     gh, gw = (int(n) for n in grid_shape)
+    windows = [
+        _crop_sampling(labels.shape, labels.shape, (int(y), int(x), int(size)), (gh, gw), order)
+        for y, x, size in crops
+    ]
     covered = np.zeros(labels.shape, dtype=np.int16)
+    for sampling in windows:
+        if sampling is not None:
+            covered[sampling[0]] += 1
+    if covered.max(initial=0) > 1:
+        return None
+    ids, slots = _object_slots(labels)  # slots: the object index of every pixel, -1 background
     rows, columns, weights = [], [], []
-    for k, (crop_y, crop_x, size) in enumerate(crops):
-        sampling = _crop_sampling(
-            labels.shape, labels.shape, (int(crop_y), int(crop_x), int(size)), (gh, gw), order
-        )
+    for k, sampling in enumerate(windows):
         if sampling is None:
             continue
         window, along_y, along_x = sampling
-        covered[window] += 1
-        local, inverse = np.unique(labels[window], return_inverse=True)
-        inverse = inverse.reshape(labels[window].shape)
+        local, inverse = np.unique(slots[window], return_inverse=True)
+        inverse = inverse.reshape(slots[window].shape)
         height = inverse.shape[0]
         # Columns first: each object's weight per (window row, token column).
         keys = (inverse * height + np.arange(height)[:, None]).ravel()
@@ -529,28 +521,41 @@ def cell_operator(
         ).reshape(len(local), height, gw)  # fmt: skip
         # Then rows: weight of token (i, j) summed over the object's pixels.
         per_token = np.einsum("ri,orj->oij", along_y, by_row).reshape(len(local), gh * gw)
-        keep = local > 0
-        object_ids = np.repeat(local[keep], gh * gw)
-        rows.append(object_ids)
+        keep = local >= 0
+        rows.append(np.repeat(local[keep], gh * gw))
         columns.append(np.tile(k * gh * gw + np.arange(gh * gw), int(keep.sum())))
         weights.append(per_token[keep].ravel())
-    if covered.max(initial=0) > 1:
-        return None
-    flat = labels.ravel().astype(np.intp)
-    area_by_id = np.bincount(flat)
-    valid_by_id = np.bincount(flat, weights=(covered > 0).ravel(), minlength=len(area_by_id))
-    ids = np.flatnonzero(area_by_id)
-    ids = ids[ids > 0]
-    slot = np.zeros(len(area_by_id), dtype=np.intp)
-    slot[ids] = np.arange(len(ids))
+    foreground = slots.ravel() >= 0
+    area = np.bincount(slots.ravel()[foreground], minlength=len(ids))
+    n_valid = np.bincount(
+        slots.ravel()[foreground], weights=(covered > 0).ravel()[foreground], minlength=len(ids)
+    )
     n_tokens = len(crops) * gh * gw
     if rows:
         object_rows = np.concatenate(rows)
-        data = np.concatenate(weights) / valid_by_id[object_rows]
+        data = np.concatenate(weights) / n_valid[object_rows]
         matrix = sparse.csr_array(
-            (data, (slot[object_rows], np.concatenate(columns))), shape=(len(ids), n_tokens)
+            (data, (object_rows, np.concatenate(columns))), shape=(len(ids), n_tokens)
         )
         matrix.eliminate_zeros()
     else:
         matrix = sparse.csr_array((len(ids), n_tokens))
-    return CellOperator(ids.astype(np.int64), area_by_id[ids].astype(np.int64), matrix)
+    return CellOperator(ids.astype(np.int64), area.astype(np.int64), matrix)
+
+
+def _object_slots(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, slots): the objects' label ids, increasing, and an image of each pixel's index in
+    ``ids`` (-1 for background). Compact ids are counted directly, any others sorted."""
+    flat = labels.ravel()
+    if flat.size and flat.min() < 0:
+        raise ValueError(f"label image holds negative label {int(flat.min())}; labels must be >= 0")
+    if flat.size and flat.max() <= 4 * flat.size:
+        flat = flat.astype(np.intp, copy=False)
+        ids = np.flatnonzero(np.bincount(flat))
+        ids = ids[ids > 0]
+        lookup = np.full(int(flat.max()) + 1, -1, dtype=np.intp)
+        lookup[ids] = np.arange(len(ids))
+        return ids, lookup[flat].reshape(labels.shape)
+    values, inverse = np.unique(flat, return_inverse=True)
+    ids = values[values > 0]
+    return ids, (inverse - int(values[0] == 0)).reshape(labels.shape)

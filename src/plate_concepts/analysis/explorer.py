@@ -758,7 +758,7 @@ class FeatureExplorer:
                     f"well {well} field {field} of plate {plate.name!r} has no label image "
                     f"{label_name!r} (it has: {sorted(labels)})"
                 )
-            return _compact_labels(np.asarray(labels[label_name]))
+            return _read_only(_compact_labels(np.asarray(labels[label_name])))
 
         return self._fields.get(("labels", well, field, label_name), build)
 
@@ -782,34 +782,48 @@ class FeatureExplorer:
             level += 1
         return level
 
+    def _crop_window(
+        self, crop_y: int, crop_x: int, crop_size: int, size: int
+    ) -> tuple[int, tuple[slice, slice, slice]]:
+        """(pyramid level, slices) that read a crop about ``size`` pixels on a side: the
+        coarsest level that still has ``size`` pixels per crop, then every n-th pixel."""
+        level = self._crop_level(crop_size, size)
+        f = 2**level
+        stride = max(1, crop_size // f // size)
+        rows = slice(crop_y // f, (crop_y + crop_size) // f, stride)
+        columns = slice(crop_x // f, (crop_x + crop_size) // f, stride)
+        return level, (slice(None), rows, columns)
+
     def _read_crop_pixels(self, rows: list[int], size: int) -> list[np.ndarray]:
-        """Read the crops of ``rows`` field by field (one read per field and level), cache
-        each and return them in order."""
+        """Read the crops of ``rows`` in one computation (crops of a field share its chunk
+        reads; only the crops are held), cache each and return them in order."""
         import dask
 
         plate = self._require_plate("crop images")
         records = self.obs.iloc[rows]
-        groups: dict[tuple[str, int, int], list[int]] = {}
-        for index, (well, field, crop_size) in enumerate(
-            zip(records["well"], records["field"], records["crop_size"], strict=True)
-        ):
-            level = self._crop_level(int(crop_size), size)
-            groups.setdefault((str(well), int(field), level), []).append(index)
-        keys = list(groups)
-        images = dask.compute(*[plate.image(well, field, level) for well, field, level in keys])
-        out: list[np.ndarray] = [np.empty(0)] * len(rows)
-        for key, image in zip(keys, images, strict=True):
-            f = 2 ** key[2]
-            for index in groups[key]:
-                y, x, crop_size = (
-                    int(records[column].iat[index]) for column in ("crop_y", "crop_x", "crop_size")
-                )
-                pixels = image[:, y // f : (y + crop_size) // f, x // f : (x + crop_size) // f]
-                stride = max(1, max(pixels.shape[1:]) // size)
-                pixels = np.ascontiguousarray(pixels[:, ::stride, ::stride])
-                self._fields.put(("crop", rows[index], size), pixels)
-                out[index] = pixels
+        lazy = []
+        for well, field, y, x, crop_size in zip(
+            records["well"], records["field"], records["crop_y"], records["crop_x"],
+            records["crop_size"], strict=True,
+        ):  # fmt: skip
+            level, window = self._crop_window(int(y), int(x), int(crop_size), size)
+            lazy.append(plate.image(str(well), int(field), level)[window])
+        out = [_read_only(np.ascontiguousarray(pixels)) for pixels in dask.compute(*lazy)]
+        for row, pixels in zip(rows, out, strict=True):
+            self._fields.put(("crop", row, size), pixels)
         return out
+
+    def _crop_bytes(self, rows: list[int], size: int) -> int:
+        """Memory the pixels of these crops take once read (as :meth:`crop_pixels` reads)."""
+        plate = self._require_plate("crop images")
+        records = self.obs.iloc[rows]
+        total = 0
+        for y, x, crop_size in zip(
+            records["crop_y"], records["crop_x"], records["crop_size"], strict=True
+        ):
+            _, (_, ys, xs) = self._crop_window(int(y), int(x), int(crop_size), size)
+            total += len(range(ys.start, ys.stop, ys.step)) * len(range(xs.start, xs.stop, xs.step))
+        return total * len(plate.channels) * np.dtype(plate.dtype).itemsize
 
     def in_memory(
         self,
@@ -898,15 +912,10 @@ class FeatureExplorer:
                     self._cell_operator(well, field, label_name)
                     labelled += 1
                 step(1)
-        pixel_bytes = (
-            len(self.plate.channels) * thumbnail_size**2 * np.dtype(self.plate.dtype).itemsize
-            if has_images
-            else 0
-        )
         n_crops = 0
         for start in range(0, len(crop_rows), 256):
             block = crop_rows[start : start + 256]
-            if not self._fields.fits(len(block) * pixel_bytes):
+            if not self._fields.fits(self._crop_bytes(block, thumbnail_size)):
                 break
             self._read_crop_pixels(block, int(thumbnail_size))
             n_crops += len(block)
@@ -931,9 +940,8 @@ class FeatureExplorer:
                 offset = 0
                 for key in block:
                     n = len(state.field_rows[key])
-                    self._fields.put(
-                        ("patches", *key), np.ascontiguousarray(patches[offset : offset + n])
-                    )
+                    # A copy: a view would keep the whole block alive after eviction.
+                    self._fields.put(("patches", *key), patches[offset : offset + n].copy())
                     offset += n
                 loaded += len(block)
                 step(len(block))
@@ -992,6 +1000,12 @@ def cell_label_name(label_names: Sequence[str]) -> str | None:
         (name for name in label_names if "cell" in name.lower()),
         label_names[0] if label_names else None,
     )
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """``array``, marked read-only: cached arrays are shared by every later query."""
+    array.flags.writeable = False
+    return array
 
 
 def _compact_labels(labels: np.ndarray) -> np.ndarray:

@@ -162,7 +162,7 @@ def read_tiff_folder(
         for index, field_id in enumerate(sorted((f for w, f in table if w == well), key=_id_key))
     }
     stems = {
-        path.name.split(".")[0]: (well, field_indices[(well, field_id)])
+        path.name.removesuffix(path.suffix): (well, field_indices[(well, field_id)])
         for (well, field_id), channels in table.items()
         for path in channels.values()
     }
@@ -219,7 +219,7 @@ def _read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
     mask = _read_plane(path, 0, shape)
     values = np.unique(mask)
     if len(values) <= 2 and values[0] == 0:  # background and one value: a binary mask
-        return label(mask > 0, connectivity=1).astype(np.int32)
+        return label(mask > 0, connectivity=2).astype(np.int32)
     return mask.astype(np.int32)
 
 

@@ -131,7 +131,7 @@ class ExplorerPreparer(QObject):
         worker.returned.connect(
             lambda summary: self._on_preloaded(summary, dictionary, store, cancel)
         )
-        worker.errored.connect(self._on_error)
+        worker.errored.connect(lambda error: self._on_error(error, cancel))
         worker.finished.connect(lambda: self._on_finished(worker))
         self._worker, self._cancel = worker, cancel
         self._set_status("Encoding the store with the dictionary…")
@@ -174,7 +174,9 @@ class ExplorerPreparer(QObject):
                 else "Feature preparation cancelled."
             )
 
-    def _on_error(self, error: Exception) -> None:
+    def _on_error(self, error: Exception, cancel: threading.Event) -> None:
+        if self._cancel is not cancel:
+            return  # a replaced job: the newer one's status stands
         self._set_status(f"Could not prepare the features: {error}")
         show_error(f"Preparing the features failed: {error}")
 

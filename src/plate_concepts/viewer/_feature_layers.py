@@ -236,19 +236,21 @@ def cells_layer_data(
     tables, offset = [], 0
     for field_index in fields:
         values = explorer.cell_values(feature, well, field_index, label_name, mode=mode)
-        full = explorer.label_image(well, field_index, label_name)
-        labels = full[::factor, ::factor].astype(np.int32)
+        ids = values["label"].to_numpy()  # increasing: every object of the field
+        labels = explorer.label_image(well, field_index, label_name)[::factor, ::factor]
+        # Objects renumbered 1..n after the previous fields' (any ids, never overflowing).
+        renumbered = np.where(labels > 0, np.searchsorted(ids, labels) + 1 + offset, 0)
         oy, ox = mosaic.field_origin(well, field_index)
         top, left = (oy - grid.origin[0]) // factor, (ox - grid.origin[1]) // factor
         h, w = (
             min(labels.shape[0], canvas.shape[0] - top),
             min(labels.shape[1], canvas.shape[1] - left),
         )
-        canvas[top : top + h, left : left + w] = np.where(labels > 0, labels + offset, 0)[:h, :w]
+        canvas[top : top + h, left : left + w] = renumbered[:h, :w]
         tables.append(
             pd.DataFrame(
                 {
-                    "index": values["label"].to_numpy() + offset,
+                    "index": offset + 1 + np.arange(len(ids)),
                     "well": well,
                     "field": field_index + 1,  # 1-based, as in the status bar
                     "cell": values["label"].to_numpy(),
@@ -257,7 +259,7 @@ def cells_layer_data(
                 }
             )
         )
-        offset += int(full.max(initial=0))  # ids of the next field start above this one's
+        offset += len(ids)
     features = pd.concat(tables, ignore_index=True)
     limits = value_limits(features["mean activation"])
     half = (factor - 1) / 2

@@ -200,6 +200,7 @@ class FeaturesPanel(QWidget):
         self._worker: Any = None
         self._pending: tuple[dict[str, Any], int] | None = None
         self._requests = 0  # numbers the requests: only the latest one's view is shown
+        self._objects_of: Any = None  # the explorer whose objects the objects layer shows
         self._view: FeatureView | None = None
         self._build()
         # Prepares the explorer whenever the dictionary or store changes, also when no
@@ -349,7 +350,7 @@ class FeaturesPanel(QWidget):
     def _on_explorer_changed(self, explorer: Any) -> None:
         self.label_column.blockSignals(True)
         self.well.blockSignals(True)
-        previous_column = self.label_column.currentText()
+        previous_column, previous_well = self.label_column.currentText(), self.well.currentText()
         self.label_column.clear()
         self.well.clear()
         self.well.addItem(AUTO_WELL)
@@ -369,6 +370,8 @@ class FeaturesPanel(QWidget):
             elif explorer.label_column in columns:
                 self.label_column.setCurrentText(explorer.label_column)
             self.well.addItems(list(explorer.well_values(0).index) if explorer.n_features else [])
+            if self.well.findText(previous_well) >= 0:
+                self.well.setCurrentText(previous_well)  # the user's choice stays
             self._fill_objects(explorer)
             self.status.setText(
                 f"{explorer.n_features} features over {len(explorer.store):,} crops of plate "
@@ -641,11 +644,18 @@ class FeaturesPanel(QWidget):
             and layer.data.shape == data.shape
             and layer.data.dtype == data.dtype
         )
-        # The objects of the same fields are the same image: only their colours change.
-        same_objects = layer_type == "labels" and all(
-            previous.get(key) == kwargs["metadata"][METADATA_KEY].get(key)
-            for key in ("well", "fields", "label_name")
+        # The objects of the same fields (of the same explorer's plate) are the same image:
+        # only their colours change.
+        same_objects = (
+            layer_type == "labels"
+            and self._objects_of is self.state.explorer
+            and all(
+                previous.get(key) == kwargs["metadata"][METADATA_KEY].get(key)
+                for key in ("well", "fields", "label_name")
+            )
         )
+        if layer_type == "labels":
+            self._objects_of = self.state.explorer
         if same_shape and not same_objects:
             np.copyto(layer.data, data)
         if not np.allclose(layer.scale[-2:], kwargs["scale"]):
