@@ -128,7 +128,7 @@ def test_overlapping_crops_reduce_by_max_or_mean():
     assert high[2, 2] == mean[2, 2] == 1.0 and high[12, 12] == mean[12, 12] == 4.0  # one crop
     assert np.isnan(high[17, 2]) and np.isnan(mean[2, 17])  # none
     with pytest.raises(ValueError, match="reduce"):
-        field_activation_map(crops, (20, 20), reduce="sum")
+        field_activation_map(crops, (20, 20), reduce="sum")  # max, mean or central
 
 
 def test_downsampled_map_lines_up_with_full_resolution():
@@ -236,14 +236,30 @@ def test_cell_operator_gives_the_means_of_the_full_map(size, crop, grid):
         operator.means(grids[:-1])
 
 
-def test_cell_operator_refuses_overlapping_crops():
+def test_overlapping_crops_give_each_pixel_to_the_most_central_crop():
     from plate_concepts.analysis.activations import cell_operator
 
-    labels = np.ones((48, 48), np.int32)
-    assert cell_operator([(0, 0, 32), (16, 16, 32)], (2, 2), labels) is None  # max is not linear
-    assert cell_operator([(0, 0, 24), (24, 24, 24)], (2, 2), labels) is not None
+    crops = [(0, 0, 10, np.full((1, 1), 1.0)), (5, 5, 10, np.full((1, 1), 4.0))]
+    central = field_activation_map(crops, (20, 20), reduce="central")
+    assert central[6, 6] == 1.0 and central[8, 8] == 4.0  # nearer the first, the second centre
+    assert central[2, 2] == 1.0 and central[12, 12] == 4.0 and np.isnan(central[17, 2])
+    # The tiling's border crop overlaps its neighbour; per-object means stay exact.
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 9, (13, 13)).repeat(8, 0).repeat(8, 1)[:100, :100].astype(np.int32)
+    starts = [0, 32, 64, 68]  # 68: flush with the far border, overlapping the crop at 64
+    boxes = [(y, x, 32) for y in starts for x in starts]
+    grids = rng.normal(size=(len(boxes), 4, 4))
+    expected = cell_activations(
+        field_activation_map(
+            [(*b, g) for b, g in zip(boxes, grids, strict=True)], (100, 100), reduce="central"
+        ),
+        labels,
+    )
+    table = cell_operator(boxes, (4, 4), labels).table(grids)
+    np.testing.assert_array_equal(table["label"], expected["label"])
+    np.testing.assert_allclose(table["mean_activation"], expected["mean_activation"], atol=1e-6)
     with pytest.raises(ValueError, match="integer"):
-        cell_operator([(0, 0, 24)], (2, 2), labels.astype(float))
+        cell_operator(boxes, (4, 4), labels.astype(float))
 
 
 def test_cell_operator_and_cell_activations_take_any_label_ids():

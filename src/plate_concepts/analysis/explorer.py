@@ -19,7 +19,10 @@ Choices (ours):
 - Wells, heatmaps and field maps concern one plate of the store (``plate_name``: the given
   plate's name, or the store's only plate); frequencies and selectivity use every token.
 - A store without patch tokens still gets field maps: each crop is filled with its crop
-  token's code for the feature (in both modes), overlaps taking the maximum.
+  token's code for the feature (in both modes).
+- Where crops overlap (the tiling's border crops), a map pixel takes the value of the crop
+  whose centre is nearest (``reduce="central"``): away from crop borders, and linear in the
+  token values, so each object's mean is a precomputed sparse map of them (``cell_operator``).
 """
 
 from __future__ import annotations
@@ -637,7 +640,7 @@ class FeatureExplorer:
         downsample: int = 1,
     ) -> np.ndarray:
         """(Y // downsample, X // downsample) float32 map of ``feature`` over one field, NaN where
-        no crop lies; overlapping crops take the maximum.
+        no crop lies; where crops overlap, the crop whose centre is nearest.
 
         From the store's patch tokens: ``"cosine"`` (cosine with the feature direction) or
         ``"code"`` (the feature's code of each patch token). A store without patch tokens gives
@@ -663,7 +666,7 @@ class FeatureExplorer:
                     strict=True,
                 )
             ]
-            return field_activation_map(crop_maps, shape, out_shape, reduce="max")
+            return field_activation_map(crop_maps, shape, out_shape, reduce="central")
 
         key_mode = "crop" if self.store.patch_grid is None else mode
         return self._large.get(("field", feature, well, field, key_mode, downsample), build)
@@ -689,12 +692,12 @@ class FeatureExplorer:
         codes, grid = self._field_patch_codes(well, field)
         return crop_feature_values(codes, feature).reshape(len(rows), *grid)
 
-    def _cell_operator(self, well: str, field: int, label_name: str) -> CellOperator | None:
-        """Per-object means of a field's map as a linear map of its token values (None when
-        its crops overlap); cached with the field's data."""
+    def _cell_operator(self, well: str, field: int, label_name: str) -> CellOperator:
+        """Per-object means of a field's map as a linear map of its token values; cached with
+        the field's data."""
         well, field = canonical_well(well), int(field)
 
-        def build() -> CellOperator | None:
+        def build() -> CellOperator:
             grid = self.store.patch_grid or (1, 1)
             crops = self._field_crops(self.field_rows(well, field))
             return cell_operator(crops, grid, self.label_image(well, field, label_name))
@@ -732,11 +735,10 @@ class FeatureExplorer:
         ``label_name``: columns label, mean_activation, area (see
         :func:`~plate_concepts.analysis.activations.cell_activations`)."""
         label_image = self.label_image(well, field, label_name)
-        operator = self._cell_operator(well, field, label_name)
-        if label_image.shape == self.field_shape(well, field) and operator is not None:
+        if label_image.shape == self.field_shape(well, field):
             grids = self._field_grids(feature, well, field, mode)
-            if np.isfinite(grids).all():
-                return operator.table(grids)
+            if np.isfinite(grids).all():  # else the map, which leaves NaN pixels out
+                return self._cell_operator(well, field, label_name).table(grids)
         activation = self.field_map(feature, well, field, mode=mode, downsample=1)
         if label_image.shape != activation.shape:
             raise ValueError(
