@@ -551,9 +551,12 @@ def cell_operator(
             continue
         window, along_y, along_x = sampling
         # The pixels this crop gives their value to; the others count for nothing here.
-        mine = np.where(owners[window] == k, slots[window], -1)
-        local, inverse = np.unique(mine, return_inverse=True)
-        inverse = inverse.reshape(mine.shape)
+        mine = np.where(owners[window] == k, slots[window], -1) + 1  # 0: not this crop's
+        # Compact the window's objects by counting (their slots are small integers).
+        present = np.flatnonzero(np.bincount(mine.ravel(), minlength=len(ids) + 1))
+        lookup = np.zeros(len(ids) + 1, dtype=np.intp)
+        lookup[present] = np.arange(len(present))
+        local, inverse = present - 1, lookup[mine]
         height = inverse.shape[0]
         # Columns first: each object's weight per (window row, token column).
         keys = (inverse * height + np.arange(height)[:, None]).ravel()

@@ -70,6 +70,8 @@ CELL_LABEL_NAMES = ("cells", "cell", "cytoplasm", "nuclei", "nucleus")
 #: :meth:`FeatureExplorer.preload` reads by default.
 TOP_CROPS = 12
 THUMBNAIL_SIZE = 64
+#: Fields whose top crops are read in one computation.
+CROP_READ_FIELDS = 8
 #: Fields whose patch tokens :meth:`FeatureExplorer.preload` reads and pre-processes at once.
 PRELOAD_FIELDS = 16
 #: Name of the extra row of :meth:`FeatureExplorer.label_value_activation` for control tokens.
@@ -797,22 +799,37 @@ class FeatureExplorer:
         return level, (slice(None), rows, columns)
 
     def _read_crop_pixels(self, rows: list[int], size: int) -> list[np.ndarray]:
-        """Read the crops of ``rows`` in one computation (crops of a field share its chunk
-        reads; only the crops are held), cache each and return them in order."""
+        """Read the crops of ``rows``, cache each and return them in order: per field and
+        level the bounding box of its crops (chunks no crop touches stay unread), a few
+        fields per computation (memory stays a few fields' boxes)."""
         import dask
 
         plate = self._require_plate("crop images")
         records = self.obs.iloc[rows]
-        lazy = []
-        for well, field, y, x, crop_size in zip(
-            records["well"], records["field"], records["crop_y"], records["crop_x"],
-            records["crop_size"], strict=True,
+        groups: dict[tuple[str, int, int], list[tuple[int, tuple[slice, slice, slice]]]] = {}
+        for index, (well, field, y, x, crop_size) in enumerate(
+            zip(records["well"], records["field"], records["crop_y"], records["crop_x"],
+                records["crop_size"], strict=True)
         ):  # fmt: skip
             level, window = self._crop_window(int(y), int(x), int(crop_size), size)
-            lazy.append(plate.image(str(well), int(field), level)[window])
-        out = [_read_only(np.ascontiguousarray(pixels)) for pixels in dask.compute(*lazy)]
-        for row, pixels in zip(rows, out, strict=True):
-            self._fields.put(("crop", row, size), pixels)
+            groups.setdefault((str(well), int(field), level), []).append((index, window))
+        out: list[np.ndarray] = [np.empty(0)] * len(rows)
+        keys = list(groups)
+        for start in range(0, len(keys), CROP_READ_FIELDS):
+            batch = keys[start : start + CROP_READ_FIELDS]
+            boxes = [_bounding_box([w for _, w in groups[key]]) for key in batch]
+            pixels = dask.compute(
+                *[
+                    plate.image(w, f, level)[:, y, x]
+                    for (w, f, level), (y, x) in zip(batch, boxes, strict=True)
+                ]
+            )
+            for key, (box_y, box_x), box in zip(batch, boxes, pixels, strict=True):
+                for index, (_, ys, xs) in groups[key]:
+                    crop = box[:, ys.start - box_y.start : ys.stop - box_y.start : ys.step,
+                               xs.start - box_x.start : xs.stop - box_x.start : xs.step]  # fmt: skip
+                    out[index] = _read_only(np.ascontiguousarray(crop))
+                    self._fields.put(("crop", rows[index], size), out[index])
         return out
 
     def _crop_bytes(self, rows: list[int], size: int) -> int:
@@ -1001,6 +1018,14 @@ def cell_label_name(label_names: Sequence[str]) -> str | None:
     return next(
         (name for name in label_names if "cell" in name.lower()),
         label_names[0] if label_names else None,
+    )
+
+
+def _bounding_box(windows: list[tuple[slice, slice, slice]]) -> tuple[slice, slice]:
+    """The rows and columns spanning every (channels, rows, columns) window."""
+    return (
+        slice(min(w[1].start for w in windows), max(w[1].stop for w in windows)),
+        slice(min(w[2].start for w in windows), max(w[2].stop for w in windows)),
     )
 
 
