@@ -631,6 +631,8 @@ class FeaturesPanel(QWidget):
             # The layer owns a copy: its array is overwritten in place by the next feature,
             # and ``data`` may be held by the explorer's caches.
             self.viewer.add_layer(Layer.create(data.copy(), kwargs, layer_type))
+            if layer_type == "labels":
+                self._objects_of = self.state.explorer
             return
         previous = layer.metadata.get(METADATA_KEY, {})
         layer.metadata = kwargs["metadata"]
