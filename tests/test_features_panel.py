@@ -176,7 +176,7 @@ def test_arrow_keys_kind_and_well_update_the_same_layers(shown, qtbot):
     )
 
     panel.go_to_crop(0)
-    crop = panel._view.crops[0]
+    crop = panel._view.crops[0].crop
     centre = mosaic.to_mosaic(
         crop.well, crop.field, crop.crop_y + crop.crop_size / 2, crop.crop_x + crop.crop_size / 2
     )

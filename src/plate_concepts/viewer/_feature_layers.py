@@ -26,7 +26,7 @@ import pandas as pd
 from plate_concepts.analysis.explorer import THUMBNAIL_SIZE, TOP_CROPS, cell_label_name
 
 if TYPE_CHECKING:
-    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.analysis.explorer import FeatureExplorer, TopCrop
     from plate_concepts.plates.mosaic import PlateMosaic
 
 LayerData = tuple[Any, dict[str, Any], str]
@@ -325,16 +325,11 @@ class CropThumbnail:
     """One top-activating crop as an RGB image, with where it comes from."""
 
     rgb: np.ndarray  # (s, s, 3) uint8
-    well: str
-    field: int
-    crop_y: int
-    crop_x: int
-    crop_size: int
-    value: float
+    crop: TopCrop
 
     @property
     def caption(self) -> str:
-        return f"{self.well} f{self.field + 1}\n{self.value:.3g}"
+        return f"{self.crop.well} f{self.crop.field + 1}\n{self.crop.value:.3g}"
 
 
 def composite_rgb(
@@ -376,16 +371,8 @@ def top_crop_thumbnails(
     crops = explorer.top_crops(feature, n, on_plate=True)
     pixels = explorer.crop_pixels([c.row for c in crops], size)
     return [
-        CropThumbnail(
-            composite_rgb(image, limits, colors, size),
-            c.well,
-            c.field,
-            c.crop_y,
-            c.crop_x,
-            c.crop_size,
-            c.value,
-        )
-        for c, image in zip(crops, pixels, strict=True)
+        CropThumbnail(composite_rgb(image, limits, colors, size), crop)
+        for crop, image in zip(crops, pixels, strict=True)
     ]
 
 

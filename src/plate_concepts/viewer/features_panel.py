@@ -701,9 +701,9 @@ class FeaturesPanel(QWidget):
         )
         for index, button in enumerate(self.crop_buttons):
             if index < len(crops):
-                crop = crops[index]
-                button.setIcon(QIcon(_pixmap(crop.rgb, THUMBNAIL_SIZE)))
-                button.setText(crop.caption)
+                crop = crops[index].crop
+                button.setIcon(QIcon(_pixmap(crops[index].rgb, THUMBNAIL_SIZE)))
+                button.setText(crops[index].caption)
                 button.setToolTip(
                     f"well {crop.well}, field {crop.field + 1}, crop at ({crop.crop_y}, {crop.crop_x}), "
                     f"activation {crop.value:.4g}"
@@ -716,7 +716,7 @@ class FeaturesPanel(QWidget):
         """Centre the view on a top crop and show its well's fields."""
         if self._view is None or index >= len(self._view.crops) or self.state.mosaic is None:
             return
-        crop = self._view.crops[index]
+        crop = self._view.crops[index].crop
         y, x = self.state.mosaic.to_mosaic(
             crop.well,
             crop.field,
