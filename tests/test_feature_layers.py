@@ -329,7 +329,7 @@ def test_bars_thumbnails_and_table(world):
         explorer, feature, 5, [(0, 1000), (0, 300)], [(0, 0, 1), (0, 1, 0)], size=16
     )
     top = explorer.top_crops(feature, 5)
-    assert [(c.well, c.field, c.crop_y, c.crop_x) for c in crops] == [
+    assert [(c.crop.well, c.crop.field, c.crop.crop_y, c.crop.crop_x) for c in crops] == [
         (t.well, t.field, t.crop_y, t.crop_x) for t in top
     ]
     assert all(c.rgb.shape == (CROP, CROP, 3) for c in crops)
