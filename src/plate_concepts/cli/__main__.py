@@ -1,0 +1,3 @@
+from plate_concepts.cli import main
+
+raise SystemExit(main())
