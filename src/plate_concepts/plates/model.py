@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import dask.array as da
@@ -34,6 +35,9 @@ class Plate:
     platemap: pd.DataFrame | None = None
     pixel_size_um: float | None = None
     channel_colors: list[str] | None = None
+    format_inferred: bool = field(default=False, init=False, repr=False)
+    """Whether the format was inferred from the imaged wells rather than stated by the source:
+    a plate map may then widen it (:meth:`include_wells`)."""
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -61,6 +65,7 @@ class Plate:
                     f"{reference_key[1]} is {reference.shape} {reference.dtype}; all fields of a "
                     "plate must share channels, shape and dtype"
                 )
+        self.format_inferred = self.plate_format is None
         if self.plate_format is None:
             self.plate_format = PlateFormat.smallest_containing(self.wells)
         for well in self.wells:
@@ -68,6 +73,20 @@ class Plate:
                 raise ValueError(
                     f"well {well} lies outside the {self.plate_format.n_wells}-well plate format"
                 )
+
+    def include_wells(self, wells: Iterable[str], source: str = "the plate map") -> None:
+        """Take the plate format from the wells of a plate map when the plate's own format was
+        inferred from its imaged wells: a partly imaged plate (wells C03..N22 in the map, a few
+        of them imaged) is the smallest standard plate holding all of them (here 384 wells, not
+        the 12 that the imaged wells alone would suggest). A format stated by the source
+        (OME-Zarr rows and columns) is kept."""
+        if not self.format_inferred:
+            return
+        names = [*self.wells, *(str(w) for w in wells)]
+        try:
+            self.plate_format = PlateFormat.smallest_containing(names)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
     @property
     def wells(self) -> list[str]:

@@ -204,6 +204,7 @@ def attach_platemap(plate: Plate, platemap: pd.DataFrame | str | Path) -> Plate:
             f"the plate map matches no well of plate {plate.name!r}: the plate has wells {wells}, "
             f"the map has e.g. {list(table.index[:8])} ({len(table)} wells)"
         )
+    plate.include_wells(table.index, source=f"the plate map of {plate.name!r}")
     if missing:
         warnings.warn(
             f"plate {plate.name!r}: wells {missing} are not in the plate map; their metadata "
