@@ -52,6 +52,10 @@ class DictionaryModule(torch.nn.Module, ABC):
     def after_optimizer_step(self, step: int, generator: torch.Generator | None = None) -> None:
         """Hook after optimizer.step(): keep columns unit norm, redraw near-duplicates, etc."""
 
+    def default_lr(self) -> float:
+        """The method's default Adam learning rate for this model (its size and dimension)."""
+        raise NotImplementedError(f"{type(self).__name__} must define default_lr()")
+
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
         """Data-dependent initialisation from a sample of pre-processed tokens (default: none)."""

@@ -244,6 +244,10 @@ class TopKModule(DictionaryModule):
             "seed": self.seed,
         }
 
+    def default_lr(self) -> float:
+        """Gao et al.'s scaling with the dictionary size (:meth:`lr_for`)."""
+        return self.lr_for(self.n_features)
+
     @staticmethod
     def lr_for(n_features: int, base_lr: float = 2e-4) -> float:
         """Gao et al.'s learning-rate scaling with dictionary size: ``base_lr / sqrt(M / 2**14)``.
