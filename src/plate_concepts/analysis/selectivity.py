@@ -176,6 +176,21 @@ class SelectivityAccumulator:
         self._counts = np.zeros(0, dtype=np.int64)
         self._active = np.zeros((0, n_features), dtype=np.int64)
 
+    @classmethod
+    def from_counts(
+        cls, label: str, values: Sequence[Any], counts: np.ndarray, active: np.ndarray, n_excluded: int = 0
+    ) -> SelectivityAccumulator:
+        """An accumulator holding counts gathered elsewhere (e.g. an activation pass):
+        tokens per value ``counts`` (V,) and active tokens per value and feature ``active`` (V, M)."""
+        active = np.asarray(active, dtype=np.int64)
+        acc = cls(active.shape[1], label=label)
+        acc._values = list(values)
+        acc._row_of = {value: i for i, value in enumerate(acc._values)}
+        acc._counts = np.asarray(counts, dtype=np.int64).copy()
+        acc._active = active.copy()
+        acc.n_excluded = int(n_excluded)
+        return acc
+
     def update(self, codes_or_active: Activity, labels: Any) -> None:
         """Add a batch: SparseCodes or an (n, n_features) activity matrix, and n labels."""
         rows, features, n_rows, n_features = _activity_pairs(codes_or_active)

@@ -8,13 +8,18 @@ except ``view`` and ``demo-run``.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import warnings
 from collections.abc import Sequence
 
-from plate_concepts.cli import demo, dictionary, embeddings, plates
+from tqdm import tqdm
+
+from plate_concepts.cli import demo, dictionary, embeddings, passes, plates
+from plate_concepts.cli._common import CommandError, HelpFormatter
 
 #: The modules that add commands, in the order their commands are listed by ``--help``.
-COMMAND_MODULES = (plates, embeddings, dictionary, demo)
+COMMAND_MODULES = (plates, embeddings, dictionary, passes, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,26 +28,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plate-concepts",
         description="Find biological concepts in microscopy foundation-model embeddings of plates.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.add_commands(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
+        # SUPPRESS: a command's own default must not hide `plate-concepts --debug COMMAND`.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=DEBUG_HELP)
     return parser
 
 
+DEBUG_HELP = "on an error, show the full traceback (for a bug report) instead of one line"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"plate-concepts {args.command}: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"plate-concepts {args.command}: interrupted", file=sys.stderr)
-        return 130
+    """Run one command. Every failure ends with one line ``plate-concepts COMMAND: error: ...``
+    on stderr and exit status 2 (1 for an unexpected error, which may be a bug: ``--debug``
+    shows its traceback); Ctrl-C ends with status 130. Warnings are one line each too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # for commands that run themselves again (under a virtual display)
+    prefix = f"plate-concepts {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_: tqdm.write(
+            f"{prefix}: warning: {_one_line(str(message))}", file=sys.stderr
+        )
+        try:
+            return args.run(args)
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:
+            if args.debug:
+                raise
+            expected = isinstance(error, EXPECTED_ERRORS)
+            print(f"{prefix}: error: {describe_error(error)}", file=sys.stderr)
+            return 2 if expected else 1
+
+
+EXPECTED_ERRORS = (
+    CommandError, ValueError, KeyError, OSError, ImportError, ArithmeticError, MemoryError,
+)  # fmt: skip
+"""Failures of the input, the disk or the numbers, not of this program."""
+
+
+def describe_error(error: BaseException) -> str:
+    """One line saying what went wrong, naming the file where the error knows it."""
+    if isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    elif isinstance(error, OSError) and error.errno is not None and error.strerror:
+        files = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
+        text = f"{error.strerror}{': ' + files if files else ''}"
+        if error.errno == errno.ENOSPC:
+            text += " (the disk is full: free some space or write the output elsewhere)"
+        elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            text += " (you cannot write or read there: choose another path or fix its permissions)"
+    elif isinstance(error, (FloatingPointError, OverflowError)):
+        text = (
+            f"the numbers overflowed ({error or type(error).__name__}): the computation diverged; "
+            "a smaller learning rate (--lr) or checking the input for extreme values helps"
+        )
+    elif isinstance(error, MemoryError):
+        text = f"not enough memory ({error or 'MemoryError'}): try a smaller --batch-size"
+    elif isinstance(error, ImportError):
+        text = f"cannot import {error.name or 'a module'}: {error}"
+    elif isinstance(error, EXPECTED_ERRORS):
+        text = str(error) or type(error).__name__
+    else:
+        text = (
+            f"{type(error).__name__}: {error} (unexpected: run again with --debug to see where it "
+            "happened, and report it if it looks like a bug)"
+        )
+    return _one_line(text)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,703 @@
+"""The activation pass: encode every token of an embedding store once, in row chunks, on Dask,
+and reduce the per-feature statistics that the explorer, ``evaluate`` and reports read.
+
+A pass folder::
+
+    pass.json                     what was encoded with what, and whether it is complete
+    codes/                        zarr v3: indices (N, K) int32 and values (N, K) float32, the
+                                  sparse codes of every token (K = J*L for ICFL, k for TopK),
+                                  chunked like the tasks
+    chunks/chunk-000012.safetensors   one task's statistics (kept: a resumed pass skips them)
+    global.safetensors            usage, reconstruction, top tokens, per-label-value counts
+    plates/plate-00003.safetensors    one plate's per-well, per-label-value and control sums
+                                  and its top tokens (read alone by per-plate views)
+
+Each task is one row chunk (:func:`run_chunk`): read the tokens and their obs rows, pre-process
+and encode them with the dictionary, write their codes, save their :class:`ChunkStats`. Memory
+per task is bounded by the chunk whatever the store's size; a task whose statistics file exists
+is done, so an interrupted pass resumes where it stopped and a task re-run after a worker died
+replaces its own files (nothing is counted twice). The reduce merges the chunk files in chunk
+order — the same numbers whether the tasks ran in this process or on any number of workers —
+and writes each plate's file as soon as its last chunk is merged. Tasks run on a
+``dask.distributed`` cluster: a ``LocalCluster`` sized to the machine by default (one worker
+per GPU, else per CPU core) or an existing one by its scheduler address, whose workers must see
+the store, the dictionary and the output at the same paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from plate_concepts._io import atomic_path
+from plate_concepts.analysis.activations import (
+    CancelLike,
+    Cancelled,
+    ProgressLike,
+    WellAggregates,
+    cancel_requested,
+)
+from plate_concepts.analysis.pass_stats import CONTROLS, ChunkStats, GroupSums, PlateStats, Totals
+from plate_concepts.analysis.selectivity import SelectivityResult
+from plate_concepts.dictionary.codes import SparseCodes
+
+PASS_FILE = "pass.json"
+FORMAT_NAME = "plate-concepts-activation-pass"
+FORMAT_VERSION = 1
+#: Top tokens kept per feature, over the store and per plate.
+DEFAULT_TOP_N = 32
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """What one pass computes; every task gets a copy (plain data, cheap to send)."""
+
+    store: str
+    dictionary: str
+    out: str | None  # None: statistics only, nothing written (in-process use)
+    n_tokens: int
+    rows_per_task: int
+    label_columns: tuple[str, ...]
+    control_column: str | None
+    batch_column: str | None
+    top_n: int
+    device: str
+    threads: int | None
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_tokens // self.rows_per_task)
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.rows_per_task
+        return start, min(start + self.rows_per_task, self.n_tokens)
+
+    def chunk_file(self, chunk: int) -> Path:
+        return Path(self.out) / "chunks" / f"chunk-{chunk:06d}.safetensors"  # type: ignore[arg-type]
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed pass must share with the interrupted one."""
+        record = asdict(self)
+        for key in ("out", "device", "threads"):
+            record.pop(key)
+        record["label_columns"] = list(self.label_columns)
+        return record
+
+
+# ---------------------------------------------------------------------- one task
+@functools.lru_cache(maxsize=2)
+def _estimator(path: str, stamp: tuple[int, int], device: str) -> Any:
+    from plate_concepts.dictionary.estimators import ICFL
+
+    return ICFL.load(path, device=device)  # the file decides ICFL or TopKSAE
+
+
+@functools.lru_cache(maxsize=2)
+def _store(path: str, stamp: tuple[int, int]) -> Any:
+    from plate_concepts.embeddings.store import EmbeddingStore
+
+    return EmbeddingStore.open(path)
+
+
+def _stamp(path: str | Path) -> tuple[int, int]:
+    info = Path(path).stat()
+    return info.st_mtime_ns, info.st_size
+
+
+def _task_device(requested: str) -> str:
+    """"auto" on a Dask worker with GPUs: one GPU per worker, by the worker's number."""
+    from plate_concepts.dictionary.trainer import resolve_device
+
+    if requested != "auto":
+        return str(resolve_device(requested))
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+            index = int(name) if str(name).isdigit() else 0
+        except ValueError:  # not on a worker
+            index = 0
+        return f"cuda:{index % torch.cuda.device_count()}"
+    return str(resolve_device("auto"))
+
+
+def compute_chunk(spec: PassSpec, chunk: int) -> tuple[ChunkStats, Any]:
+    """Statistics and codes of one row chunk (reads the store, runs the dictionary)."""
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = _task_device(spec.device)
+    estimator = _estimator(spec.dictionary, _stamp(spec.dictionary), device)
+    store = _store(spec.store, _stamp(Path(spec.store) / "store.json"))
+    start, stop = spec.rows(chunk)
+    columns = ["plate", "well", *spec.label_columns]
+    for extra in (spec.control_column, spec.batch_column):
+        if extra is not None and extra not in columns:
+            columns.append(extra)
+    obs = _obs_rows(store, start, stop, columns)
+    batches = None if spec.batch_column is None else obs[spec.batch_column].to_numpy()
+    x = estimator.preprocess(store.read(slice(start, stop)), batches=batches)
+    codes = estimator.encode(x)
+    x_hat = estimator.decode(codes)
+    stats = ChunkStats.of(
+        codes, x, x_hat, obs, start, spec.label_columns, spec.control_column, spec.top_n
+    )
+    return stats, codes
+
+
+def run_chunk(spec: PassSpec, chunk: int) -> int:
+    """One task: compute a chunk, write its codes, then (the commit) its statistics file.
+    Returns the chunk's number of tokens."""
+    stats, codes = compute_chunk(spec, chunk)
+    start, stop = spec.rows(chunk)
+    group = zarr.open_group(Path(spec.out) / "codes", mode="r+")  # type: ignore[arg-type]
+    width = group["indices"].shape[1]
+    indices = np.zeros((stop - start, width), np.int32)
+    values = np.zeros((stop - start, width), np.float32)
+    k = codes.indices.shape[1]
+    indices[:, :k] = codes.indices.cpu().numpy()
+    values[:, :k] = codes.values.float().cpu().numpy()
+    group["indices"][start:stop] = indices
+    group["values"][start:stop] = values
+    stats.save(spec.chunk_file(chunk))
+    return stop - start
+
+
+def _obs_rows(store: Any, start: int, stop: int, columns: list[str]) -> pd.DataFrame:
+    obs = store.obs
+    present = [c for c in columns if c in obs.columns]
+    return obs.iloc[start:stop][present].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------- the reduce
+class _Reducer:
+    """Merges chunk statistics in chunk order; finishes each plate when its last chunk is in
+    (written to its file, or kept in memory when the pass has no folder)."""
+
+    def __init__(self, plan: dict[int, list[str]], plates_folder: Path | None) -> None:
+        self.plate_order: list[str] = []
+        self.last_chunk: dict[str, int] = {}
+        for chunk, names in sorted(plan.items()):
+            for name in names:
+                if name not in self.last_chunk:
+                    self.plate_order.append(name)
+                self.last_chunk[name] = chunk
+        self.folder = plates_folder
+        self.total: ChunkStats | None = None
+        self.open: dict[str, PlateStats] = {}
+        self.finished: dict[str, PlateStats] = {}
+        self.labels: dict[str, GroupSums] = {}
+        self.n_excluded: dict[str, int] = {}
+        self.controls = GroupSums([CONTROLS], np.zeros(1, np.int64), None, None)  # type: ignore[arg-type]
+        self.plate_active: dict[str, np.ndarray] = {}
+        self.plate_tokens: dict[str, int] = {}
+
+    def add(self, chunk: int, stats: ChunkStats) -> None:
+        for name, plate in stats.plates.items():
+            self.open[name] = self.open[name].merge(plate) if name in self.open else plate
+        stats.plates = {}
+        self.total = stats if self.total is None else self.total.merge(stats)
+        for name in [p for p in self.open if self.last_chunk[p] == chunk]:
+            self._finish(name, self.open.pop(name))
+
+    def _finish(self, name: str, plate: PlateStats) -> None:
+        for column, sums in plate.labels.items():
+            flat = GroupSums(sums.keys, sums.counts, sums.active, sums.sums)
+            self.labels[column] = self.labels[column].merge(flat) if column in self.labels else flat
+            self.n_excluded[column] = self.n_excluded.get(column, 0) + plate.n_excluded.get(column, 0)
+        controls = plate.controls
+        if self.controls.active is None:
+            self.controls = GroupSums(controls.keys, controls.counts, controls.active, controls.sums)
+        else:
+            self.controls = self.controls.merge(
+                GroupSums(controls.keys, controls.counts, controls.active, controls.sums)
+            )
+        self.plate_active[name] = plate.wells.active.sum(axis=0)
+        self.plate_tokens[name] = plate.n_tokens
+        if self.folder is None:
+            self.finished[name] = plate
+        else:
+            plate.save(self.folder / _plate_file(self.plate_order.index(name)), name)
+
+    def totals(self) -> Totals:
+        if self.total is None or self.open:
+            raise RuntimeError("the pass is not complete: some chunks were not merged")
+        total = self.total
+        return Totals(
+            total.n_features, total.n_tokens, total.active, total.sums, total.reconstruction,
+            total.top, self.labels, self.n_excluded, self.controls, self.plate_order,
+            np.array([self.plate_tokens[p] for p in self.plate_order], dtype=np.int64),
+            np.stack([self.plate_active[p] for p in self.plate_order]),
+        )
+
+
+def _plate_file(index: int) -> str:
+    return f"plate-{index:05d}.safetensors"
+
+
+# ---------------------------------------------------------------------- running a pass
+def plan_pass(
+    store: Any,
+    dictionary: str | os.PathLike,
+    out: str | os.PathLike | None,
+    *,
+    labels: Sequence[str] | None = None,
+    control_column: str | None = "is_control",
+    batch_column: str | None = None,
+    top_n: int = DEFAULT_TOP_N,
+    rows_per_task: int | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+) -> PassSpec:
+    """The :class:`PassSpec` of a pass over ``store`` (an EmbeddingStore) with a dictionary
+    file: label columns default to :func:`label_columns_of` the store."""
+    obs_columns = _obs_columns(store)
+    if labels is None:
+        labels = label_columns_of(store.obs, exclude=(control_column, batch_column))
+    missing = [c for c in labels if c not in obs_columns]
+    if missing:
+        raise ValueError(
+            f"label column(s) {missing} are not columns of the store {store.path} "
+            f"(columns: {obs_columns})"
+        )
+    if batch_column is not None and batch_column not in obs_columns:
+        raise ValueError(f"batch column {batch_column!r} is not a column of the store {store.path}")
+    if control_column is not None and control_column not in obs_columns:
+        control_column = None  # a store without controls: no control sums
+    if isinstance(top_n, bool) or int(top_n) < 1:
+        raise ValueError(f"top_n must be a positive integer, got {top_n!r}")
+    rows = int(rows_per_task or store.chunk_rows)
+    if rows < 1:
+        raise ValueError(f"rows_per_task must be a positive integer, got {rows_per_task!r}")
+    if len(store) == 0:
+        raise ValueError(f"embedding store {store.path} holds no tokens")
+    return PassSpec(
+        store=os.fspath(Path(store.path).resolve()),
+        dictionary=os.fspath(Path(dictionary).resolve()),
+        out=None if out is None else os.fspath(Path(out).resolve()),
+        n_tokens=len(store), rows_per_task=rows, label_columns=tuple(labels),
+        control_column=control_column, batch_column=batch_column, top_n=int(top_n),
+        device=device, threads=threads,
+    )
+
+
+def run_pass(
+    spec: PassSpec,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    progress: ProgressLike | None = None,
+    cancel: CancelLike | None = None,
+) -> ActivationPass:
+    """Run the pass and return its result.
+
+    ``workers=0`` runs every task in this process; otherwise the tasks go to the Dask cluster at
+    ``scheduler`` or to a new ``LocalCluster`` of ``workers`` workers (default: one per GPU,
+    else one per CPU core). With ``spec.out`` the pass is written there (resuming an
+    interrupted pass of the same spec; a complete one is replaced only with ``overwrite``, and
+    only once the new one is complete); without it nothing is written (in-process only).
+    ``progress(done, total)`` counts tokens; ``cancel`` stops between tasks with
+    :class:`~plate_concepts.analysis.activations.Cancelled` (finished tasks are kept).
+    """
+    if spec.out is None:
+        if workers not in (None, 0) or scheduler is not None:
+            raise ValueError("a pass on Dask workers needs an output folder (out=) they can write to")
+        return _run_in_memory(spec, progress, cancel)
+    final = Path(spec.out)
+    folder = _prepare_folder(spec, final, overwrite)
+    work = PassSpec(**{**asdict(spec), "out": os.fspath(folder)})
+    todo = [chunk for chunk in range(work.n_chunks) if not work.chunk_file(chunk).is_file()]
+    done_tokens = sum(np.subtract(*work.rows(c)[::-1]) for c in range(work.n_chunks) if c not in set(todo))
+    if progress is not None:
+        progress(int(done_tokens), work.n_tokens)
+    if todo:
+        if workers == 0 and scheduler is None:
+            for chunk in todo:
+                if cancel_requested(cancel):
+                    raise Cancelled(f"the activation pass was cancelled; {folder} resumes it")
+                done_tokens += run_chunk(work, chunk)
+                if progress is not None:
+                    progress(int(done_tokens), work.n_tokens)
+        else:
+            _run_on_dask(work, todo, workers, scheduler, int(done_tokens), progress, cancel)
+    _reduce_to_folder(work, folder)
+    if folder != final:  # replacing a complete pass: swap only now that the new one is whole
+        with atomic_path(final) as tmp:
+            os.replace(folder, tmp)
+    return ActivationPass.open(final)
+
+
+def _run_in_memory(spec: PassSpec, progress: ProgressLike | None, cancel: CancelLike | None) -> ActivationPass:
+    parts: dict[int, ChunkStats] = {}
+    for chunk in range(spec.n_chunks):
+        if cancel_requested(cancel):
+            raise Cancelled("the activation pass was cancelled")
+        parts[chunk] = compute_chunk(spec, chunk)[0]
+        if progress is not None:
+            progress(spec.rows(chunk)[1], spec.n_tokens)
+    reducer = _Reducer({c: list(p.plates) for c, p in parts.items()}, None)
+    for chunk in range(spec.n_chunks):
+        reducer.add(chunk, parts.pop(chunk))
+    return ActivationPass(spec, reducer.totals(), None, reducer.finished)
+
+
+def _run_on_dask(
+    spec: PassSpec,
+    todo: list[int],
+    workers: int | None,
+    scheduler: str | None,
+    done_tokens: int,
+    progress: ProgressLike | None,
+    cancel: CancelLike | None,
+) -> None:
+    import logging
+
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler is None:
+        n_workers = workers or default_workers()
+        cluster = LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True,
+            dashboard_address=None, silence_logs=logging.ERROR,
+        )
+        spec = PassSpec(**{**asdict(spec), "threads": spec.threads or max(1, (os.cpu_count() or 1) // n_workers)})
+    client = Client(cluster if cluster is not None else scheduler)
+    try:
+        token = hashlib.sha1(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:10]
+        futures = [
+            client.submit(run_chunk, spec, chunk, key=f"plate-concepts-pass-{token}-chunk-{chunk}", pure=False)
+            for chunk in todo
+        ]
+        finished = as_completed(futures)
+        while not finished.is_empty():
+            batch = finished.next_batch(block=False)
+            if not batch:
+                if cancel_requested(cancel):
+                    client.cancel(futures)
+                    raise Cancelled(f"the activation pass was cancelled; {spec.out} resumes it")
+                time.sleep(0.05)
+                continue
+            for future in batch:
+                done_tokens += future.result()  # a task's error is raised here
+            if progress is not None:
+                progress(done_tokens, spec.n_tokens)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def default_workers() -> int:
+    """One worker per GPU, else one per CPU core."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+
+
+def _prepare_folder(spec: PassSpec, final: Path, overwrite: bool) -> Path:
+    """The folder the pass works in: ``final`` (new or resumed), or a fixed sibling when a
+    complete pass is being replaced. Creates the codes arrays and writes the plan."""
+    record = _read_pass_record(final) if final.exists() else None
+    if final.exists() and record is None:
+        raise FileExistsError(
+            f"{final} exists and is not an activation pass; choose another output folder"
+        )
+    folder = final
+    if record is not None and record["complete"]:
+        if not overwrite:
+            raise FileExistsError(
+                f"{final} already holds a complete activation pass; pass --overwrite to replace it"
+            )
+        folder = final.with_name(f".{final.name}.next")  # resumable, unlike a random name
+        record = _read_pass_record(folder) if folder.exists() else None
+    if record is not None and record["spec"] != spec.identity():
+        if not overwrite:
+            changed = sorted(k for k, v in spec.identity().items() if record["spec"].get(k) != v)
+            raise ValueError(
+                f"{folder} holds an unfinished pass with other settings ({', '.join(changed)} "
+                "differ); run it with the same settings to resume, or pass --overwrite to restart"
+            )
+        shutil.rmtree(folder)  # our own unfinished pass, replaced on request
+        record = None
+    if record is None:
+        (folder / "chunks").mkdir(parents=True, exist_ok=True)
+        (folder / "plates").mkdir(exist_ok=True)
+        width = _code_slots(spec)
+        group = zarr.open_group(folder / "codes", mode="w", zarr_format=3)
+        for name, dtype in (("indices", "int32"), ("values", "float32")):
+            group.create_array(name, shape=(spec.n_tokens, width), chunks=(spec.rows_per_task, width),
+                               dtype=dtype, fill_value=0)
+        _write_pass_record(folder, {"spec": spec.identity(), "complete": False})
+    return folder
+
+
+def _code_slots(spec: PassSpec) -> int:
+    from plate_concepts.dictionary.io import read_dictionary_metadata
+
+    meta = read_dictionary_metadata(spec.dictionary)
+    hyper = meta.get("hyperparameters", {})
+    if meta.get("method") == "topk":
+        return int(hyper["k"])
+    return int(hyper["n_rounds"]) * int(hyper["per_round"])
+
+
+def _reduce_to_folder(spec: PassSpec, folder: Path) -> None:
+    from plate_concepts.analysis.pass_stats import read_header
+
+    files = {chunk: spec.chunk_file(chunk) for chunk in range(spec.n_chunks)}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise RuntimeError(f"the activation pass lacks {len(missing)} chunk result(s), e.g. {missing[0]}")
+    plan = {chunk: [p["name"] for p in read_header(f)["plates"]] for chunk, f in files.items()}
+    plates_folder = folder / "plates"
+    for stale in plates_folder.glob("plate-*.safetensors"):
+        stale.unlink()  # written by an earlier, interrupted reduce of this same pass
+    reducer = _Reducer(plan, plates_folder)
+    for chunk, file in files.items():
+        reducer.add(chunk, ChunkStats.load(file))
+    totals = reducer.totals()
+    totals.save(folder / "global.safetensors")
+    _write_pass_record(folder, {
+        "spec": spec.identity(), "complete": True, "plates": totals.plates,
+        "n_tokens": totals.n_tokens, "n_features": totals.n_features,
+    })
+
+
+def _write_pass_record(folder: Path, record: dict[str, Any]) -> None:
+    with atomic_path(folder / PASS_FILE) as tmp:
+        tmp.write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, **record}, indent=1))
+
+
+def _read_pass_record(folder: Path) -> dict[str, Any] | None:
+    """The pass record of ``folder``, or None when it is not an activation pass."""
+    path = folder / PASS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt ({err}); the activation pass cannot be read") from err
+    if record.get("format") != FORMAT_NAME:
+        return None
+    if record.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: activation-pass format version {record.get('version')} is newer than this plate_concepts reads")
+    return record
+
+
+def _obs_columns(store: Any) -> list[str]:
+    return list(store.obs.columns)
+
+
+def label_columns_of(obs: pd.DataFrame, exclude: Sequence[str | None] = (), max_values: int = 384) -> list[str]:
+    """The obs columns that label tokens: not the index, the control flag or a measurement
+    (non-integral floats), holding 2 to ``max_values`` distinct values."""
+    from plate_concepts.embeddings.store import INDEX_COLUMNS
+
+    skip = {*INDEX_COLUMNS, "is_control", "foreground_fraction", *(c for c in exclude if c)}
+    columns = []
+    for column in obs.columns:
+        if column in skip:
+            continue
+        values = obs[column].dropna()
+        if values.dtype.kind == "f" and not np.all(values.to_numpy() == np.round(values.to_numpy())):
+            continue
+        if 2 <= values.nunique() <= max_values:
+            columns.append(column)
+    return columns
+
+
+# ---------------------------------------------------------------------- reading a pass
+class ActivationPass:
+    """A pass's results: store-wide feature statistics at once, each plate's when asked (its
+    file alone is read), codes of any rows from the codes arrays.
+
+    Open a finished pass with :meth:`open`; :func:`run_pass` returns one.
+    """
+
+    def __init__(
+        self,
+        spec: PassSpec,
+        totals: Totals,
+        folder: Path | None,
+        plates: dict[str, PlateStats] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.totals = totals
+        self.folder = folder
+        self._plates: dict[str, PlateStats] = dict(plates or {})
+        self._plate_index = {name: i for i, name in enumerate(totals.plates)}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> ActivationPass:
+        folder = Path(path)
+        if not folder.exists():
+            raise FileNotFoundError(f"activation pass {folder} does not exist")
+        record = _read_pass_record(folder)
+        if record is None:
+            raise ValueError(f"{folder} is not an activation pass (it has no {PASS_FILE} of this format)")
+        if not record["complete"]:
+            raise ValueError(
+                f"activation pass {folder} is unfinished; run `plate-concepts encode` again with the "
+                "same arguments to complete it"
+            )
+        spec_record = dict(record["spec"])
+        spec_record["label_columns"] = tuple(spec_record["label_columns"])
+        spec = PassSpec(**spec_record, out=os.fspath(folder), device="cpu", threads=None)
+        return cls(spec, Totals.load(folder / "global.safetensors"), folder)
+
+    # ------------------------------------------------------------------ store-wide
+    @property
+    def n_tokens(self) -> int:
+        return self.totals.n_tokens
+
+    @property
+    def n_features(self) -> int:
+        return self.totals.n_features
+
+    @property
+    def plates(self) -> list[str]:
+        return list(self.totals.plates)
+
+    @property
+    def label_columns(self) -> list[str]:
+        return list(self.spec.label_columns)
+
+    @property
+    def frequency(self) -> np.ndarray:
+        """(M,) fraction of tokens where each feature is active."""
+        return self.totals.active / self.n_tokens
+
+    @property
+    def mean_activation(self) -> np.ndarray:
+        """(M,) mean code of each feature over all tokens (inactive = 0)."""
+        return self.totals.sums / self.n_tokens
+
+    @property
+    def l0(self) -> float:
+        return float(self.totals.active.sum() / self.n_tokens)
+
+    @property
+    def fvu(self) -> float:
+        return self.totals.reconstruction.fvu
+
+    @property
+    def cosine(self) -> float:
+        return self.totals.reconstruction.cosine
+
+    def plate_frequency(self) -> pd.DataFrame:
+        """(plates x features) fraction of each plate's tokens where each feature is active."""
+        return pd.DataFrame(
+            self.totals.plate_active / np.maximum(self.totals.plate_tokens, 1)[:, None],
+            index=pd.Index(self.plates, name="plate"),
+        )
+
+    def selectivity(self, column: str) -> SelectivityResult:
+        """Selectivity of every feature for the values of a label column of the pass."""
+        from plate_concepts.analysis.selectivity import SelectivityAccumulator
+
+        sums = self._label(column)
+        return SelectivityAccumulator.from_counts(
+            column, sums.keys, sums.counts, sums.active, self.totals.n_excluded.get(column, 0)
+        ).result()
+
+    def label_sums(self, column: str) -> GroupSums:
+        """Per value of a label column, over the whole store: tokens, active counts, code sums."""
+        return self._label(column)
+
+    def _label(self, column: str) -> GroupSums:
+        if column not in self.totals.labels:
+            raise ValueError(
+                f"the activation pass has no statistics for label column {column!r} "
+                f"(it has: {', '.join(self.totals.labels) or 'none'}); run it with --label {column}"
+            )
+        return self.totals.labels[column]
+
+    def top_tokens(self, feature: int, n: int | None = None, plate: str | None = None) -> list[tuple[int, float]]:
+        """(store row, code) of the tokens where ``feature`` is largest, best first: over the
+        store, or on one plate; at most the pass's ``top_n``."""
+        top = self.totals.top if plate is None else self.plate(plate).top
+        rows, values = top.rows[feature], top.values[feature]
+        keep = rows >= 0
+        pairs = list(zip(rows[keep].tolist(), values[keep].astype(float).tolist(), strict=True))
+        return pairs if n is None else pairs[:n]
+
+    def evaluation(self, labels: Sequence[str] = (), dead_threshold: float = 1e-5) -> dict[str, Any]:
+        """What ``plate-concepts evaluate`` reports, from the pass alone."""
+        dead = self.frequency < dead_threshold
+        out: dict[str, Any] = {
+            "fvu": self.fvu, "cosine": self.cosine, "l0": self.l0,
+            "dead_fraction": float(np.mean(dead)), "n_dead": int(dead.sum()),
+            "n_features": self.n_features, "n_tokens": self.n_tokens, "selectivity": {},
+        }
+        for column in labels:
+            summary = self.selectivity(column).summary()
+            out["selectivity"][column] = {
+                "best_max_selectivity": {str(k): float(v) for k, v in summary["best_max_selectivity"].items()},
+                "n_avg_above_0.5": int(summary["n_avg_above_0.5"]),
+                "n_avg_above_0.2": int(summary["n_avg_above_0.2"]),
+            }
+        return out
+
+    # ------------------------------------------------------------------ per plate
+    def plate(self, name: str) -> PlateStats:
+        """One plate's statistics (read from its own file, then kept)."""
+        if name not in self._plate_index:
+            raise KeyError(f"plate {name!r} has no tokens in this pass (plates: {', '.join(self.plates[:10])})")
+        if name not in self._plates:
+            if self.folder is None:
+                raise RuntimeError(f"plate {name!r} statistics are not in memory")
+            _, stats = PlateStats.load(self.folder / "plates" / _plate_file(self._plate_index[name]))
+            if len(self._plates) >= 8:
+                self._plates.pop(next(iter(self._plates)))
+            self._plates[name] = stats
+        return self._plates[name]
+
+    def well_aggregates(self, plate: str) -> WellAggregates:
+        """Per-well mean activation and fraction active on one plate, wells row by row."""
+        from plate_concepts.analysis.activations import _well_order
+
+        wells = self.plate(plate).wells
+        order = _well_order([str(w) for w in wells.keys])
+        where = [wells.keys.index(w) for w in order]
+        counts = wells.counts[where]
+        return WellAggregates(
+            wells=order,
+            mean_activation=(wells.sums[where] / counts[:, None]).astype(np.float32),
+            fraction_active=(wells.active[where] / counts[:, None]).astype(np.float32),
+            n_tokens=counts,
+        )
+
+    def codes(self, rows: np.ndarray | slice) -> SparseCodes:
+        """Codes of store rows, read from the pass's codes arrays."""
+        import torch
+
+        if self.folder is None:
+            raise RuntimeError("this pass was computed in memory and kept no codes")
+        group = zarr.open_group(self.folder / "codes", mode="r")
+        if isinstance(rows, slice):
+            indices, values = group["indices"][rows], group["values"][rows]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            indices = group["indices"].get_orthogonal_selection((rows, slice(None)))
+            values = group["values"].get_orthogonal_selection((rows, slice(None)))
+        return SparseCodes(
+            torch.from_numpy(np.asarray(indices, np.int64)), torch.from_numpy(np.asarray(values)), self.n_features
+        )

@@ -1,0 +1,223 @@
+"""The activation pass: its statistics equal direct computations on the codes, and the same
+pass in this process, written to a folder, or on a 2-worker Dask cluster gives identical
+numbers; interrupted and killed runs resume without counting anything twice."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from plate_concepts.analysis.activation_pass import (
+    ActivationPass,
+    label_columns_of,
+    plan_pass,
+    run_pass,
+)
+from plate_concepts.analysis.activations import Cancelled, top_tokens, well_aggregates
+from plate_concepts.analysis.metrics import FeatureUsage, ReconstructionMetrics
+from plate_concepts.analysis.selectivity import selectivity
+from plate_concepts.dictionary import ICFL
+from plate_concepts.embeddings.store import EmbeddingStore
+
+torch.set_num_threads(1)
+DIM, M = 12, 24
+PLATES = ("P1", "P2", "P3")
+TREATMENTS = ("DMSO", "drugA", "drugB")
+
+
+def screen_obs(rng: np.random.Generator) -> pd.DataFrame:
+    """Three plates of six wells, 14 tokens per well; a plate-level batch label."""
+    rows = []
+    for p, plate in enumerate(PLATES):
+        for w in range(6):
+            well = f"B{w + 2:02d}"
+            treatment = TREATMENTS[w % 3]
+            for t in range(14):
+                rows.append({
+                    "plate": plate, "well": well, "field": t // 7, "crop_y": 0, "crop_x": 32 * (t % 7),
+                    "crop_size": 32, "treatment": treatment, "batch": p % 2 + 1,
+                    "is_control": treatment == "DMSO",
+                    "dose": np.nan if treatment == "DMSO" else float(w % 2 + 1),
+                })
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    obs = screen_obs(rng)
+    directions = rng.normal(size=(3, DIM))
+    tokens = rng.normal(size=(len(obs), DIM)) + 3 * directions[obs["treatment"].map(TREATMENTS.index)]
+    root = tmp_path_factory.mktemp("pass")
+    store = EmbeddingStore.create(root / "store", dim=DIM, chunk_rows=40)
+    store.append(tokens.astype(np.float32), obs)
+    estimator = ICFL(n_features=M, n_rounds=2, per_round=2, steps=40, batch_size=64, device="cpu", seed=0)
+    estimator.fit(tokens, is_control=obs["is_control"].to_numpy())
+    dictionary = estimator.save(root / "dict.safetensors")
+    return root, EmbeddingStore.open(root / "store"), dictionary, estimator, obs
+
+
+def expected(estimator, store, obs):
+    x = estimator.preprocess(store.read())
+    codes = estimator.encode(x)
+    return x, codes
+
+
+def test_label_columns_are_the_labels(screen):
+    _, store, _, _, obs = screen
+    assert label_columns_of(obs) == ["treatment", "batch", "dose"]
+
+
+def test_in_memory_pass_equals_direct_computations(screen):
+    _, store, dictionary, estimator, obs = screen
+    spec = plan_pass(store, dictionary, None, rows_per_task=40)
+    assert spec.n_chunks == 7 and spec.label_columns == ("treatment", "batch", "dose")
+    result = run_pass(spec)
+    x, codes = expected(estimator, store, obs)
+
+    usage = FeatureUsage(M)
+    usage.update(codes)
+    np.testing.assert_allclose(result.frequency, usage.frequency)
+    np.testing.assert_allclose(result.mean_activation, usage.mean_activation, rtol=1e-6, atol=1e-9)
+    metrics = ReconstructionMetrics()
+    metrics.update(x, estimator.decode(codes))
+    assert result.fvu == pytest.approx(metrics.fvu, rel=1e-6)
+    assert result.cosine == pytest.approx(metrics.cosine, rel=1e-6)
+
+    for column in ("treatment", "dose"):  # dose: NaN for controls, 1.0 and 2 are labels 1 and 2
+        direct = selectivity(codes, obs[column], label=column)
+        mine = result.selectivity(column)
+        assert [str(v) for v in mine.values] == [str(int(v)) if isinstance(v, float) else str(v) for v in direct.values]
+        np.testing.assert_array_equal(mine.active_counts, direct.active_counts)
+        np.testing.assert_allclose(mine.maximum, direct.maximum)
+        assert mine.n_excluded == direct.n_excluded
+
+    dense = codes.dense().numpy()
+    for plate in PLATES:
+        rows = np.flatnonzero(obs["plate"] == plate)
+        wells = well_aggregates(codes[torch.from_numpy(rows)], obs["well"].to_numpy()[rows])
+        mine = result.well_aggregates(plate)
+        assert mine.wells == wells.wells
+        np.testing.assert_allclose(mine.mean_activation, wells.mean_activation, rtol=1e-6)
+        np.testing.assert_array_equal(mine.fraction_active, wells.fraction_active)
+        # Sums and sums of squares per (plate, label value) and over the plate's controls.
+        stats = result.plate(plate)
+        for value in TREATMENTS:
+            on = rows[obs["treatment"].to_numpy()[rows] == value]
+            i = stats.labels["treatment"].keys.index(value)
+            np.testing.assert_allclose(stats.labels["treatment"].sums[i], dense[on].sum(axis=0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stats.labels["treatment"].sumsq[i], (dense[on] ** 2).sum(axis=0), rtol=1e-5, atol=1e-6)
+        control = rows[obs["is_control"].to_numpy()[rows]]
+        assert stats.controls.counts[0] == len(control)
+        np.testing.assert_allclose(stats.controls.sumsq[0], (dense[control] ** 2).sum(axis=0), rtol=1e-5, atol=1e-6)
+        # Top tokens per plate and over the store: the largest codes, ties to the lower row.
+        for feature in range(M):
+            plate_values = np.where(np.isin(np.arange(len(obs)), rows), dense[:, feature], 0)
+            want = [int(r) for r in top_tokens(codes, feature, 100) if plate_values[r] != 0][: spec.top_n]
+            assert [r for r, _ in result.top_tokens(feature, plate=plate)] == want
+    for feature in range(M):
+        assert [r for r, _ in result.top_tokens(feature)] == top_tokens(codes, feature, spec.top_n).tolist()
+    frequency = result.plate_frequency()
+    assert list(frequency.index) == list(PLATES)
+    np.testing.assert_allclose(frequency.loc["P2"].to_numpy(), (dense[obs["plate"] == "P2"] != 0).mean(axis=0))
+
+
+def assert_same_pass(a: ActivationPass, b: ActivationPass) -> None:
+    assert a.plates == b.plates
+    for name in ("active", "sums", "plate_active", "plate_tokens"):
+        np.testing.assert_array_equal(getattr(a.totals, name), getattr(b.totals, name))
+    assert a.fvu == b.fvu and a.cosine == b.cosine
+    np.testing.assert_array_equal(a.totals.top.rows, b.totals.top.rows)
+    for column in a.label_columns:
+        np.testing.assert_array_equal(a.selectivity(column).maximum, b.selectivity(column).maximum)
+    for plate in a.plates:
+        pa, pb = a.plate(plate), b.plate(plate)
+        np.testing.assert_array_equal(pa.wells.sums, pb.wells.sums)
+        np.testing.assert_array_equal(pa.labels["treatment"].sumsq, pb.labels["treatment"].sumsq)
+        np.testing.assert_array_equal(pa.top.rows, pb.top.rows)
+
+
+def test_written_pass_equals_in_memory_and_keeps_codes(screen, tmp_path):
+    _, store, dictionary, estimator, obs = screen
+    in_memory = run_pass(plan_pass(store, dictionary, None, rows_per_task=40))
+    written = run_pass(plan_pass(store, dictionary, tmp_path / "pass", rows_per_task=40), workers=0)
+    assert_same_pass(in_memory, written)
+    reopened = ActivationPass.open(tmp_path / "pass")
+    assert_same_pass(in_memory, reopened)
+    _, codes = expected(estimator, store, obs)
+    rows = np.array([3, 77, 200, 251])
+    np.testing.assert_array_equal(reopened.codes(rows).dense().numpy(), codes.dense().numpy()[rows])
+    # A plate's statistics come from its own file alone.
+    for other in ("plate-00000.safetensors", "plate-00002.safetensors"):
+        os.remove(tmp_path / "pass" / "plates" / other)
+    assert reopened.plate("P2").n_tokens == 84
+
+
+def test_complete_pass_is_kept_unless_overwrite(screen, tmp_path):
+    _, store, dictionary, _, _ = screen
+    spec = plan_pass(store, dictionary, tmp_path / "pass", rows_per_task=40)
+    run_pass(spec, workers=0)
+    before = (tmp_path / "pass" / "global.safetensors").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="complete activation pass"):
+        run_pass(spec, workers=0)
+    run_pass(spec, workers=0, overwrite=True)
+    assert (tmp_path / "pass" / "global.safetensors").stat().st_mtime_ns != before
+    assert not (tmp_path / ".pass.next").exists()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an activation pass"):
+        run_pass(plan_pass(store, dictionary, notes), workers=0, overwrite=True)
+    assert (notes / "todo.txt").read_text() == "mine"
+
+
+def test_cancelled_pass_resumes_without_redoing_chunks(screen, tmp_path):
+    _, store, dictionary, _, _ = screen
+    spec = plan_pass(store, dictionary, tmp_path / "pass", rows_per_task=40)
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+
+    with pytest.raises(Cancelled):
+        run_pass(spec, workers=0, progress=progress, cancel=lambda: len(seen) > 3)
+    chunks = sorted((tmp_path / "pass" / "chunks").iterdir())
+    assert len(chunks) == 3
+    stamps = {c.name: c.stat().st_mtime_ns for c in chunks}
+    with pytest.raises(ValueError, match="unfinished"):
+        ActivationPass.open(tmp_path / "pass")
+    with pytest.raises(ValueError, match="top_n differ"):
+        run_pass(plan_pass(store, dictionary, tmp_path / "pass", rows_per_task=40, top_n=5), workers=0)
+    result = run_pass(spec, workers=0)
+    assert {c.name: c.stat().st_mtime_ns for c in chunks} == stamps  # not redone
+    assert_same_pass(result, run_pass(plan_pass(store, dictionary, None, rows_per_task=40)))
+
+
+def test_two_dask_workers_equal_in_process_even_when_one_dies(screen, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    _, store, dictionary, _, _ = screen
+    marker = tmp_path / "kill-once"
+    marker.write_text("")
+
+    class KillOnce(distributed.WorkerPlugin):
+        """Kill the worker the first time it starts chunk 2's task."""
+
+        def __init__(self, marker: str) -> None:
+            self.marker = marker
+
+        def transition(self, key, start, finish, **kwargs):
+            if finish == "executing" and str(key).endswith("-chunk-2") and os.path.exists(self.marker):
+                os.remove(self.marker)
+                os._exit(1)
+
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        client.register_plugin(KillOnce(str(marker)))
+        on_dask = run_pass(plan_pass(store, dictionary, tmp_path / "pass", rows_per_task=40),
+                           scheduler=cluster.scheduler_address)
+    assert not marker.exists()  # the worker did die once
+    assert_same_pass(on_dask, run_pass(plan_pass(store, dictionary, None, rows_per_task=40)))
