@@ -265,8 +265,10 @@ def test_write_then_read_back(tmp_path):
     out = write_demo_plate(tmp_path / "demo", n_wells=6, fields_per_well=2, field_size=128, seed=4)
     assert out == tmp_path / "demo"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [demo.ZARR_NAME, demo.PLATEMAP_NAME, demo.GROUND_TRUTH_NAME, demo.README_NAME]
+        [demo.ZARR_NAME, demo.PLATEMAP_NAME, demo.GROUND_TRUTH_NAME, demo.README_NAME,
+         demo.MARKER_NAME]
     )
+    assert demo.is_demo_folder(out) and not demo.is_demo_folder(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
     plate = read_ome_zarr_plate(out / demo.ZARR_NAME)
     assert plate.channels == list(CHANNELS)

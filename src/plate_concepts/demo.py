@@ -46,6 +46,7 @@ writing the default plate takes a few minutes on 2 CPU cores; it is about 0.5 GB
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -62,7 +63,7 @@ from scipy import ndimage
 from skimage.measure import label as connected_components
 from skimage.segmentation import find_boundaries
 
-from plate_concepts._io import atomic_path
+from plate_concepts._io import atomic_path, replaceable_output
 from plate_concepts._progress import ProgressLike, progress_ticker
 from plate_concepts.plates.geometry import PlateFormat, parse_well
 from plate_concepts.plates.model import FieldKey, Plate
@@ -78,6 +79,8 @@ __all__ = [
     "PERTURBATIONS",
     "cached_demo_plate",
     "demo_cache_dir",
+    "demo_plate_folder",
+    "is_demo_folder",
     "make_demo_plate",
     "make_demo_platemap",
     "write_demo_plate",
@@ -98,6 +101,9 @@ ZARR_NAME = "demo_plate.zarr"
 PLATEMAP_NAME = "platemap.csv"
 GROUND_TRUTH_NAME = "ground_truth.parquet"
 README_NAME = "README.md"
+MARKER_NAME = "plate_concepts_demo.json"
+_WRITER = "plate_concepts.demo.write_demo_plate"
+"""Marks a folder written by :func:`write_demo_plate` (only such a folder is ever replaced)."""
 CACHE_ENV_VAR = "PLATE_CONCEPTS_CACHE"
 
 MIN_WELLS, MAX_WELLS = 6, 384
@@ -938,21 +944,23 @@ def write_demo_plate(
     cell) and ``README.md``. Fields are rendered and written one at a time (``progress`` is
     called per field), into a hidden sibling folder renamed onto ``out_dir`` when complete.
 
+    A marker file (``plate_concepts_demo.json``) says the folder is a demo plate this package
+    wrote: ``overwrite`` replaces such a folder (or an empty one), never anything else.
+
     Raises
     ------
     FileExistsError
-        If ``out_dir`` exists and ``overwrite`` is False.
+        If ``out_dir`` exists and ``overwrite`` is False, or it is not a demo plate folder.
     """
     from plate_concepts.plates.omezarr import write_ome_zarr_plate
 
     parameters = DemoParameters(n_wells, fields_per_well, field_size, seed)
-    destination = Path(out_dir)
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} already exists; pass overwrite=True to replace it")
+    destination = replaceable_output(out_dir, "demo-folder", overwrite=overwrite)
     renderer = _FieldRenderer(parameters, make_demo_platemap(n_wells, seed))
     plate = _lazy_plate(renderer)
-    with atomic_path(destination, overwrite=overwrite) as tmp:
+    with atomic_path(destination, overwrite=overwrite, kind="demo-folder") as tmp:
         tmp.mkdir()
+        (tmp / MARKER_NAME).write_text(json.dumps(_marker(parameters), indent=2))
         # The threaded scheduler keeps the renderer's cache shared by image and label arrays.
         with dask.config.set(scheduler="threads"):
             write_ome_zarr_plate(plate, tmp / ZARR_NAME, ngff_version="0.5", progress=progress)
@@ -977,6 +985,19 @@ def demo_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(user_cache_dir("napari-plate-concepts", appauthor=False))
 
 
+def demo_plate_folder(
+    cache_dir: str | os.PathLike | None = None,
+    n_wells: int = 96,
+    fields_per_well: int = 2,
+    field_size: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Where :func:`cached_demo_plate` keeps the demo plate of these parameters (it may not be
+    written yet): ``<demo_cache_dir>/demo-v1-96w-2f-512px-seed0`` for the defaults."""
+    parameters = DemoParameters(n_wells, fields_per_well, field_size, seed)
+    return demo_cache_dir(cache_dir) / parameters.key
+
+
 def cached_demo_plate(
     cache_dir: str | os.PathLike | None = None,
     n_wells: int = 96,
@@ -990,8 +1011,7 @@ def cached_demo_plate(
     It lies under :func:`demo_cache_dir`, named after the parameters and :data:`DEMO_VERSION`
     (``demo-v1-96w-2f-512px-seed0``); the plate itself is ``<folder>/demo_plate.zarr``.
     """
-    parameters = DemoParameters(n_wells, fields_per_well, field_size, seed)
-    folder = demo_cache_dir(cache_dir) / parameters.key
+    folder = demo_plate_folder(cache_dir, n_wells, fields_per_well, field_size, seed)
     if _is_complete(folder):
         return folder
     try:
@@ -1004,6 +1024,36 @@ def cached_demo_plate(
         if not _is_complete(folder):  # not another process that finished first
             raise
     return folder
+
+
+def is_demo_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by :func:`write_demo_plate` (its marker file, or the
+    README that versions before the marker wrote)."""
+    path = Path(path)
+    marker = path / MARKER_NAME
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text()).get("written_by") == _WRITER
+        except (ValueError, AttributeError, OSError):
+            return False
+    readme = path / README_NAME
+    try:
+        return readme.is_file() and f"Written by `{_WRITER}`" in readme.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _marker(parameters: DemoParameters) -> dict[str, Any]:
+    return {
+        "written_by": _WRITER,
+        "demo_version": DEMO_VERSION,
+        "parameters": {
+            "n_wells": parameters.n_wells,
+            "fields_per_well": parameters.fields_per_well,
+            "field_size": parameters.field_size,
+            "seed": parameters.seed,
+        },
+    }
 
 
 def _is_complete(folder: Path) -> bool:
@@ -1022,7 +1072,7 @@ def _readme(parameters: DemoParameters, platemap: pd.DataFrame, ground_truth: pd
     )
     return f"""# Demo plate (synthetic Cell Painting-like, known ground truth)
 
-Written by `plate_concepts.demo.write_demo_plate` (demo version {DEMO_VERSION}).
+Written by `{_WRITER}` (demo version {DEMO_VERSION}).
 
 - {parameters.n_wells} wells, {parameters.fields_per_well} fields per well, \
 {parameters.field_size} x {parameters.field_size} px per field ({PIXEL_SIZE_UM} µm/px), \
@@ -1035,6 +1085,8 @@ seed {parameters.seed}
   {_CAMERA_OFFSET:g}), label images `nuclei` and `cells` per field (the same id for a cell and its
   nucleus/nuclei), the plate map in the `plate_concepts` attributes.
 - `{PLATEMAP_NAME}`: one row per well: cell_type, perturbation, penetrance, batch, is_control.
+- `{MARKER_NAME}`: marks this folder as a demo plate written by plate-concepts (`--overwrite`
+  replaces only such a folder).
 - `{GROUND_TRUTH_NAME}`: one row per cell: well, field, cell_id, cell_type, perturbation,
   affected, centroid_y, centroid_x, nucleus_area, cell_area (px, measured on the label images),
   n_nuclei (separate nuclei in the field), touches_border.

@@ -4,47 +4,102 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
-from tqdm import tqdm
+from plate_concepts.cli._common import CommandError, ensure_display, progress_bar, run_or_screenshot
 
-from plate_concepts.cli._common import run_or_screenshot
+PLATE_HELP = (
+    "the plate: an OME-Zarr HCS plate, a folder of TIFF exports (or the plate folder holding "
+    "it, e.g. with images/ and masks/ inside) or a CellProfiler LoadData CSV"
+)
+PLATEMAP_HELP = (
+    "per-well metadata table (CSV, TSV or parquet; default: a platemap*.csv|tsv|parquet "
+    "lying next to the images, if there is exactly one)"
+)
+PATTERN_HELP = (
+    "TIFF folders: a preset (phenix, imagexpress, nf1) or a regex with named groups well (or "
+    "row and column), field and channel (default: the preset matching the most files)"
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a plate (OME-Zarr, TIFF folder or LoadData CSV)")
-    p.add_argument("path")
-    p.add_argument("--platemap", help="per-well metadata table (CSV or parquet)")
-    p.add_argument("--pattern", help="TIFF folders: preset (phenix, imagexpress, nf1) or regex with named groups")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("path", help=PLATE_HELP)
+    p.add_argument("--platemap", help=PLATEMAP_HELP)
+    p.add_argument("--pattern", help=PATTERN_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--check", action="store_true",
+        help="OME-Zarr plates: also list the chunk files of the full-resolution images that are "
+             "missing (by the zarr spec they read as the fill value: blank, or lost in a copy)",
+    )  # fmt: skip
+    p.add_argument("--strict", action="store_true",
+                   help="with --check: exit with status 1 when chunks are missing")
     p.set_defaults(run=info)
 
     p = sub.add_parser("convert", help="write any readable plate as an OME-Zarr HCS plate")
-    p.add_argument("src")
-    p.add_argument("out", help="output .zarr folder")
-    p.add_argument("--platemap")
-    p.add_argument("--pattern")
-    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("src", help=PLATE_HELP)
+    p.add_argument("out", help="output OME-Zarr plate folder (conventionally NAME.ome.zarr)")
+    p.add_argument("--platemap", help=PLATEMAP_HELP + "; stored in the plate")
+    p.add_argument("--pattern", help=PATTERN_HELP)
+    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5",
+                   help="OME-Zarr version: 0.5 (zarr v3) or 0.4 (zarr v2, read by more tools)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an OME-Zarr plate (never another folder, nor the "
+                        "source)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=convert)
 
-    p = sub.add_parser("view", help="open a plate in napari with the plugin's panels")
-    p.add_argument("path")
-    p.add_argument("--platemap")
-    p.add_argument("--pattern")
-    p.add_argument("--screenshot", metavar="PNG", help="save a screenshot and exit (headless runs)")
+    p = sub.add_parser(
+        "view",
+        help="open a plate, an embedding store or a dictionary in napari with the plugin's panels",
+    )
+    p.add_argument(
+        "path",
+        help="a plate (as for info), an embedding store (its crops drawn on its plate) or a "
+             "dictionary file (its features browsable on the store and plate it was fitted on)",
+    )  # fmt: skip
+    p.add_argument("--platemap", help=PLATEMAP_HELP)
+    p.add_argument("--pattern", help=PATTERN_HELP)
+    p.add_argument("--store", help="dictionaries: the embedding store to browse the features on "
+                                   "(default: the one recorded in the dictionary)")
+    p.add_argument("--plate", help="stores and dictionaries: the plate the store was embedded "
+                                   "from (default: the one recorded in the store)")
+    p.add_argument("--feature", type=int, help="dictionaries: the feature to show first "
+                                               "(default: the most selective one)")
+    p.add_argument("--screenshot", metavar="PNG",
+                   help="save a screenshot of the viewer and exit; without a display this runs "
+                        "under a virtual one (xvfb-run)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=view)
 
 
 def info(args: argparse.Namespace) -> int:
     from plate_concepts.plates import open_plate
-    from plate_concepts.plates.platemap import label_columns
 
-    plate = open_plate(args.path, platemap=args.platemap, pattern=args.pattern)
-    summary = {
+    plate = open_plate(args.path, platemap=args.platemap or "auto", pattern=args.pattern)
+    summary = plate_summary(plate)
+    missing = None
+    if args.check:
+        missing = _missing_chunks(plate)
+        summary["missing_chunks"] = missing
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary, plate.wells)
+    return 1 if args.strict and missing and missing["files"] else 0
+
+
+def plate_summary(plate: Any) -> dict[str, Any]:
+    """What ``info`` reports on a plate, as JSON-ready values."""
+    from plate_concepts.plates.platemap import label_columns, read_platemap
+
+    summary: dict[str, Any] = {
         "format": plate.reader,
         "name": plate.name,
-        "plate_format": plate.plate_format.n_wells,  # type: ignore[union-attr]
+        "source": plate.source,
+        "plate_format": plate.plate_format.n_wells,
         "n_wells": len(plate.wells),
         "wells": plate.wells,
         "fields_per_well": plate.fields_per_well,
@@ -54,45 +109,167 @@ def info(args: argparse.Namespace) -> int:
         "levels": plate.n_levels,
         "label_images": plate.label_names,
         "labels": label_columns(plate.platemap) if plate.platemap is not None else [],
+        "platemap": None,
     }
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
+    if plate.platemap is not None:
+        # The whole map (not only the imaged wells) says what the plate's layout holds.
+        table = read_platemap(plate.platemap_source) if plate.platemap_source else plate.platemap
+        summary["platemap"] = {
+            "path": plate.platemap_source,
+            "n_wells": len(table),
+            "labels": label_columns(table),
+        }
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], wells: list[str]) -> None:
     fields = sorted(set(summary["fields_per_well"].values()))
-    print(f"{args.path}: {summary['format']} plate '{plate.name}' ({summary['plate_format']}-well format)")
-    print(f"  wells:    {summary['n_wells']} ({', '.join(plate.wells[:12])}{' ...' if len(plate.wells) > 12 else ''})")
+    shown = ", ".join(wells[:12]) + (" ..." if len(wells) > 12 else "")
+    height, width = summary["image_shape"]
+    print(f"{summary['source']}: {summary['format']} plate '{summary['name']}' "
+          f"({summary['plate_format']}-well format)")  # fmt: skip
+    print(f"  wells:    {summary['n_wells']} imaged ({shown})")
     print(f"  fields:   {'/'.join(map(str, fields))} per well")
-    print(f"  channels: {', '.join(plate.channels)}")
-    print(f"  images:   {summary['image_shape'][0]} x {summary['image_shape'][1]} {summary['dtype']}, {summary['levels']} level(s)")
+    print(f"  channels: {', '.join(summary['channels'])}")
+    print(f"  images:   {height} x {width} {summary['dtype']}, {summary['levels']} level(s)")
     if summary["label_images"]:
         print(f"  label images: {', '.join(summary['label_images'])}")
-    if plate.platemap is not None:
-        print(f"  plate-map labels: {', '.join(summary['labels']) or '(none)'}")
-    return 0
+    platemap = summary["platemap"]
+    if platemap is None:
+        print("  plate map: none (pass --platemap, or put a platemap*.csv next to the images)")
+    else:
+        where = platemap["path"] or "stored in the plate"
+        print(f"  plate map: {where} ({platemap['n_wells']} wells)")
+        print(f"  plate-map labels: {', '.join(platemap['labels']) or '(none)'}; varying over "
+              f"the imaged wells: {', '.join(summary['labels']) or '(none)'}")  # fmt: skip
+    missing = summary.get("missing_chunks")
+    if missing is not None:
+        if not missing["files"]:
+            print(f"  check: {missing['detail']}")
+        else:
+            print(f"  check: {len(missing['files'])} of {missing['n_chunks']} full-resolution "
+                  f"chunk files are missing ({missing['detail']}); they read as the fill value "
+                  "(0): blank regions the writer skipped, or files lost in a copy:")  # fmt: skip
+            for line in missing["files"][:20]:
+                print(f"    {line}")
+            if len(missing["files"]) > 20:
+                print(f"    ... and {len(missing['files']) - 20} more (--json lists them all)")
+
+
+def _missing_chunks(plate: Any) -> dict[str, Any]:
+    """The ``--check`` report: missing level-0 chunk files (OME-Zarr plates)."""
+    from plate_concepts.plates.omezarr import missing_image_chunks
+
+    if not plate.reader.startswith("ome-zarr"):
+        n_planes = sum(levels[0].shape[0] for levels in plate.images.values())
+        return {"files": [], "n_chunks": 0, "fields": [],
+                "detail": f"the files of all {n_planes} image planes are there and their "
+                          "headers readable (checked when the plate was opened)"}  # fmt: skip
+    report = missing_image_chunks(plate.source)
+    fields = [f"{entry.well} field {entry.field}" for entry in report.missing]
+    detail = (
+        f"in {len(fields)} field(s): {', '.join(fields[:10])}{' ...' if len(fields) > 10 else ''}"
+        if fields
+        else f"all {report.n_chunks} full-resolution chunk files are there"
+    )
+    return {"files": report.files, "n_chunks": report.n_chunks, "fields": fields, "detail": detail}
 
 
 def convert(args: argparse.Namespace) -> int:
     from plate_concepts.plates import open_plate
     from plate_concepts.plates.omezarr import write_ome_zarr_plate
 
-    plate = open_plate(args.src, platemap=args.platemap, pattern=args.pattern)
+    plate = open_plate(args.src, platemap=args.platemap or "auto", pattern=args.pattern)
     n_fields = sum(plate.fields_per_well.values())
-    with tqdm(total=n_fields, desc="fields", unit="field", disable=args.quiet) as bar:
+    with progress_bar(n_fields, "converting", "field", args.quiet) as bar:
         out = write_ome_zarr_plate(
-            plate, args.out, ngff_version=args.ngff, overwrite=args.overwrite, progress=lambda *_: bar.update(1)
+            plate, args.out, ngff_version=args.ngff, overwrite=args.overwrite, progress=bar
         )
-    print(f"wrote {out}: {len(plate.wells)} wells, {n_fields} fields, NGFF {args.ngff}")
+    joined = f", plate map {plate.platemap_source}" if plate.platemap_source else ""
+    print(f"wrote {out}: {len(plate.wells)} wells, {n_fields} fields, NGFF {args.ngff}{joined}")
     return 0
 
 
 def view(args: argparse.Namespace) -> int:
+    """Open a plate, a store (with its plate) or a dictionary (with its store and plate)."""
+    from plate_concepts._io import output_kind
+
+    kind = output_kind(args.path)
+    if kind not in ("embedding-store", "dictionary") and (args.store or args.feature is not None):
+        raise CommandError("--store and --feature go with a dictionary file")
+    ensure_display(args)  # before anything slow: without a display this may run again
+    estimator = store = explorer = None
+    if kind == "dictionary":
+        estimator, store = _dictionary_and_store(args)
+    elif kind == "embedding-store":
+        from plate_concepts.embeddings.store import EmbeddingStore
+
+        store = EmbeddingStore.open(args.path)
+    plate = _plate_for(args, store)
+    if estimator is not None:
+        explorer = _prepared_explorer(store, estimator, plate, args.quiet)
+
     import napari
 
-    from plate_concepts.plates import open_plate
-    from plate_concepts.viewer.app import show_plate
+    from plate_concepts.viewer.app import show_results
 
-    plate = open_plate(args.path, platemap=args.platemap, pattern=args.pattern)
-    viewer = napari.Viewer(title=f"napari-plate-concepts: {plate.name}")
+    viewer = napari.Viewer(title=f"napari-plate-concepts: {Path(args.path).name}")
     viewer.window.resize(1600, 1000)
-    show_plate(viewer, plate)
+    feature = show_results(viewer, plate, store=store, explorer=explorer, feature=args.feature)
+    if feature is not None:
+        print(f"showing feature {feature} of {args.path}")
     return run_or_screenshot(viewer, args.screenshot)
+
+
+def _dictionary_and_store(args: argparse.Namespace) -> tuple[Any, Any]:
+    from plate_concepts.dictionary.estimators import ICFL
+    from plate_concepts.embeddings.store import EmbeddingStore
+    from plate_concepts.viewer.reader import fitted_store_path
+
+    estimator = ICFL.load(args.path)  # an ICFL or a TopKSAE, as the file says
+    recorded = fitted_store_path(getattr(estimator, "metadata_", {}))
+    store_path = Path(args.store) if args.store else recorded
+    if store_path is None:
+        raise CommandError(
+            f"{args.path} does not record the embedding store it was fitted on: pass --store"
+        )
+    if not EmbeddingStore.is_store(store_path):
+        origin = "given" if args.store else "recorded in the dictionary"
+        raise CommandError(
+            f"the embedding store {store_path} ({origin}) is not there or not a store: pass "
+            "--store with the store to browse the features on"
+        )
+    return estimator, EmbeddingStore.open(store_path)
+
+
+def _plate_for(args: argparse.Namespace, store: Any) -> Any:
+    from plate_concepts.plates import open_plate
+
+    if store is None:
+        return open_plate(args.path, platemap=args.platemap or "auto", pattern=args.pattern)
+    if args.plate:
+        return open_plate(args.plate, platemap=args.platemap or "auto", pattern=args.pattern)
+    from plate_concepts.viewer._embedding_views import open_store_plate, store_plate_sources
+
+    plate = open_store_plate(store)
+    if plate is None:
+        recorded = {name: r.get("source", "") for name, r in store_plate_sources(store).items()}
+        raise CommandError(
+            f"the plate that embedding store {store.path} was made from cannot be opened "
+            f"(recorded: {recorded or 'none'}): pass --plate"
+        )
+    return plate
+
+
+def _prepared_explorer(store: Any, estimator: Any, plate: Any, quiet: bool) -> Any:
+    """Encode the store and read ahead what selecting a feature shows, with progress bars."""
+    from plate_concepts.analysis.explorer import FeatureExplorer
+
+    explorer = FeatureExplorer(store, estimator, plate=plate)
+    with progress_bar(len(store), "encoding tokens", "token", quiet) as bar:
+        explorer.prepare(progress=bar)
+    with progress_bar(None, "reading fields for the viewer", "item", quiet) as bar:
+        summary = explorer.preload(progress=bar)
+    if not quiet:
+        print(f"ready to browse: {summary.describe()}")
+    return explorer

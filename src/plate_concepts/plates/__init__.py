@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from os import PathLike
 from pathlib import Path
 
@@ -14,6 +15,7 @@ __all__ = [
     "canonical_well",
     "detect_plate_format",
     "discover_platemap",
+    "locate_plate",
     "open_plate",
     "parse_well",
     "well_name",
@@ -24,9 +26,14 @@ PLATEMAP_SUFFIXES = (".csv", ".tsv", ".parquet")
 
 
 def detect_plate_format(path: str | PathLike) -> str:
-    """'ome-zarr', 'loaddata' or 'tiff-folder', by looking at the path (no pixels read)."""
+    """'ome-zarr', 'loaddata' or 'tiff-folder', by looking at the path (no pixels read).
+
+    A folder with zarr metadata is 'ome-zarr' even when that metadata is damaged, so that
+    reading it says what is wrong instead of looking for TIFF files in it.
+    """
+    from plate_concepts._io import output_kind
     from plate_concepts.plates.loaddata import is_loaddata_csv
-    from plate_concepts.plates.omezarr import is_ome_zarr_plate
+    from plate_concepts.plates.omezarr import is_ome_zarr_plate, looks_like_zarr
 
     path = Path(path)
     if not path.exists():
@@ -35,12 +42,94 @@ def detect_plate_format(path: str | PathLike) -> str:
         return "ome-zarr"
     if path.is_file() and is_loaddata_csv(path):
         return "loaddata"
+    kind = output_kind(path)
+    if kind in ("embedding-store", "dictionary"):
+        what = "an embedding store" if kind == "embedding-store" else "a dictionary file"
+        raise ValueError(
+            f"{path} is {what}, not a plate: give the plate (an OME-Zarr plate, a folder of TIFF "
+            "exports or a LoadData CSV), or open it with plate-concepts view"
+        )
+    if looks_like_zarr(path):
+        return "ome-zarr"
     if path.is_dir():
         return "tiff-folder"
     raise ValueError(
         f"{path} is not a readable plate: expected an OME-Zarr HCS plate, a CellProfiler LoadData "
         "CSV (FileName_<channel>/PathName_<channel> columns) or a folder of TIFF exports"
     )
+
+
+def locate_plate(path: str | PathLike, pattern: str | None = None) -> Path:
+    """The plate source a path names: the path itself when it is one, else the only plate
+    source inside a plate folder that holds no images itself (``images/``, Harmony's
+    ``Images/`` beside ``Index.idx.xml``, an OME-Zarr plate, a LoadData CSV; mask folders
+    ignored). Several candidates: one named ``images`` is taken, otherwise a ValueError lists
+    them. A ``pattern`` with ``/`` matches files in subfolders: the path is then taken as is.
+    """
+    from plate_concepts.plates.omezarr import looks_like_zarr
+    from plate_concepts.plates.tiff_folder import holds_tiff_files
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (
+        not path.is_dir()
+        or looks_like_zarr(path)
+        or holds_tiff_files(path)
+        or (pattern is not None and "/" in pattern)
+    ):
+        return path
+    candidates = _plate_sources_in(path)
+    named_images = [c for c in candidates if c.is_dir() and c.name.lower() == "images"]
+    if len(candidates) == 1 or len(named_images) == 1:
+        return (named_images or candidates)[0]
+    if candidates:
+        raise ValueError(
+            f"{path} holds no images itself but several plate sources: "
+            f"{', '.join(c.name for c in candidates)}; pass the one to open, e.g. {candidates[0]}"
+        )
+    plate_folders = [
+        sub for sub in _subfolders(path) if _plate_sources_in(sub) or holds_tiff_files(sub)
+    ]
+    if plate_folders:
+        raise ValueError(
+            f"{path} holds no plate itself; its folders {', '.join(f.name for f in plate_folders)} "
+            f"do: pass one of them, e.g. {plate_folders[0]}"
+        )
+    raise ValueError(
+        f"{path} holds no plate: no TIFF images, OME-Zarr plate or LoadData CSV, in it or in its "
+        "subfolders; pass the folder that holds the plate's image files"
+    )
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    from plate_concepts.plates.tiff_folder import MASK_FOLDERS
+
+    return [
+        entry
+        for entry in sorted(folder.iterdir())
+        if entry.is_dir() and not entry.name.startswith(".")
+        and entry.name.lower() not in MASK_FOLDERS
+    ]
+
+
+def _plate_sources_in(folder: Path) -> list[Path]:
+    """Plate sources directly inside a folder: image folders, OME-Zarr plates, LoadData CSVs."""
+    from plate_concepts.plates.loaddata import is_loaddata_csv
+    from plate_concepts.plates.omezarr import is_ome_zarr_plate, looks_like_zarr
+    from plate_concepts.plates.tiff_folder import holds_tiff_files
+
+    folders = [
+        f
+        for f in _subfolders(folder)
+        if holds_tiff_files(f)
+        or is_ome_zarr_plate(f)
+        or (f.suffix.lower() == ".zarr" and looks_like_zarr(f))  # a damaged plate: say so
+    ]
+    tables = [
+        f for f in sorted(folder.glob("*.csv")) if not f.name.startswith(".") and is_loaddata_csv(f)
+    ]
+    return folders + tables
 
 
 def open_plate(
@@ -51,6 +140,10 @@ def open_plate(
 ) -> Plate:
     """Open any supported plate lazily, optionally joining a plate map (CSV/parquet) on its wells.
 
+    ``path`` may also be a plate folder whose images sit in a subfolder (see
+    :func:`locate_plate`). ``platemap="auto"`` joins the plate map lying next to the plate
+    (:func:`discover_platemap`) when the plate carries none itself; one that does not fit its
+    wells is then left out with a warning. ``plate.platemap_source`` records the file joined.
     ``pattern`` (a preset name or a regex with named groups) applies to TIFF folders only.
     """
     from plate_concepts.plates.loaddata import read_loaddata_csv
@@ -58,6 +151,7 @@ def open_plate(
     from plate_concepts.plates.platemap import attach_platemap
     from plate_concepts.plates.tiff_folder import read_tiff_folder
 
+    path = locate_plate(path, pattern)
     kind = detect_plate_format(path)
     if kind == "ome-zarr":
         plate = read_ome_zarr_plate(path)
@@ -72,8 +166,23 @@ def open_plate(
         plate = read_loaddata_csv(path, channel_names=channel_names)
     else:
         plate = read_tiff_folder(path, pattern=pattern, channel_names=channel_names)
-    if platemap is not None:
+    if isinstance(platemap, str) and platemap == "auto":
+        found = discover_platemap(path) if plate.platemap is None else None
+        if found is not None:
+            try:
+                with warnings.catch_warnings():  # exports often image wells the map leaves out
+                    warnings.simplefilter("ignore", UserWarning)
+                    attach_platemap(plate, found)
+                plate.platemap_source = str(found)
+            except (ValueError, OSError) as error:
+                warnings.warn(
+                    f"plate map {found} not joined to plate {plate.name!r}: {error}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+    elif platemap is not None:
         plate = attach_platemap(plate, platemap)
+        plate.platemap_source = str(platemap)
     return plate
 
 

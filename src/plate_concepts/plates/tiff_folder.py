@@ -66,6 +66,7 @@ PRESETS: dict[str, str] = {
 MASK_NAME = re.compile(r"(?P<stem>.+)_Mask(?P<objects>[A-Za-z0-9]+)\.tiff?")
 """A mask file: the stem of the image file it was segmented from, and its objects."""
 MASK_FOLDERS = ("masks", "labels", "segmentation")
+TIFF_SUFFIXES = (".tif", ".tiff")
 
 Id = int | str
 """A field/channel/plane id from a file name: an int when it is all digits."""
@@ -122,9 +123,15 @@ def read_tiff_folder(
     if pattern is None:
         preset = _best_preset(folder, paths)
         if preset is None:
+            hint = (
+                f"; {folder} is a folder of segmentation masks: pass the folder of the images "
+                "they belong to"
+                if folder.name.lower() in MASK_FOLDERS
+                else "; pass a regex pattern (--pattern) that matches the image file names"
+            )
             raise ValueError(
                 f"no file of the {len(paths)} files in {folder} matches any preset "
-                f"{sorted(PRESETS)} (e.g. {[p.name for p in paths[:3]]}); pass a regex pattern"
+                f"{sorted(PRESETS)} (e.g. {[p.name for p in paths[:3]]}){hint}"
             )
         pattern = preset
     reader = f"tiff-{pattern}" if pattern in PRESETS else "tiff-pattern"
@@ -221,6 +228,14 @@ def _read_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
     if len(values) <= 2 and values[0] == 0:  # background and one value: a binary mask
         return label(mask > 0, connectivity=2).astype(np.int32)
     return mask.astype(np.int32)
+
+
+def holds_tiff_files(folder: str | Path) -> bool:
+    """Whether a folder directly holds TIFF files (hidden files aside)."""
+    return any(
+        p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        for p in Path(folder).iterdir()
+    )
 
 
 def detect_tiff_preset(folder: str | Path, recursive: bool = False) -> str | None:

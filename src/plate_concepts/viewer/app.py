@@ -65,6 +65,58 @@ def show_plate(
     return mosaic
 
 
+PLUGIN = "napari-plate-concepts"
+
+
+def show_results(
+    viewer: napari.Viewer,
+    plate: Plate,
+    store: Any = None,
+    explorer: Any = None,
+    feature: int | None = None,
+) -> int | None:
+    """Open a plate in ``viewer`` with its label images, and with them an embedding store
+    (its crops drawn on the plate) or a prepared :class:`FeatureExplorer` (a dictionary on a
+    store); dock the plugin's panels that go with them (Plate; Embeddings; Dictionary and
+    Features, tabbed) and select ``feature`` (default: the most selective live one).
+    Returns the selected feature, None without an explorer."""
+    from napari.layers import Layer
+
+    from plate_concepts.viewer._plate_views import mosaic_label_layer_data
+
+    mosaic = PlateMosaic(plate)
+    layers = plate_layer_data(plate, mosaic)
+    n_channels = len(plate.channels)
+    labels = mosaic_label_layer_data(plate, mosaic)
+    show_plate(viewer, plate, mosaic=mosaic,
+               layer_data=[*layers[:n_channels], *labels, *layers[n_channels:]])  # fmt: skip
+    state = get_state(viewer)
+    panels = ["Plate"]
+    if explorer is not None:
+        store = explorer.store
+        panels += ["Dictionary", "Features"]
+    if store is not None:
+        panels.insert(1, "Embeddings")
+        state.set_store(store)
+        if explorer is None:
+            from plate_concepts.viewer._embedding_views import crop_points_layer_data
+
+            viewer.add_layer(Layer.create(*crop_points_layer_data(store, mosaic)))
+    for index, panel in enumerate(panels):
+        viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=index > 0)
+    if explorer is None:
+        return None
+    state.set_dictionary(explorer.estimator)
+    state.set_explorer(explorer)
+    if feature is None:
+        table = explorer.feature_table()
+        live = table[~table["dead"]] if (~table["dead"]).any() else table
+        feature = int(live.sort_values(["max_selectivity", "frequency"], ascending=False,
+                                       na_position="last")["feature"].iloc[0])  # fmt: skip
+    state.select_feature(feature)
+    return feature
+
+
 def remove_plate_layers(viewer: napari.Viewer) -> None:
     """Remove the layers of the open plate (channels, grid, headers, labels, well fields) and
     the crops drawn on it."""
