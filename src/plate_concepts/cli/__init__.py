@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -89,10 +90,9 @@ def describe_error(error: BaseException) -> str:
         elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             text += " (you cannot write or read there: choose another path or fix its permissions)"
     elif isinstance(error, (FloatingPointError, OverflowError)):
-        text = (
-            f"the numbers overflowed ({error or type(error).__name__}): the computation diverged; "
-            "a smaller learning rate (--lr) or checking the input for extreme values helps"
-        )
+        text = str(error)
+        if not re.search(r"diverg|overflow|\binf\b|\bnan\b", text, re.IGNORECASE):
+            text = f"the numbers overflowed ({text or type(error).__name__}): the computation diverged"
     elif isinstance(error, MemoryError):
         text = f"not enough memory ({error or 'MemoryError'}): try a smaller --batch-size"
     elif isinstance(error, ImportError):

@@ -36,7 +36,7 @@ def embed(args: argparse.Namespace) -> int:
     from plate_concepts.embeddings.embed import embed_plate
     from plate_concepts.plates import open_plate
 
-    plate = open_plate(args.plate, platemap=args.platemap, pattern=args.pattern)
+    plate = open_plate(args.plate, platemap=args.platemap or "auto", pattern=args.pattern)
     with tqdm(desc="crops", unit="crop", disable=args.quiet) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
