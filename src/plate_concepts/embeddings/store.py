@@ -1,24 +1,39 @@
-"""The on-disk embedding store: tokens streamed from disk, never all in memory.
+"""The on-disk embedding store: tokens streamed from disk, never all in memory, read per plate.
 
 A store is a folder::
 
     store.json                commit record (written last, atomically): format, n_tokens, dim,
-                              dtype, patch grid, chunk sizes, committed obs parts, provenance
+                              dtype, patch grid, chunk sizes, obs columns, the committed obs
+                              parts (each with its plates), per-plate entries, provenance
     zarr.json                 a zarr v3 group holding
     tokens/                   N x d float16/float32, chunked by rows, grown on append
     patch_tokens/             optional N x gh x gw x d float16 patch-token grids
-    obs/part-00000.parquet    per-token index and metadata, one file per append
+    obs/part-00000.parquet    per-token index and metadata; an append writes one part per run
+                              of rows of one plate, so a plate's rows are read from its parts only
+    plates/00000-00003.json   per-plate summary (tokens per well, controls per well, label value
+                              counts), rewritten when the plate gains rows; ``store.json`` names
+                              the current one
 
 Every token row has an index (``plate``, ``well`` in canonical 'B07' spelling, ``field``,
 ``crop_y``, ``crop_x``, ``crop_size``), optionally ``is_control`` and any label columns.
 
-Crash safety: an append writes array rows beyond the committed count, then its parquet part
-(temporary file + rename), and only then rewrites ``store.json``. ``store.json`` is the single
-source of truth: rows beyond its ``n_tokens`` and parquet parts it does not list are ignored,
-and the next append overwrites or removes them. Zarr's local store replaces chunk files
-atomically, so rewriting the last, partly filled chunk never corrupts committed rows.
-One writer at a time: a handle whose store was changed by another writer refuses to append.
+Opening reads ``store.json`` only (its size grows with the number of parts and plates, not of
+tokens); :meth:`EmbeddingStore.describe` reads the per-plate summaries; obs rows are read per
+plate, per row range or per column (:meth:`EmbeddingStore.read_obs`, :meth:`iter_obs`).
+``EmbeddingStore.obs`` still loads (and caches) the whole table, for small stores.
+
+Crash safety: an append writes array rows beyond the committed count, then its parquet parts
+and plate summaries (temporary file + rename), and only then rewrites ``store.json``.
+``store.json`` is the single source of truth: rows beyond its ``n_tokens`` and files it does not
+list are ignored, and the next write removes them. Zarr's local store replaces chunk files
+atomically, so rewriting the last, partly filled chunk never corrupts committed rows. Every chunk
+holding committed rows exists (they are written even when all zero), so a missing chunk file is
+damage (an interrupted copy): reads fail naming the file and rows instead of returning zeros.
+One writer at a time: a handle whose store was changed by another writer refuses to write.
 Readers opened before an append do not see its rows (open the store again).
+
+Format version 2 added the per-plate parts and summaries; version 1 stores open and read as
+before (their per-plate index is computed on first use) and are upgraded by their next write.
 """
 
 from __future__ import annotations
@@ -27,49 +42,88 @@ import copy
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from plate_concepts._io import atomic_path
-from plate_concepts.plates.geometry import canonical_well
+from plate_concepts.embeddings import store_batches, store_obs, store_rewrite
+from plate_concepts.embeddings.obs_index import (
+    INDEX_COLUMNS,
+    KEY_COLUMNS,
+    MAX_STORE_VALUES,
+    canonical_wells,
+    integer_column,
+    label_overview,
+    merge_labels,
+    normalise_obs,
+    plate_runs,
+    summarise,
+)
+from plate_concepts.embeddings.store_files import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PATCH_DTYPE,
+    STORE_FILE,
+    StoreDamagedError,
+    StoreIncompleteError,
+    arrow_table,
+    check_replaceable,
+    checked_patches,
+    chunk_file,
+    default_chunk_rows,
+    empty_obs,
+    finite_as,
+    json_default,
+    json_roundtrip,
+    missing_chunk_ids,
+    new_meta,
+    new_summary_file,
+    next_part_number,
+    read_meta,
+    read_part,
+    write_json,
+)
+from plate_concepts.embeddings.store_files import write_meta as _write_meta
+from plate_concepts.embeddings.store_files import write_parquet as _write_parquet
 
-STORE_FILE = "store.json"
-FORMAT_NAME = "plate-concepts-embedding-store"
-FORMAT_VERSION = 1
-INDEX_COLUMNS = ("plate", "well", "field", "crop_y", "crop_x", "crop_size")
-#: The columns that identify one crop; used to resume an interrupted embedding run.
-KEY_COLUMNS = ("plate", "well", "field", "crop_y", "crop_x")
-TOKEN_DTYPES = ("float16", "float32")
-PATCH_DTYPE = "float16"
-_MAX_CHUNK_BYTES = 8 * 2**20
-_INTEGER_COLUMNS = ("field", "crop_y", "crop_x", "crop_size")
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "INDEX_COLUMNS",
+    "KEY_COLUMNS",
+    "STORE_FILE",
+    "EmbeddingStore",
+    "StoreDamagedError",
+    "StoreIncompleteError",
+    "canonical_wells",
+    "check_replaceable",
+    "default_chunk_rows",
+    "integer_column",
+    "normalise_obs",
+]
+
+#: An append whose rows switch plate more often than this is stored as one mixed part (a
+#: plate's rows are then found by reading the part's plate column).
+_MAX_RUNS_PER_APPEND = 64
+_WRITE_EMPTY = {"write_empty_chunks": True}
+# Names other modules imported before the split into store_files.
+_check_replaceable, _json_default = check_replaceable, json_default
 
 RowSelection = slice | range | np.ndarray | list[int] | int
-
-
-def default_chunk_rows(row_bytes: int) -> int:
-    """The largest power-of-two row count whose chunk fits in 8 MiB, so a chunk holds 4-8 MiB
-    (one row per chunk when a single row is larger than that)."""
-    rows = 1
-    while rows * 2 * row_bytes <= _MAX_CHUNK_BYTES:
-        rows *= 2
-    return rows
 
 
 class EmbeddingStore:
     """Tokens (N x d), optional patch-token grids and their per-token index on disk.
 
     Make one with :meth:`create`, open one with :meth:`open`. Opening reads only ``store.json``;
-    the obs table is read on first use and cached, tokens are read on demand (:meth:`read`,
-    :meth:`iter_batches`, :meth:`tokens_dask`).
+    obs rows are read on demand (:meth:`read_obs`, :meth:`iter_obs`, or the cached whole table
+    :attr:`obs`), tokens too (:meth:`read`, :meth:`iter_batches`, :meth:`tokens_dask`).
     """
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
@@ -78,6 +132,9 @@ class EmbeddingStore:
         self._meta = meta
         self._arrays: dict[str, zarr.Array] = {}
         self._obs_cache: pd.DataFrame | None = None
+        self._verified: dict[str, np.ndarray] = {}  # per array: chunks known to exist
+        self._plate_rows: dict[str, np.ndarray] = {}
+        self._legacy: dict[str, Any] | None = None  # version 1: the index computed from obs
 
     # ------------------------------------------------------------------ making and opening
     @classmethod
@@ -99,46 +156,10 @@ class EmbeddingStore:
         not a store.
         """
         path = Path(path)
-        dim = _positive_int(dim, "dim")
-        dtype = np.dtype(dtype).name
-        if dtype not in TOKEN_DTYPES:
-            raise ValueError(f"token dtype must be one of {TOKEN_DTYPES}, got {dtype!r}")
-        grid = None
-        if patch_grid is not None:
-            if len(patch_grid) != 2:
-                raise ValueError(f"patch_grid must be (rows, columns), got {patch_grid!r}")
-            grid = [_positive_int(g, "patch_grid") for g in patch_grid]
-        itemsize = np.dtype(dtype).itemsize
-        chunk_rows = (
-            default_chunk_rows(dim * itemsize)
-            if chunk_rows is None
-            else _positive_int(chunk_rows, "chunk_rows")
-        )
-        if grid is not None:
-            patch_row_bytes = grid[0] * grid[1] * dim * np.dtype(PATCH_DTYPE).itemsize
-            chunk_rows_patch = (
-                default_chunk_rows(patch_row_bytes)
-                if chunk_rows_patch is None
-                else _positive_int(chunk_rows_patch, "chunk_rows_patch")
-            )
-        else:
-            chunk_rows_patch = None
-        uns = _json_roundtrip(provenance or {}, "provenance")
-        _check_replaceable(path, overwrite)
-
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "n_tokens": 0,
-            "dim": dim,
-            "dtype": dtype,
-            "patch_grid": grid,
-            "patch_dtype": PATCH_DTYPE if grid is not None else None,
-            "chunk_rows": chunk_rows,
-            "chunk_rows_patch": chunk_rows_patch,
-            "parts": [],
-            "uns": uns,
-        }
+        meta = new_meta(dim, dtype, patch_grid, chunk_rows, chunk_rows_patch, provenance)
+        check_replaceable(path, overwrite)
+        dim, dtype, grid = meta["dim"], meta["dtype"], meta["patch_grid"]
+        chunk_rows, chunk_rows_patch = meta["chunk_rows"], meta["chunk_rows_patch"]
         # Build the whole folder beside the destination and rename it in: no half-made store.
         with atomic_path(path, overwrite=True) as tmp:
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
@@ -154,6 +175,7 @@ class EmbeddingStore:
                     fill_value=0,
                 )
             (tmp / "obs").mkdir()
+            (tmp / "plates").mkdir()
             _write_meta(tmp / STORE_FILE, meta)
         return cls(path, meta)
 
@@ -166,7 +188,7 @@ class EmbeddingStore:
         meta_path = path / STORE_FILE
         if not meta_path.is_file():
             raise ValueError(f"{path} is not an embedding store: it has no {STORE_FILE}")
-        return cls(path, _read_meta(meta_path))
+        return cls(path, read_meta(meta_path))
 
     @staticmethod
     def is_store(path: str | os.PathLike) -> bool:
@@ -203,13 +225,17 @@ class EmbeddingStore:
         return self._meta["chunk_rows_patch"]
 
     @property
+    def format_version(self) -> int:
+        return int(self._meta["version"])
+
+    @property
     def provenance(self) -> dict[str, Any]:
         """A copy of the provenance record (model, crop size, channels, ...)."""
         return copy.deepcopy(self._meta["uns"])
 
     def update_provenance(self, **entries: Any) -> None:
         """Merge ``entries`` into the provenance and rewrite ``store.json`` atomically."""
-        update = _json_roundtrip(entries, "provenance")
+        update = json_roundtrip(entries, "provenance")
         self._check_unchanged_on_disk()
         meta = copy.deepcopy(self._meta)
         meta["uns"].update(update)
@@ -219,59 +245,180 @@ class EmbeddingStore:
     def __repr__(self) -> str:
         return (
             f"EmbeddingStore({str(self._path)!r}, n_tokens={len(self)}, dim={self.dim}, "
-            f"dtype={self.dtype.name}, patch_grid={self.patch_grid})"
+            f"dtype={self.dtype.name}, patch_grid={self.patch_grid}, plates={len(self.plates)})"
         )
 
+    # ------------------------------------------------------------------ completeness
+    def incomplete_plates(self) -> list[str]:
+        """Plates whose embedding run was interrupted, or was asked for but not started."""
+        uns = self._meta["uns"]
+        records = uns.get("plates") if isinstance(uns.get("plates"), dict) else {}
+        started = [
+            name
+            for name, rec in records.items()
+            if isinstance(rec, dict) and rec.get("complete") is False
+        ]
+        pending = [name for name in uns.get("pending_plates") or [] if name not in started]
+        return started + pending
+
+    @property
+    def is_complete(self) -> bool:
+        """False while an embedding run into the store is unfinished (see :meth:`check_complete`)."""
+        return not self.incomplete_plates()
+
+    def check_complete(self, allow_incomplete: bool = False) -> None:
+        """Refuse (``StoreIncompleteError``) a store whose embedding run was interrupted, or only
+        warn when ``allow_incomplete``: its tokens miss part of the plates it was asked for."""
+        missing = self.incomplete_plates()
+        if not missing:
+            return
+        tokens = self.tokens_per_plate()
+        shown = ", ".join(
+            f"{name} ({tokens[name]} tokens so far)" if name in tokens else f"{name} (not started)"
+            for name in missing[:8]
+        ) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        message = (
+            f"embedding store {self._path} is incomplete: the embedding of plate(s) {shown} was "
+            "interrupted. Run the same `plate-concepts embed` command again to finish it"
+        )
+        if not allow_incomplete:
+            raise StoreIncompleteError(
+                message + ", or pass --allow-incomplete (allow_incomplete=True) to use the "
+                "tokens it has"
+            )
+        warnings.warn(message + "; using the tokens it has", UserWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ plates
+    @property
+    def plates(self) -> list[str]:
+        """The plates with tokens in the store, in the order they were first appended."""
+        return list(self._plate_entries())
+
+    def tokens_per_plate(self) -> dict[str, int]:
+        return {name: int(e["n_tokens"]) for name, e in self._plate_entries().items()}
+
+    def plate_rows(self, plate: str) -> np.ndarray:
+        """The store rows (sorted int64) of one plate; reads no obs file unless the plate shares
+        a mixed part with other plates."""
+        if plate not in self._plate_entries():
+            raise KeyError(f"plate {plate!r} has no tokens in {self._path} (plates: {self.plates})")
+        if plate not in self._plate_rows:
+            self._plate_rows[plate] = store_obs.plate_rows(self, plate)
+        return self._plate_rows[plate]
+
+    def plate_summary(self, plate: str) -> dict[str, Any]:
+        """Tokens, tokens per well, control tokens per well (None without ``is_control``) and
+        label value counts of one plate, from the store's metadata (no row is read)."""
+        entries = self._plate_entries()
+        if plate not in entries:
+            raise KeyError(f"plate {plate!r} has no tokens in {self._path} (plates: {self.plates})")
+        if self._legacy is not None:
+            return copy.deepcopy(self._legacy["summaries"][plate])
+        file = self._path / entries[plate]["summary"]
+        try:
+            return json.loads(file.read_text())
+        except FileNotFoundError:
+            raise StoreDamagedError(
+                f"embedding store {self._path} is damaged: the summary {file} of plate {plate!r} "
+                f"listed in {STORE_FILE} is missing"
+            ) from None
+
+    def describe(self, max_values: int = 50) -> dict[str, Any]:
+        """What ``plate-concepts info`` shows: size, plates, tokens, wells and controls per
+        plate, label columns with their most frequent values (up to ``max_values`` each),
+        completeness. Reads ``store.json`` and one label-count file, never the rows."""
+        entries = self._plate_entries()
+        uns = self._meta["uns"]
+        return {
+            "path": str(self._path),
+            "kind": "embedding-store",
+            "format_version": self.format_version,
+            "n_tokens": len(self),
+            "dim": self.dim,
+            "dtype": self.dtype.name,
+            "patch_grid": None if self.patch_grid is None else list(self.patch_grid),
+            "model": uns.get("model"),
+            "crop_size": uns.get("crop_size"),
+            "channels": uns.get("channels"),
+            "plates": list(entries),
+            "tokens_per_plate": {p: e["n_tokens"] for p, e in entries.items()},
+            "wells_per_plate": {p: e["n_wells"] for p, e in entries.items()},
+            "controls_per_plate": {p: e["n_controls"] for p, e in entries.items()},
+            "control_wells_per_plate": {p: e["n_control_wells"] for p, e in entries.items()},
+            "labels": label_overview(store_rewrite.store_labels(self, self._meta), max_values),
+            "complete": self.is_complete,
+            "incomplete_plates": self.incomplete_plates(),
+        }
+
     # ------------------------------------------------------------------ obs
+    @property
+    def obs_columns(self) -> list[str]:
+        """Every obs column of the store (no row is read)."""
+        if self._meta["version"] < 2:
+            return list(self._legacy_index()["columns"])
+        return list(self._meta["columns"])
+
     @property
     def obs(self) -> pd.DataFrame:
         """Index and metadata of every committed token (row i of obs is token i).
 
-        Read from the parquet parts on first use and cached; a shallow copy is returned, so
-        adding columns to it does not change the store.
+        The whole table, read on first use and cached: for small stores. A store of millions of
+        tokens is better read per plate (:meth:`read_obs` with ``plate=``), per row range or per
+        column. A shallow copy is returned, so adding columns to it does not change the store.
         """
         if self._obs_cache is None:
             frames = [self._read_part(part) for part in self._meta["parts"]]
             if frames:
                 obs = pd.concat(frames, ignore_index=True)
             else:
-                obs = pd.DataFrame(
-                    {
-                        c: pd.Series(dtype=object if c in ("plate", "well") else np.int64)
-                        for c in INDEX_COLUMNS
-                    }
-                )
+                obs = empty_obs(INDEX_COLUMNS)
             self._obs_cache = obs
         return self._obs_cache.copy(deep=False)
 
-    def _read_part(self, part: dict[str, Any]) -> pd.DataFrame:
-        file = self._path / part["file"]
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"obs part {file} listed in {self._path / STORE_FILE} is missing"
-            )
-        frame = pd.read_parquet(file)
-        if len(frame) != part["stop"] - part["start"]:
-            raise ValueError(
-                f"obs part {file} has {len(frame)} rows but {STORE_FILE} records "
-                f"{part['stop'] - part['start']} (rows {part['start']}..{part['stop'] - 1}); "
-                "the store is corrupt"
-            )
-        return frame
+    def read_obs(
+        self,
+        rows: RowSelection | None = None,
+        columns: Sequence[str] | None = None,
+        *,
+        plate: str | None = None,
+    ) -> pd.DataFrame:
+        """Obs rows indexed by their store row: ``rows`` (slice, indices or boolean mask, in that
+        order), or every row of ``plate``, or all rows; only ``columns`` (default all) are
+        read, and only from the parts that hold the rows."""
+        if plate is not None and rows is not None:
+            raise ValueError("pass rows or plate, not both")
+        if plate is not None:
+            frames = list(self.iter_obs(columns, plate=plate))
+            return pd.concat(frames) if frames else empty_obs(columns or self.obs_columns)
+        if rows is None:
+            rows = slice(None)
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)), dtype=np.int64)
+        elif isinstance(rows, (int, np.integer)):
+            rows = [int(rows)]
+        return store_obs.read_obs_rows(self, self._row_indices(rows), columns)
 
-    def completed_keys(self) -> set[tuple[str, str, int, int, int]]:
-        """The (plate, well, field, crop_y, crop_x) of every stored token, for resuming a run."""
-        obs = self.obs
-        if len(obs) == 0:
-            return set()
-        return set(
-            zip(
-                obs["plate"].astype(str),
-                obs["well"].astype(str),
-                *(obs[c].astype(np.int64).tolist() for c in KEY_COLUMNS[2:]),
-                strict=True,
-            )
-        )
+    def iter_obs(
+        self, columns: Sequence[str] | None = None, *, plate: str | None = None
+    ) -> Iterator[pd.DataFrame]:
+        """Obs part by part (index = store rows), only ``columns``, only ``plate``'s parts."""
+        if plate is not None and plate not in self._plate_entries():
+            raise KeyError(f"plate {plate!r} has no tokens in {self._path} (plates: {self.plates})")
+        return store_obs.iter_obs(self, columns, plate)
+
+    def _read_part(
+        self, part: dict[str, Any], columns: Sequence[str] | None = None
+    ) -> pd.DataFrame:
+        if columns is not None:
+            unknown = [c for c in columns if c not in self.obs_columns]
+            if unknown:
+                raise KeyError(f"{unknown} are not obs columns of {self._path}: {self.obs_columns}")
+        return read_part(self._path, part, columns)
+
+    def completed_keys(self, plate: str | None = None) -> set[tuple[str, str, int, int, int]]:
+        """The (plate, well, field, crop_y, crop_x) of every stored token (of one plate), for
+        resuming a run."""
+        return store_obs.completed_keys(self, plate)
 
     def has_rows(self, keys: pd.DataFrame | Iterable[tuple[Any, ...]]) -> np.ndarray:
         """Boolean per key: is a token with this (plate, well, field, crop_y, crop_x) stored?
@@ -279,18 +426,7 @@ class EmbeddingStore:
         ``keys`` is a DataFrame with those columns or an iterable of 5-tuples; wells may be in
         any spelling.
         """
-        if isinstance(keys, pd.DataFrame):
-            missing = [c for c in KEY_COLUMNS if c not in keys.columns]
-            if missing:
-                raise ValueError(f"keys lack column(s) {missing}; expected {list(KEY_COLUMNS)}")
-            rows = keys[list(KEY_COLUMNS)].itertuples(index=False, name=None)
-        else:
-            rows = keys
-        done = self.completed_keys()
-        found = [
-            (str(p), canonical_well(w), int(f), int(y), int(x)) in done for p, w, f, y, x in rows
-        ]
-        return np.asarray(found, dtype=bool)
+        return store_obs.has_rows(self, keys)
 
     # ------------------------------------------------------------------ reading tokens
     def _array(self, name: str) -> zarr.Array:
@@ -298,21 +434,65 @@ class EmbeddingStore:
             try:
                 array = zarr.open_array(self._path / name, mode="r", zarr_format=3)
             except Exception as exc:  # zarr raises several types for a missing/broken array
-                raise ValueError(
+                raise StoreDamagedError(
                     f"cannot open the {name!r} array of embedding store {self._path}: {exc}"
                 ) from exc
             if array.shape[0] < len(self):
-                raise ValueError(
+                raise StoreDamagedError(
                     f"embedding store {self._path} is corrupt: {name!r} has {array.shape[0]} rows "
                     f"but {STORE_FILE} commits {len(self)}"
                 )
             self._arrays[name] = array
         return self._arrays[name]
 
+    def _require_chunks(self, name: str, rows_first: int, rows_last: int) -> None:
+        """Fail unless every chunk file holding committed rows rows_first..rows_last exists
+        (each chunk is checked once per handle)."""
+        if rows_last < rows_first:
+            return
+        array = self._array(name)
+        chunk = int(array.chunks[0])
+        n_chunks = math.ceil(len(self) / chunk)
+        verified = self._verified.get(name)
+        if verified is None or len(verified) != n_chunks:
+            verified = self._verified[name] = np.zeros(n_chunks, dtype=bool)
+        ids = np.arange(rows_first // chunk, rows_last // chunk + 1)
+        self._check_chunk_ids(name, array, ids[~verified[ids]])
+        verified[ids] = True
+
+    def _check_chunk_ids(self, name: str, array: zarr.Array, ids: Iterable[int]) -> None:
+        missing = missing_chunk_ids(self._path / name, array, ids)
+        if missing:
+            chunk, first = int(array.chunks[0]), missing[0]
+            rows = f"rows {first * chunk}..{min((first + 1) * chunk, len(self)) - 1}"
+            more = (
+                f" (and {len(missing) - 1} more chunk(s) of this read)" if len(missing) > 1 else ""
+            )
+            raise StoreDamagedError(
+                f"embedding store {self._path} is damaged: the chunk file "
+                f"{chunk_file(self._path / name, array, first)} holding committed {name} {rows} is "
+                f"missing{more}. The store was probably copied or synced incompletely; copy it "
+                "again from its source, or embed again"
+            )
+
+    def missing_chunks(self) -> dict[str, list[int]]:
+        """Every array's missing chunk numbers among those holding committed rows (a full check,
+        one file-system look-up per chunk)."""
+        found = {}
+        for name in ("tokens", "patch_tokens") if self.patch_grid else ("tokens",):
+            array = self._array(name)
+            every = range(math.ceil(len(self) / array.chunks[0]))
+            found[name] = missing_chunk_ids(self._path / name, array, every)
+        return found
+
     def read(self, rows: RowSelection = slice(None), dtype: Any = np.float32) -> np.ndarray:
         """Tokens of the given rows (slice, range, int, index array or boolean mask over all
         rows), in that order, as ``dtype`` (float32 by default)."""
         return self._read("tokens", rows, dtype)
+
+    def read_plate(self, plate: str, dtype: Any = np.float32) -> np.ndarray:
+        """The tokens of one plate, in store order (rows :meth:`plate_rows`)."""
+        return self._read("tokens", self.plate_rows(plate), dtype)
 
     def read_patches(self, rows: RowSelection = slice(None), dtype: Any = np.float32) -> np.ndarray:
         """Patch-token grids (n, gh, gw, d) of the given rows, as ``dtype``."""
@@ -330,6 +510,7 @@ class EmbeddingStore:
         if isinstance(rows, slice):
             start, stop, step = rows.indices(n)
             if step == 1:
+                self._require_chunks(name, start, stop - 1)
                 return np.asarray(array[start : max(start, stop)], dtype=dtype)
             rows = np.arange(start, stop, step)
         index = self._row_indices(rows)
@@ -337,13 +518,23 @@ class EmbeddingStore:
             return np.empty((0, *array.shape[1:]), dtype=dtype)
         # Read each needed row once, in sorted order (zarr then touches every chunk once).
         unique, inverse = np.unique(index, return_inverse=True)
-        block = array.get_orthogonal_selection((unique,) + (slice(None),) * (array.ndim - 1))
+        chunk = int(array.chunks[0])
+        for chunk_id in np.unique(unique // chunk):
+            self._require_chunks(name, int(chunk_id) * chunk, int(chunk_id) * chunk)
+        breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+        if len(breaks) < 64:  # a few runs (a plate's rows): slices read faster than an index
+            runs = np.split(unique, breaks)
+            block = np.concatenate([array[run[0] : run[-1] + 1] for run in runs])
+        else:
+            block = array.get_orthogonal_selection((unique,) + (slice(None),) * (array.ndim - 1))
         return np.asarray(block[inverse], dtype=dtype)
 
     def _row_indices(self, rows: Any) -> np.ndarray:
         """A boolean mask (length N) or integer indices (negatives count from the end) ->
         int64 row indices, checked against the committed count."""
         n = len(self)
+        if isinstance(rows, range):
+            rows = np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
         index = np.asarray(rows)
         if index.dtype == bool:
             if index.shape != (n,):
@@ -364,10 +555,12 @@ class EmbeddingStore:
         return np.where(index < 0, index + n, index)
 
     def tokens_dask(self):  # -> dask.array.Array (dask imported lazily)
-        """A lazy dask array (N x d, the stored dtype) over the committed rows, one block per chunk."""
+        """A lazy dask array (N x d, the stored dtype) over the committed rows, one block per
+        chunk (every chunk's file is checked to exist first)."""
         import dask.array as da
 
         array = self._array("tokens")
+        self._require_chunks("tokens", 0, len(self) - 1)
         return da.from_array(array, chunks=array.chunks, inline_array=True)[: len(self)]
 
     def iter_batches(
@@ -390,105 +583,25 @@ class EmbeddingStore:
         the next pool). Memory is bounded by the pool, independent of N; I/O stays sequential
         within chunks. Same arguments, same batches.
 
-        ``rows``: a boolean mask or index array selecting a subset (e.g. controls); each selected
-        row comes exactly once per epoch. ``shard=(rank, world_size)``: each rank takes every
-        world_size-th chunk of the epoch's (shared) chunk order, so ranks are disjoint and
-        together cover every row. Ranks can get different numbers of batches; under DDP use
-        ``epochs=None`` (endless) and a fixed number of steps. ``drop_last`` drops the short last
-        batch of each epoch.
+        ``rows``: a boolean mask or index array selecting a subset (e.g. controls, or a plate's
+        :meth:`plate_rows`); each selected row comes exactly once per epoch.
+        ``shard=(rank, world_size)``: each rank takes every world_size-th chunk of the epoch's
+        (shared) chunk order, so ranks are disjoint and together cover every row. Ranks can get
+        different numbers of batches; under DDP use ``epochs=None`` (endless) and a fixed number
+        of steps. ``drop_last`` drops the short last batch of each epoch.
         """
-        batch_size = _positive_int(batch_size, "batch_size")
-        buffer_chunks = _positive_int(buffer_chunks, "buffer_chunks")
-        rank, world_size = (int(s) for s in shard)
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}"
-            )
-        if epochs is not None and epochs < 1:
-            raise ValueError(f"epochs must be >= 1 or None (endless), got {epochs}")
-        selected = None if rows is None else np.unique(self._row_indices(rows))
-        n_chunks = math.ceil(len(self) / self.chunk_rows)
-        chunk_ids = (
-            np.arange(n_chunks) if selected is None else np.unique(selected // self.chunk_rows)
-        )
-        if len(chunk_ids) == 0:
-            raise ValueError(
-                f"nothing to iterate in {self._path}: "
-                + ("the store is empty" if selected is None else "rows selects no token")
-            )
-        if len(chunk_ids) < world_size:
-            raise ValueError(
-                f"only {len(chunk_ids)} chunk(s) hold the selected rows, fewer than the {world_size} shards; "
-                "use a store with smaller chunk_rows or fewer ranks"
-            )
-        dim = self.dim
-
-        def batches() -> Iterator[Any]:
-            epoch = 0
-            while epochs is None or epoch < epochs:
-                rng = np.random.default_rng([seed, epoch])
-                order = rng.permutation(chunk_ids) if shuffle else chunk_ids
-                chunks = self._stream_chunks(order[rank::world_size], selected)
-                pool_x = np.empty((0, dim), dtype=np.float32)
-                pool_i = np.empty(0, dtype=np.int64)
-                while loaded := [
-                    chunk for _, chunk in zip(range(buffer_chunks), chunks, strict=False)
-                ]:
-                    pool_x = np.concatenate([pool_x] + [x for x, _ in loaded])
-                    pool_i = np.concatenate([pool_i] + [i for _, i in loaded])
-                    del loaded
-                    if shuffle:
-                        perm = rng.permutation(len(pool_i))
-                        pool_x, pool_i = pool_x[perm], pool_i[perm]
-                    n_full = len(pool_i) // batch_size * batch_size
-                    for start in range(0, n_full, batch_size):
-                        x, i = (
-                            pool_x[start : start + batch_size],
-                            pool_i[start : start + batch_size],
-                        )
-                        yield (x, i) if return_index else x
-                    # Copy the leftover so the pool just cut into batches can be freed.
-                    pool_x, pool_i = pool_x[n_full:].copy(), pool_i[n_full:].copy()
-                if len(pool_i) and not drop_last:
-                    yield (pool_x, pool_i) if return_index else pool_x
-                epoch += 1
-
-        return batches()
-
-    def _stream_chunks(
-        self, chunk_ids: np.ndarray, selected: np.ndarray | None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(float32 rows, row indices) of each chunk in turn, reading one chunk ahead in a thread."""
-        array = self._array("tokens")
-        n, chunk_rows = len(self), self.chunk_rows
-
-        def load(chunk: int) -> tuple[np.ndarray, np.ndarray]:
-            start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, n)
-            if selected is None:
-                return np.asarray(array[start:stop], dtype=np.float32), np.arange(
-                    start, stop, dtype=np.int64
-                )
-            lo, hi = np.searchsorted(selected, [start, stop])
-            index = selected[lo:hi]
-            block = array[index[0] : index[-1] + 1]
-            return np.asarray(block[index - index[0]], dtype=np.float32), index
-
-        if len(chunk_ids) == 0:
-            return
-        with ThreadPoolExecutor(max_workers=1) as prefetch:
-            pending = prefetch.submit(load, int(chunk_ids[0]))
-            for k in range(len(chunk_ids)):
-                result = pending.result()
-                if k + 1 < len(chunk_ids):
-                    pending = prefetch.submit(load, int(chunk_ids[k + 1]))
-                yield result
+        return store_batches.iter_batches(
+            self, batch_size, shuffle=shuffle, seed=seed, buffer_chunks=buffer_chunks, rows=rows,
+            drop_last=drop_last, shard=shard, epochs=epochs, return_index=return_index,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ appending
     def append(self, tokens: Any, obs: pd.DataFrame, patch_tokens: Any | None = None) -> range:
         """Append tokens (n x d) with their obs rows (and patch grids when the store has them).
 
         Returns the store rows they got. Validates everything before writing; a crash part-way
-        leaves the store at its previous committed state.
+        leaves the store at its previous committed state. Each run of rows of one plate becomes
+        its own obs part, so the plate is later read without the others.
         """
         tokens = np.asarray(tokens)
         if tokens.ndim != 2:
@@ -502,308 +615,120 @@ class EmbeddingStore:
         n = len(tokens)
         obs = normalise_obs(obs, n)
         start = len(self)
-        tokens = _finite_as(tokens, self.dtype, obs, start, "tokens")
-        patches = self._check_patches(patch_tokens, n, obs, start)
+        tokens = finite_as(tokens, self.dtype, obs, start, "tokens")
+        patches = checked_patches(self, patch_tokens, obs, start)
         if n == 0:
             return range(start, start)
-        try:
-            table = pa.Table.from_pandas(obs, preserve_index=False)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-            raise ValueError(
-                f"obs cannot be stored as parquet (mixed types in a column?): {exc}"
-            ) from exc
+        runs = plate_runs(obs["plate"].to_numpy())
+        if len(runs) > _MAX_RUNS_PER_APPEND:
+            runs = [(0, n)]
+        tables = [arrow_table(obs.iloc[a:b]) for a, b in runs]
 
         self._check_unchanged_on_disk()
-        self._remove_orphans()
+        meta = store_rewrite.upgraded_meta(self)
+        self._remove_orphans(meta)
         stop = start + n
-        group = zarr.open_group(self._path, mode="r+", zarr_format=3)
         written = (
-            {"tokens": tokens, "patch_tokens": patches}
-            if patches is not None
-            else {"tokens": tokens}
+            {"tokens": tokens} if patches is None else {"tokens": tokens, "patch_tokens": patches}
         )
         for name, values in written.items():
-            array = group[name]
+            array = zarr.open_array(self._path / name, mode="r+", zarr_format=3)
+            array = array.with_config(_WRITE_EMPTY)  # a missing chunk is then always damage
             array.resize((stop, *array.shape[1:]))
             array[start:stop] = values
-        part_file = self._next_part_file()
-        with atomic_path(self._path / part_file) as tmp:
-            _write_parquet(table, tmp)
-        meta = copy.deepcopy(self._meta)
+        number = next_part_number(meta)
+        for (a, b), table in zip(runs, tables, strict=True):
+            part_file = f"obs/part-{number:05d}.parquet"
+            with atomic_path(self._path / part_file) as tmp:
+                _write_parquet(table, tmp)
+            plates = list(dict.fromkeys(obs["plate"].iloc[a:b]))
+            meta["parts"].append(
+                {"file": part_file, "start": start + a, "stop": start + b, "plates": plates}
+            )
+            number += 1
+        replaced, labels = [meta.get("labels")], store_rewrite.store_labels(self, meta)
+        for plate, rows in obs.groupby("plate", sort=False).groups.items():
+            added = summarise(obs.loc[rows])
+            replaced.append(store_rewrite.add_to_summary(self.path, meta, str(plate), added))
+            labels = merge_labels(labels, added["labels"], MAX_STORE_VALUES)
+        meta["labels"] = new_summary_file(meta, None)
+        write_json(self._path / meta["labels"], labels)
+        meta["columns"] += [c for c in obs.columns if c not in meta["columns"]]
         meta["n_tokens"] = stop
-        meta["parts"].append({"file": part_file, "start": start, "stop": stop})
         _write_meta(self._path / STORE_FILE, meta)  # the commit point
+        for file in replaced:  # summaries the commit superseded
+            if file is not None:
+                (self._path / file).unlink(missing_ok=True)
 
-        self._meta = meta
-        self._arrays.clear()  # their cached shapes are stale
+        self._set_meta(meta)
         if self._obs_cache is not None:
             self._obs_cache = pd.concat([self._obs_cache, obs], ignore_index=True)
         return range(start, stop)
 
-    def _check_patches(
-        self, patch_tokens: Any | None, n: int, obs: pd.DataFrame, start: int
-    ) -> np.ndarray | None:
-        grid = self.patch_grid
-        if grid is None:
-            if patch_tokens is not None:
-                raise ValueError(
-                    f"embedding store {self._path} was created without patch_grid; it cannot take patch tokens"
-                )
-            return None
-        if patch_tokens is None:
-            raise ValueError(
-                f"embedding store {self._path} holds patch tokens; pass patch_tokens of shape "
-                f"(n, {grid[0]}, {grid[1]}, {self.dim})"
-            )
-        patches = np.asarray(patch_tokens)
-        expected = (n, grid[0], grid[1], self.dim)
-        if patches.shape != expected:
-            raise ValueError(
-                f"patch_tokens have shape {patches.shape}, expected {expected} ({self._path})"
-            )
-        return _finite_as(patches, np.dtype(PATCH_DTYPE), obs, start, "patch_tokens")
+    def compact_obs(self, plate: str | None = None) -> None:
+        """Merge consecutive obs parts of the same plate (of ``plate``, or of every plate) into
+        one file each: many small appends make reading obs slow. Parts of different plates are
+        never merged, so per-plate reads stay per plate.
 
-    def compact_obs(self) -> None:
-        """Merge all obs parts into one parquet file (many small appends make reading obs slow).
-
-        The merged file gets a new name and is committed by ``store.json`` before the old
-        parts are deleted, so a crash at any point leaves a valid store.
+        Merged files get new names and are committed by ``store.json`` before the old parts are
+        deleted, so a crash at any point leaves a valid store.
         """
-        parts = self._meta["parts"]
-        if len(parts) <= 1:
-            return
-        self._check_unchanged_on_disk()
-        obs = self.obs
-        self._remove_orphans()
-        part_file = self._next_part_file()
-        with atomic_path(self._path / part_file) as tmp:
-            _write_parquet(pa.Table.from_pandas(obs, preserve_index=False), tmp)
-        meta = copy.deepcopy(self._meta)
-        meta["parts"] = [{"file": part_file, "start": 0, "stop": len(self)}]
-        _write_meta(self._path / STORE_FILE, meta)
-        self._meta = meta
-        self._remove_orphans()
+        store_rewrite.compact_obs(self, plate)
 
-    def _next_part_file(self) -> str:
-        # One past the highest listed number: never the name of a committed part.
-        numbers = [int(Path(part["file"]).stem.rsplit("-", 1)[1]) for part in self._meta["parts"]]
-        return f"obs/part-{max(numbers, default=-1) + 1:05d}.parquet"
+    def remove_plates(self, plates: Sequence[str]) -> None:
+        """Delete every row of ``plates`` (and their provenance records).
+
+        The kept rows are copied, in order and in bounded blocks, into a new store built beside
+        this one, which then replaces it: a crash leaves the old store whole. Needs free disk
+        space for the kept rows.
+        """
+        store_rewrite.remove_plates(self, plates)
+
+    def _reload(self) -> None:
+        self._set_meta(read_meta(self._path / STORE_FILE))
+        self._obs_cache = None
+        self._verified.clear()
+
+    def _set_meta(self, meta: dict[str, Any]) -> None:
+        self._meta = meta
+        self._legacy = None
+        self._arrays.clear()  # their cached shapes are stale
+        self._plate_rows.clear()
 
     def _check_unchanged_on_disk(self) -> None:
         """Refuse to write through a stale handle (another writer committed since we read)."""
-        on_disk = _read_meta(self._path / STORE_FILE)
+        on_disk = read_meta(self._path / STORE_FILE)
         if on_disk["n_tokens"] != len(self) or on_disk["parts"] != self._meta["parts"]:
             raise RuntimeError(
                 f"embedding store {self._path} changed on disk since it was opened "
                 f"({len(self)} -> {on_disk['n_tokens']} tokens); open it again before writing"
             )
 
-    def _remove_orphans(self) -> None:
-        """Delete leftovers of a crashed append: obs files that store.json does not list."""
-        listed = {Path(part["file"]).name for part in self._meta["parts"]}
-        obs_dir = self._path / "obs"
-        obs_dir.mkdir(exist_ok=True)
-        for file in obs_dir.iterdir():
-            if file.name not in listed and file.is_file():
-                file.unlink()
+    def _remove_orphans(self, meta: dict[str, Any]) -> None:
+        """Delete leftovers of a crashed write: obs parts and plate summaries that ``meta``
+        does not list."""
+        listed = {Path(part["file"]).name for part in meta["parts"]}
+        listed |= {Path(entry["summary"]).name for entry in meta["plates"].values()}
+        listed |= {Path(meta["labels"]).name} if meta.get("labels") else set()
+        for folder in ("obs", "plates"):
+            (self._path / folder).mkdir(exist_ok=True)
+            for file in (self._path / folder).iterdir():
+                if file.name not in listed and file.is_file():
+                    file.unlink()
 
+    # ------------------------------------------------------------------ the per-plate index
+    def _plate_entries(self) -> dict[str, dict[str, Any]]:
+        if self._meta["version"] < 2:
+            return self._legacy_index()["plates"]
+        return self._meta["plates"]
 
-# ---------------------------------------------------------------------- obs validation
-def normalise_obs(obs: pd.DataFrame, n_rows: int) -> pd.DataFrame:
-    """Check and normalise an obs table for ``n_rows`` tokens: required index columns present,
-    wells canonical ('B07'), integer columns integral, ``is_control`` boolean, categoricals
-    decoded. Returns a new DataFrame with a 0..n-1 index."""
-    if not isinstance(obs, pd.DataFrame):
-        raise TypeError(f"obs must be a pandas DataFrame, got {type(obs).__name__}")
-    if len(obs) != n_rows:
-        raise ValueError(
-            f"obs has {len(obs)} rows but there are {n_rows} tokens; they must match row for row"
-        )
-    missing = [c for c in INDEX_COLUMNS if c not in obs.columns]
-    if missing:
-        raise ValueError(
-            f"obs is missing required column(s) {missing}; every token needs {list(INDEX_COLUMNS)}"
-        )
-    if not all(isinstance(c, str) for c in obs.columns) or obs.columns.has_duplicates:
-        raise ValueError(f"obs column names must be unique strings, got {list(obs.columns)}")
-    obs = obs.reset_index(drop=True).copy()
-    for column in obs.columns:
-        if isinstance(obs[column].dtype, pd.CategoricalDtype):
-            obs[column] = np.asarray(obs[column])
-    for column in ("plate", "well"):
-        if obs[column].isna().any():
-            raise ValueError(
-                f"obs column {column!r} is empty in row {int(np.argmax(obs[column].isna()))}"
-            )
-    obs["plate"] = obs["plate"].astype(str)
-    obs["well"] = canonical_wells(obs["well"], "obs")
-    for column in _INTEGER_COLUMNS:
-        obs[column] = integer_column(obs[column], column, "obs")
-    if "is_control" in obs.columns:
-        obs["is_control"] = _bool_column(obs["is_control"])
-    return obs
+    def _part_plates(self, i: int) -> list[str]:
+        if self._meta["version"] < 2:
+            return self._legacy_index()["part_plates"][i]
+        return self._meta["parts"][i]["plates"]
 
-
-def canonical_wells(wells: pd.Series, where: str, first_row: int = 0) -> pd.Series:
-    """Canonical well names ('B07') of a column in any spelling; the error names the row
-    (counted from ``first_row``)."""
-    mapping = {}
-    for value in pd.unique(wells):
-        try:
-            mapping[value] = canonical_well(str(value))
-        except ValueError:
-            row = int(np.argmax((wells == value).to_numpy()))
-            raise ValueError(
-                f"{where} row {first_row + row}: well {value!r} is not a well name "
-                "(expected e.g. 'B07', 'B7' or 'r02c07')"
-            ) from None
-    return wells.map(mapping).astype(object)
-
-
-def integer_column(values: pd.Series, column: str, where: str) -> pd.Series:
-    """``values`` as int64, or an error naming the first row that is empty or not a whole number."""
-    numeric = pd.to_numeric(values, errors="coerce").astype(float)
-    bad = numeric.isna().to_numpy() | (numeric.to_numpy() != np.round(numeric.to_numpy()))
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise ValueError(
-            f"{where} column {column!r} row {row}: {values.iloc[row]!r} is not a whole number"
-        )
-    return numeric.astype(np.int64)
-
-
-def _bool_column(values: pd.Series) -> pd.Series:
-    if values.dtype == bool:
-        return values
-    ok = values.isin([True, False, 0, 1]) & values.notna()
-    if not ok.all():
-        row = int(np.argmax(~ok.to_numpy()))
-        raise ValueError(
-            f"obs column 'is_control' row {row}: {values.iloc[row]!r} is not a boolean (True/False or 1/0)"
-        )
-    return values.astype(bool)
-
-
-def _finite_as(
-    values: np.ndarray, dtype: np.dtype, obs: pd.DataFrame, start: int, what: str
-) -> np.ndarray:
-    """``values`` cast to ``dtype``; an error naming the first row with NaN/inf (or a value too
-    large for float16) and its plate/well/field."""
-    if values.dtype.kind not in "fiub":
-        raise TypeError(f"{what} must be numeric, got dtype {values.dtype}")
-    with np.errstate(over="ignore"):  # overflow is reported below, with the row
-        cast = values.astype(dtype, copy=False)
-    finite = (
-        np.isfinite(cast).reshape(len(cast), -1).all(axis=1)
-        if cast.size
-        else np.ones(len(cast), bool)
-    )
-    if not finite.all():
-        row = int(np.argmin(finite))
-        was_finite = bool(np.isfinite(values[row]).all()) if values.dtype.kind == "f" else True
-        reason = (
-            f"has a value beyond the {dtype.name} range" if was_finite else "contains NaN or inf"
-        )
-        where = obs.iloc[row]
-        raise ValueError(
-            f"{what} row {row} of this append (store row {start + row}; plate {where['plate']}, "
-            f"well {where['well']}, field {where['field']}) {reason}"
-        )
-    return cast
-
-
-# ---------------------------------------------------------------------- files
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    pq.write_table(table, path)
-
-
-def _write_meta(path: Path, meta: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(meta, indent=1, allow_nan=False))
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(
-            f"{path} is corrupt or truncated ({exc}); the embedding store cannot be opened"
-        ) from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ValueError(
-            f"{path} is not an embedding-store record (expected format {FORMAT_NAME!r})"
-        )
-    if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has format version {meta.get('version')!r}; "
-            f"this plate_concepts reads up to {FORMAT_VERSION}"
-        )
-    required = (
-        "n_tokens",
-        "dim",
-        "dtype",
-        "patch_grid",
-        "chunk_rows",
-        "chunk_rows_patch",
-        "parts",
-        "uns",
-    )
-    missing = [key for key in required if key not in meta]
-    if missing:
-        raise ValueError(f"{path} is corrupt: it lacks {missing}")
-    if meta["dtype"] not in TOKEN_DTYPES:
-        raise ValueError(
-            f"{path} is corrupt: token dtype {meta['dtype']!r} is not one of {TOKEN_DTYPES}"
-        )
-    expected_start = 0
-    for part in meta["parts"]:
-        if part.get("start") != expected_start or part.get("stop", -1) < expected_start:
-            raise ValueError(
-                f"{path} is corrupt: obs part {part} does not continue at row {expected_start}"
-            )
-        expected_start = part["stop"]
-    if expected_start != meta["n_tokens"]:
-        raise ValueError(
-            f"{path} is corrupt: its obs parts cover {expected_start} rows "
-            f"but n_tokens is {meta['n_tokens']}"
-        )
-    return meta
-
-
-def _check_replaceable(path: Path, overwrite: bool) -> None:
-    if not path.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    if not path.is_dir() or (any(path.iterdir()) and not EmbeddingStore.is_store(path)):
-        raise FileExistsError(
-            f"{path} exists and is not an embedding store; refusing to overwrite it"
-        )
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def _json_roundtrip(record: dict[str, Any], what: str) -> dict[str, Any]:
-    """``record`` as plain JSON types (numpy scalars/arrays and paths converted)."""
-    if not isinstance(record, dict):
-        raise TypeError(f"{what} must be a dict, got {type(record).__name__}")
-    try:
-        return json.loads(json.dumps(record, default=_json_default, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{what} must be JSON-serialisable (str/int/float/bool/list/dict, no NaN): {exc}"
-        ) from exc
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+    def _legacy_index(self) -> dict[str, Any]:
+        """A version-1 store's per-plate index, computed from its obs once per handle."""
+        if self._legacy is None:
+            self._legacy = store_rewrite.legacy_index(self)
+        return self._legacy
