@@ -106,14 +106,21 @@ def test_in_memory_pass_equals_direct_computations(screen):
         np.testing.assert_array_equal(mine.fraction_active, wells.fraction_active)
         # Sums and sums of squares per (plate, label value) and over the plate's controls.
         stats = result.plate(plate)
+        by_value = stats.label_values("treatment")
         for value in TREATMENTS:
             on = rows[obs["treatment"].to_numpy()[rows] == value]
-            i = stats.labels["treatment"].keys.index(value)
-            np.testing.assert_allclose(stats.labels["treatment"].sums[i], dense[on].sum(axis=0), rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(stats.labels["treatment"].sumsq[i], (dense[on] ** 2).sum(axis=0), rtol=1e-5, atol=1e-6)
+            i = by_value.keys.index(value)
+            np.testing.assert_allclose(by_value.sums[i], dense[on].sum(axis=0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(by_value.sumsq[i], (dense[on] ** 2).sum(axis=0), rtol=1e-5, atol=1e-6)
+        by_well = stats.label_wells("treatment")
+        assert sorted(by_well.keys) == sorted({(w, t) for w, t in zip(obs["well"][rows], obs["treatment"][rows])})
         control = rows[obs["is_control"].to_numpy()[rows]]
-        assert stats.controls.counts[0] == len(control)
-        np.testing.assert_allclose(stats.controls.sumsq[0], (dense[control] ** 2).sum(axis=0), rtol=1e-5, atol=1e-6)
+        controls = stats.controls
+        assert controls.counts.sum() == len(control)
+        assert sorted(k for k, c in zip(controls.keys, controls.counts) if c) == sorted(set(obs["well"][control]))
+        np.testing.assert_allclose(controls.sumsq.sum(axis=0), (dense[control] ** 2).sum(axis=0), rtol=1e-5, atol=1e-6)
+        by_field = stats.groups["field"]
+        assert sorted(by_field.keys) == [0, 1] and by_field.counts.sum() == len(rows)
         # Top tokens per plate and over the store: the largest codes, ties to the lower row.
         for feature in range(M):
             plate_values = np.where(np.isin(np.arange(len(obs)), rows), dense[:, feature], 0)
@@ -137,7 +144,7 @@ def assert_same_pass(a: ActivationPass, b: ActivationPass) -> None:
     for plate in a.plates:
         pa, pb = a.plate(plate), b.plate(plate)
         np.testing.assert_array_equal(pa.wells.sums, pb.wells.sums)
-        np.testing.assert_array_equal(pa.labels["treatment"].sumsq, pb.labels["treatment"].sumsq)
+        np.testing.assert_array_equal(pa.label_wells("treatment").sumsq, pb.label_wells("treatment").sumsq)
         np.testing.assert_array_equal(pa.top.rows, pb.top.rows)
 
 

@@ -146,7 +146,7 @@ def compute_chunk(spec: PassSpec, chunk: int) -> tuple[ChunkStats, Any]:
     estimator = _estimator(spec.dictionary, _stamp(spec.dictionary), device)
     store = _store(spec.store, _stamp(Path(spec.store) / "store.json"))
     start, stop = spec.rows(chunk)
-    columns = ["plate", "well", *spec.label_columns]
+    columns = ["plate", "well", "field", "foreground_fraction", *spec.label_columns]
     for extra in (spec.control_column, spec.batch_column):
         if extra is not None and extra not in columns:
             columns.append(extra)
@@ -204,7 +204,7 @@ class _Reducer:
         self.finished: dict[str, PlateStats] = {}
         self.labels: dict[str, GroupSums] = {}
         self.n_excluded: dict[str, int] = {}
-        self.controls = GroupSums([CONTROLS], np.zeros(1, np.int64), None, None)  # type: ignore[arg-type]
+        self.controls: GroupSums | None = None
         self.plate_active: dict[str, np.ndarray] = {}
         self.plate_tokens: dict[str, int] = {}
 
@@ -217,17 +217,14 @@ class _Reducer:
             self._finish(name, self.open.pop(name))
 
     def _finish(self, name: str, plate: PlateStats) -> None:
-        for column, sums in plate.labels.items():
+        for column in plate.label_columns:
+            sums = plate.label_values(column)
             flat = GroupSums(sums.keys, sums.counts, sums.active, sums.sums)
             self.labels[column] = self.labels[column].merge(flat) if column in self.labels else flat
             self.n_excluded[column] = self.n_excluded.get(column, 0) + plate.n_excluded.get(column, 0)
-        controls = plate.controls
-        if self.controls.active is None:
-            self.controls = GroupSums(controls.keys, controls.counts, controls.active, controls.sums)
-        else:
-            self.controls = self.controls.merge(
-                GroupSums(controls.keys, controls.counts, controls.active, controls.sums)
-            )
+        controls = plate.controls.regroup(lambda _: CONTROLS)
+        flat = GroupSums(controls.keys, controls.counts, controls.active, controls.sums)
+        self.controls = flat if self.controls is None else self.controls.merge(flat)
         self.plate_active[name] = plate.wells.active.sum(axis=0)
         self.plate_tokens[name] = plate.n_tokens
         if self.folder is None:
@@ -241,7 +238,7 @@ class _Reducer:
         total = self.total
         return Totals(
             total.n_features, total.n_tokens, total.active, total.sums, total.reconstruction,
-            total.top, self.labels, self.n_excluded, self.controls, self.plate_order,
+            total.top, self.labels, self.n_excluded, self.controls, self.plate_order,  # type: ignore[arg-type]
             np.array([self.plate_tokens[p] for p in self.plate_order], dtype=np.int64),
             np.stack([self.plate_active[p] for p in self.plate_order]),
         )

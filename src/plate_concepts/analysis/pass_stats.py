@@ -29,8 +29,8 @@ from plate_concepts.analysis.metrics import ReconstructionMetrics, codes_matrix
 from plate_concepts.dictionary.codes import SparseCodes
 
 _HEADER_KEY = "plate_concepts_pass"
-#: Group key of a plate's control tokens.
-CONTROLS = "controls"
+#: Names of a plate's groupings (see :class:`PlateStats`).
+WELL, CONTROLS, LABEL, FIELD, FOREGROUND = "well", "controls", "label:", "field", "foreground"
 
 
 def json_label(value: Any) -> Any:
@@ -115,8 +115,30 @@ class GroupSums:
             out[f"{prefix}.sumsq"] = self.sumsq
         return out
 
+    def regroup(self, key_of: Any) -> GroupSums:
+        """Sums over coarser groups: ``key_of(key)`` names each group's new group."""
+        new_keys: list[Any] = []
+        position: dict[Any, int] = {}
+        where = np.empty(len(self.keys), dtype=np.int64)
+        for i, key in enumerate(self.keys):
+            new = key_of(key)
+            if new not in position:
+                position[new] = len(new_keys)
+                new_keys.append(new)
+            where[i] = position[new]
+
+        def summed(values: np.ndarray | None) -> np.ndarray | None:
+            if values is None:
+                return None
+            out = np.zeros((len(new_keys), *values.shape[1:]), dtype=values.dtype)
+            np.add.at(out, where, values)
+            return out
+
+        return GroupSums(new_keys, summed(self.counts), summed(self.active), summed(self.sums), summed(self.sumsq))
+
     @classmethod
     def from_arrays(cls, keys: list[Any], arrays: dict[str, np.ndarray], prefix: str) -> GroupSums:
+        keys = [tuple(key) if isinstance(key, list) else key for key in keys]  # JSON has no tuples
         return cls(
             keys,
             arrays[f"{prefix}.counts"],
@@ -164,53 +186,71 @@ class TopTokens:
 
 @dataclass
 class PlateStats:
-    """One plate's sums: per well, per value of each label column, over its controls, and its
-    top tokens."""
+    """One plate's sums over groups of its tokens, and its top tokens.
+
+    ``groups`` holds: ``"well"`` (keyed by well), ``"controls"`` (the control tokens, keyed by
+    well), ``"label:<column>"`` for each label column (keyed by (well, value), so both per-well
+    and per-value sums follow; with squares), and when the obs have them ``"field"`` (keyed by
+    field) and ``"foreground"`` (keyed by the decile of the crop's foreground fraction).
+    """
 
     n_tokens: int
-    wells: GroupSums
-    labels: dict[str, GroupSums]
-    controls: GroupSums
+    groups: dict[str, GroupSums]
     top: TopTokens
     n_excluded: dict[str, int] = field(default_factory=dict)  # tokens without a label, per column
 
+    @property
+    def wells(self) -> GroupSums:
+        return self.groups[WELL]
+
+    @property
+    def controls(self) -> GroupSums:
+        """The control tokens, per well."""
+        return self.groups[CONTROLS]
+
+    @property
+    def label_columns(self) -> list[str]:
+        return [name.removeprefix(LABEL) for name in self.groups if name.startswith(LABEL)]
+
+    def label_wells(self, column: str) -> GroupSums:
+        """Sums per (well, value) of a label column."""
+        return self.groups[LABEL + column]
+
+    def label_values(self, column: str) -> GroupSums:
+        """Sums per value of a label column over the plate's wells."""
+        return self.label_wells(column).regroup(lambda key: key[1])
+
     def merge(self, other: PlateStats) -> PlateStats:
+        groups = dict(self.groups)
+        for name, sums in other.groups.items():
+            groups[name] = groups[name].merge(sums) if name in groups else sums
         return PlateStats(
             self.n_tokens + other.n_tokens,
-            self.wells.merge(other.wells),
-            {c: self.labels[c].merge(other.labels[c]) for c in self.labels},
-            self.controls.merge(other.controls),
+            groups,
             self.top.merge(other.top),
-            {c: self.n_excluded.get(c, 0) + other.n_excluded.get(c, 0) for c in self.labels},
+            {c: self.n_excluded.get(c, 0) + other.n_excluded.get(c, 0) for c in {*self.n_excluded, *other.n_excluded}},
         )
 
     def to_arrays(self, prefix: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """(JSON record of the keys, arrays named under ``prefix``) for a safetensors file."""
-        arrays = {**self.wells.arrays(f"{prefix}.wells"), **self.controls.arrays(f"{prefix}.controls"),
-                  f"{prefix}.top.rows": self.top.rows, f"{prefix}.top.values": self.top.values}
-        for j, sums in enumerate(self.labels.values()):
-            arrays.update(sums.arrays(f"{prefix}.label{j}"))
+        arrays = {f"{prefix}.top.rows": self.top.rows, f"{prefix}.top.values": self.top.values}
+        for j, sums in enumerate(self.groups.values()):
+            arrays.update(sums.arrays(f"{prefix}.group{j}"))
         record = {
-            "n_tokens": self.n_tokens, "wells": self.wells.keys,
-            "labels": {column: sums.keys for column, sums in self.labels.items()},
+            "n_tokens": self.n_tokens,
+            "groups": {name: sums.keys for name, sums in self.groups.items()},
             "n_excluded": self.n_excluded,
         }
         return record, arrays
 
     @classmethod
     def from_arrays(cls, record: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> PlateStats:
-        labels = {
-            column: GroupSums.from_arrays(keys, arrays, f"{prefix}.label{j}")
-            for j, (column, keys) in enumerate(record["labels"].items())
+        groups = {
+            name: GroupSums.from_arrays(keys, arrays, f"{prefix}.group{j}")
+            for j, (name, keys) in enumerate(record["groups"].items())
         }
-        return cls(
-            record["n_tokens"],
-            GroupSums.from_arrays(record["wells"], arrays, f"{prefix}.wells"),
-            labels,
-            GroupSums.from_arrays([CONTROLS], arrays, f"{prefix}.controls"),
-            TopTokens(arrays[f"{prefix}.top.rows"], arrays[f"{prefix}.top.values"]),
-            record["n_excluded"],
-        )
+        top = TopTokens(arrays[f"{prefix}.top.rows"], arrays[f"{prefix}.top.values"])
+        return cls(record["n_tokens"], groups, top, record["n_excluded"])
 
     def save(self, path: str | Path, name: str) -> Path:
         record, arrays = self.to_arrays("plate")
@@ -297,22 +337,31 @@ class ChunkStats:
         plates: dict[str, PlateStats] = {}
         for plate in pd.unique(plates_of):
             on_plate = plates_of == plate
-            in_plate = np.flatnonzero(on_plate)
             plate_pairs = tuple(p[on_plate[pairs[0]]] for p in pairs)
             wells, well_keys = _groups(obs["well"].to_numpy(), on_plate)
-            labels, excluded = {}, {}
+            groups = {
+                WELL: GroupSums.of(wells, well_keys, plate_pairs, M, squares=False),
+                CONTROLS: GroupSums.of(
+                    np.where(controls, wells, -1), well_keys, plate_pairs, M, squares=True
+                ),
+            }
+            excluded = {}
             for column in label_columns:
-                group, keys = _groups(obs[column].to_numpy(), on_plate)
-                labels[column] = GroupSums.of(group, keys, plate_pairs, M, squares=True)
-                excluded[column] = int(len(in_plate) - (group >= 0).sum())
-            control_group = np.where(on_plate & controls, 0, -1)
+                values, value_keys = _groups(obs[column].to_numpy(), on_plate)
+                pair = np.where(values >= 0, wells * len(value_keys) + values, -1)
+                group, keys = _groups(pair, pair >= 0)
+                keys = [(well_keys[k // len(value_keys)], value_keys[k % len(value_keys)]) for k in keys]
+                groups[LABEL + column] = GroupSums.of(group, keys, plate_pairs, M, squares=True)
+                excluded[column] = int(on_plate.sum() - (values >= 0).sum())
+            if FIELD in obs.columns:
+                group, keys = _groups(obs[FIELD].to_numpy(), on_plate)
+                groups[FIELD] = GroupSums.of(group, keys, plate_pairs, M, squares=False)
+            if "foreground_fraction" in obs.columns:
+                decile = np.clip(np.floor(obs["foreground_fraction"].to_numpy(float) * 10), 0, 9)
+                group, keys = _groups(decile, on_plate)
+                groups[FOREGROUND] = GroupSums.of(group, keys, plate_pairs, M, squares=False)
             plates[str(plate)] = PlateStats(
-                len(in_plate),
-                GroupSums.of(wells, well_keys, plate_pairs, M, squares=False),
-                labels,
-                GroupSums.of(control_group, [CONTROLS], plate_pairs, M, squares=True),
-                TopTokens.of(plate_pairs, first_row, M, top_n),
-                excluded,
+                int(on_plate.sum()), groups, TopTokens.of(plate_pairs, first_row, M, top_n), excluded
             )
         return cls(
             M,
