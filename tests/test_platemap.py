@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from plate_concepts.plates.geometry import PlateFormat
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.platemap import (
     ControlSpec,
@@ -16,6 +17,7 @@ from plate_concepts.plates.platemap import (
     control_mask,
     label_columns,
     read_platemap,
+    resolve_column,
 )
 
 REAL = Path(__file__).parents[1].parent / "shared" / "data" / "real"
@@ -165,4 +167,50 @@ def test_control_mask_errors_list_what_exists():
         control_mask(table, ControlSpec.parse("genotype=wt"))
     np.testing.assert_array_equal(
         control_mask(table, ControlSpec.parse("well=C03")), [False, True, False]
+    )
+
+
+def test_a_plate_map_well_that_is_not_on_the_plate_is_an_error_naming_its_row(tmp_path):
+    path = tmp_path / "map.csv"
+    path.write_text("well,genotype\nB07,WT\nC03,Null\nZ99,WT\n")
+    with pytest.raises(
+        ValueError, match=rf"plate map {path}: data row 3 has well 'Z99', which is on no plate"
+    ):
+        attach_platemap(tiny_plate(["B07", "C03"]), path)
+    frame = pd.DataFrame({"well": ["B07", "H13"], "genotype": ["WT", "Null"]})
+    stated = Plate(
+        name="p96", channels=["dna"], images={("B07", 0): [da.zeros((1, 4, 4), dtype=np.uint8)]},
+        reader="test", plate_format=PlateFormat.from_n_wells(96),
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"data row 2 has well 'H13', which is not on this 96-well plate \(A01\.\.H12\)",
+    ):
+        attach_platemap(stated, frame)
+    widened = attach_platemap(tiny_plate(["B07"]), frame)  # a format inferred from the images grows
+    assert widened.plate_format.n_wells == 384
+
+
+def test_one_resolver_for_column_names_with_or_without_the_metadata_prefix():
+    columns = ["plate", "well", "field", "cell_line", "Metadata_dose", "Treatment"]
+    assert resolve_column("cell_line", columns) == "cell_line"
+    assert resolve_column("Metadata_cell_line", columns) == "cell_line"  # the prefix was dropped
+    assert resolve_column("dose", columns) == "Metadata_dose"  # the prefix was kept
+    assert resolve_column("Metadata_Site", columns) == "field"  # an index alias
+    assert resolve_column("treatment", columns) == "Treatment"  # case
+    with pytest.raises(
+        ValueError, match=r"label column 'genotype' not found; available columns: \['plate'"
+    ):
+        resolve_column("genotype", columns, "label column")
+    with pytest.raises(ValueError, match="not found"):  # two columns equal ignoring case
+        resolve_column("dna", ["DNA", "Dna"])
+
+    obs = pd.DataFrame({"cell_line": ["A549", "U2OS", "A549"]})
+    for spec in ("cell_line=A549", "Metadata_cell_line=A549", "CELL_LINE=A549"):
+        np.testing.assert_array_equal(
+            control_mask(obs, ControlSpec.parse(spec)), [True, False, True]
+        )
+    jump = pd.DataFrame({"Metadata_cell_line": ["A549", "U2OS"]})
+    np.testing.assert_array_equal(
+        control_mask(jump, ControlSpec.parse("cell_line=U2OS")), [False, True]
     )

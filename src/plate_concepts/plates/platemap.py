@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from plate_concepts.plates.geometry import canonical_well, parse_well
+from plate_concepts.plates.geometry import PlateFormat, canonical_well, parse_well, well_name
 from plate_concepts.plates.model import Plate
 
 WELL_INDEX_NAME = "well"
@@ -44,6 +45,49 @@ ROW_COLUMN_PAIRS = (
 _POSITION_NAMES = {name.lower() for name in WELL_COLUMN_NAMES} | {
     name.lower() for pair in ROW_COLUMN_PAIRS for name in pair
 }
+
+METADATA_PREFIX = "Metadata_"
+"""The prefix of metadata columns in pycytominer/JUMP tables (dropped when imported)."""
+
+METADATA_ALIASES = {
+    "plate": "plate",
+    "well": "well",
+    "site": "field",
+    "field": "field",
+    "crop_y": "crop_y",
+    "crop_x": "crop_x",
+    "crop_size": "crop_size",
+    "is_control": "is_control",
+}
+"""``Metadata_`` names (lower case, without the prefix) that an imported table stores under an
+index column of the embedding store (``Metadata_Site`` -> ``field``)."""
+
+
+def resolve_column(name: str, columns: Iterable[object], what: str = "column") -> str:
+    """The column among ``columns`` that ``name`` means: the same name; else the name as it
+    reads after an import dropped (or another tool kept) the ``Metadata_`` prefix
+    (``Metadata_cell_line`` <-> ``cell_line``, ``Metadata_Site`` -> ``field``); else the one
+    column equal to it ignoring case. A ``ValueError`` lists the columns when none (or several)
+    match. The one rule wherever a user names a column of a plate map, a profile table or a
+    store (control specs, labels, batch columns).
+    """
+    names = [str(c) for c in columns]
+    if name in names:
+        return name
+    bare = (
+        name[len(METADATA_PREFIX) :] if name.lower().startswith(METADATA_PREFIX.lower()) else None
+    )
+    spellings = [METADATA_PREFIX + name]
+    if bare is not None:
+        spellings = [bare, METADATA_ALIASES.get(bare.lower(), bare)]
+    for spelling in spellings:
+        if spelling in names:
+            return spelling
+    for spelling in [name, *spellings]:
+        matches = [n for n in names if n.lower() == spelling.lower()]
+        if len(matches) == 1:
+            return matches[0]
+    raise ValueError(f"{what} {name!r} not found; available columns: {names}")
 
 
 def as_text(value: object) -> str:
@@ -191,12 +235,17 @@ def read_platemap(
 def attach_platemap(plate: Plate, platemap: pd.DataFrame | str | Path) -> Plate:
     """Set ``plate.platemap`` to the plate map's rows for the plate's wells; returns the plate.
 
-    Wells of the plate missing from the map get all-NaN rows (with a warning naming them).
+    Wells of the plate missing from the map get all-NaN rows (with a warning naming them); a
+    well of the map that is not on the plate (``Z99``, or ``H13`` on a 96-well plate) is an
+    error naming its row.
     """
     if isinstance(platemap, (str, Path)):
+        source = f"plate map {platemap}"
         table = read_platemap(platemap)
     else:
+        source = "the plate map"
         table = normalize_platemap(platemap)
+    _check_wells_exist(table.index, source)
     wells = plate.wells
     missing = [w for w in wells if w not in table.index]
     if len(missing) == len(wells):
@@ -205,6 +254,7 @@ def attach_platemap(plate: Plate, platemap: pd.DataFrame | str | Path) -> Plate:
             f"the map has e.g. {list(table.index[:8])} ({len(table)} wells)"
         )
     plate.include_wells(table.index, source=f"the plate map of {plate.name!r}")
+    _check_wells_exist(table.index, source, plate.plate_format)
     if missing:
         warnings.warn(
             f"plate {plate.name!r}: wells {missing} are not in the plate map; their metadata "
@@ -214,6 +264,30 @@ def attach_platemap(plate: Plate, platemap: pd.DataFrame | str | Path) -> Plate:
         )
     plate.platemap = table.reindex(pd.Index(wells, name=WELL_INDEX_NAME))
     return plate
+
+
+def _check_wells_exist(
+    wells: pd.Index, source: str, plate_format: PlateFormat | None = None
+) -> None:
+    """Every well of a plate map lies on a standard plate (and on ``plate_format``), else an
+    error naming the first that does not and its data row (the map keeps the file's order)."""
+    for number, well in enumerate(wells, start=1):
+        row, column = parse_well(well)
+        if plate_format is None:
+            try:
+                PlateFormat.smallest_containing([(row, column)])
+            except ValueError:
+                raise ValueError(
+                    f"{source}: data row {number} has well {well!r}, which is on no plate (the "
+                    "largest, 1536 wells, ends at AF48)"
+                ) from None
+        elif not plate_format.contains(row, column):
+            last = well_name(plate_format.n_rows - 1, plate_format.n_columns - 1)
+            raise ValueError(
+                f"{source}: data row {number} has well {well!r}, which is not on this "
+                f"{plate_format.n_wells}-well plate (A01..{last}); is it the plate map of "
+                "another plate?"
+            )
 
 
 def label_columns(platemap: pd.DataFrame) -> list[str]:
@@ -277,16 +351,13 @@ def control_mask(table: pd.DataFrame, spec: ControlSpec) -> np.ndarray:
     """Boolean mask of the rows of a plate map or obs table whose ``spec.column`` is a control.
 
     Values are compared as text (see :func:`as_text`), so 1, 1.0 and '1' match. The column may
-    also be the table's index name (e.g. ``well``).
+    also be the table's index name (e.g. ``well``), and is found by :func:`resolve_column`
+    (``Metadata_cell_line`` and ``cell_line`` name the same column).
     """
-    if spec.column in table.columns:
-        column = table[spec.column]
-    elif table.index.name == spec.column:
+    if spec.column not in table.columns and table.index.name == spec.column:
         column = table.index.to_series()
     else:
-        raise ValueError(
-            f"control column {spec.column!r} not found; available columns: {list(table.columns)}"
-        )
+        column = table[resolve_column(spec.column, table.columns, "control column")]
     text = np.array([as_text(v) for v in column], dtype=object)
     wanted = [as_text(v) for v in spec.values]
     mask = np.isin(text, wanted)
