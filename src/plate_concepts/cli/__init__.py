@@ -95,8 +95,8 @@ def describe_error(error: BaseException) -> str:
             text = f"the numbers overflowed ({text or type(error).__name__}): the computation diverged"
     elif isinstance(error, MemoryError):
         text = f"not enough memory ({error or 'MemoryError'}): try a smaller --batch-size"
-    elif isinstance(error, ImportError):
-        text = f"cannot import {error.name or 'a module'}: {error}"
+    elif isinstance(error, ImportError) and error.name and error.name not in str(error):
+        text = f"cannot import {error.name}: {error}"
     elif isinstance(error, EXPECTED_ERRORS):
         text = str(error) or type(error).__name__
     else:
