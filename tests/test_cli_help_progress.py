@@ -1,0 +1,86 @@
+"""Paper cuts of a first day: every option of the plate and demo commands says what it does and
+its default; progress in a log is plain lines; the demo cache is named; napari's Qt is not
+forced on an existing napari."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from plate_concepts.cli import build_parser, main
+
+OWN_COMMANDS = ("info", "convert", "view", "demo", "demo-run")
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.parametrize("command", OWN_COMMANDS)
+def test_every_option_has_help_and_shows_its_default(command):
+    parser = subcommands()[command]
+    text = parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and len(action.help) > 10, f"{command} {action.dest} has no help"
+        shown_default = action.default not in (None, False, argparse.SUPPRESS)
+        if shown_default and action.option_strings:
+            assert re.search(rf"default:?\s+{re.escape(str(action.default))}", " ".join(text.split())), (
+                f"{command} {action.option_strings[0]}: default {action.default} not shown"
+            )
+
+
+def test_defaults_are_shown_once():
+    text = " ".join(subcommands()["convert"].format_help().split())
+    assert text.count("(default: 0.5)") == 1
+
+
+def test_progress_in_a_log_is_plain_lines(tmp_path, capsys):
+    nf1 = PROJECT.parent / "shared" / "data" / "real" / "nf1_plate2"
+    assert main(["convert", str(nf1), str(tmp_path / "out.zarr")]) == 0
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("converting") for line in lines)
+    assert "5/5" in lines[-1] and "100%" in lines[-1]
+
+
+def test_progress_bar_writes_a_line_at_most_every_few_seconds(capsys, monkeypatch):
+    from plate_concepts.cli import _common
+
+    monkeypatch.setattr(_common, "LOG_LINE_EVERY_S", 3600.0)
+    with _common.progress_bar(1000, "steps", "step") as bar:
+        for done in range(1, 1001):
+            bar(done)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and "1000/1000" in lines[-1]  # the first update and the last
+
+
+def test_demo_run_names_the_cached_demo_plate(monkeypatch, tmp_path, capsys):
+    from plate_concepts import demo_pipeline
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("PLATE_CONCEPTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_pipeline, "run_demo_pipeline", stop)
+    assert main(["demo-run", str(tmp_path / "work"), "--no-viewer"]) == 130
+    out = capsys.readouterr().out
+    assert f"demo plate: {tmp_path / 'cache' / 'demo-v1-96w-2f-512px-seed0'}" in out
+
+
+def test_napari_qt_backend_is_not_forced():
+    import tomllib
+
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    required = " ".join(project["dependencies"]).lower()
+    assert "napari" in required
+    assert not re.search(r"pyqt|pyside|napari\[", required)  # an existing napari keeps its Qt
+    assert any("napari[" in extra for extra in project["optional-dependencies"]["qt"])
