@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from plate_concepts.embeddings.embed import embed_plate
-from plate_concepts.embeddings.store import EmbeddingStore
+from plate_concepts.embeddings.embed import embed_plate, embed_plates, staging_path
+from plate_concepts.embeddings.store import EmbeddingStore, StoreIncompleteError
 from plate_concepts.embeddings.tiling import IntensityNormalizer
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.platemap import ControlSpec, attach_platemap
@@ -65,7 +65,9 @@ def _synthetic_plate(planted_nuclei: bool = False) -> Plate:
                 y, x = [(0, 0), (32, 64), (0, 32)][n] if field == 0 else (32, 32)
                 image[0, y : y + 32, x : x + 32] = 3000
             images[(well, field)] = [da.from_array(image, chunks=(3, 32, 96))]
-    plate = Plate(name="synth", channels=["DNA", "ER", "Mito"], images=images, reader="test", source="memory")
+    plate = Plate(
+        name="synth", channels=["DNA", "ER", "Mito"], images=images, reader="test", source="memory"
+    )
     platemap = pd.DataFrame(
         {
             "well": ["B2", "B3", "C2"],
@@ -86,13 +88,26 @@ def _by_key(store: EmbeddingStore) -> tuple[pd.DataFrame, np.ndarray]:
 def test_tokens_are_the_embedded_crops_with_their_plate_map_labels(tmp_path):
     plate = _synthetic_plate()
     store = embed_plate(
-        plate, tmp_path / "store", MeanPool(), crop_size=32, batch_size=5, patch_tokens=True,
-        control="treatment=DMSO", device="cpu",
+        plate,
+        tmp_path / "store",
+        MeanPool(),
+        crop_size=32,
+        batch_size=5,
+        patch_tokens=True,
+        control="treatment=DMSO",
+        device="cpu",
     )
     assert len(store) == 6 * 6 and store.dim == 3 and store.patch_grid == (2, 2)
     obs = store.obs
     assert not obs.duplicated(KEY).any()
-    assert set(obs.columns) >= {*KEY, "crop_size", "treatment", "dose_uM", "platemap_field", "is_control"}
+    assert set(obs.columns) >= {
+        *KEY,
+        "crop_size",
+        "treatment",
+        "dose_uM",
+        "platemap_field",
+        "is_control",
+    }
     assert "well_position" not in obs.columns
     expected_treatment = {"B02": "DMSO", "B03": "drugA", "C02": "DMSO"}
     assert (obs["treatment"] == obs["well"].map(expected_treatment)).all()
@@ -130,7 +145,9 @@ def test_interrupted_embedding_resumes_without_duplicates(tmp_path):
         if done > 0:
             stop.set()  # cancel once the first group is stored
 
-    partial = embed_plate(plate, tmp_path / "resumed", MeanPool(), progress=progress, cancel=stop, **settings)
+    partial = embed_plate(
+        plate, tmp_path / "resumed", MeanPool(), progress=progress, cancel=stop, **settings
+    )
     assert 0 < len(partial) < len(full)
     assert seen[0] == (0, 36) and all(total == 36 for _, total in seen)
     assert partial.provenance["plates"]["synth"]["complete"] is False
@@ -138,7 +155,11 @@ def test_interrupted_embedding_resumes_without_duplicates(tmp_path):
 
     resumed_ticks = []
     resumed = embed_plate(
-        plate, tmp_path / "resumed", MeanPool(), progress=lambda *tick: resumed_ticks.append(tick), **settings
+        plate,
+        tmp_path / "resumed",
+        MeanPool(),
+        progress=lambda *tick: resumed_ticks.append(tick),
+        **settings,
     )
     assert resumed_ticks[0] == (len(interrupted_keys), 36) and resumed_ticks[-1] == (36, 36)
     assert len(resumed) == len(full) == 36
@@ -153,7 +174,9 @@ def test_interrupted_embedding_resumes_without_duplicates(tmp_path):
     # A finished store is left alone: no crop is embedded again.
     again = MeanPool()
     embed_plate(plate, tmp_path / "resumed", again, **settings)
-    assert len(EmbeddingStore.open(tmp_path / "resumed")) == 36 and again.calls == 1  # the shape probe
+    assert (
+        len(EmbeddingStore.open(tmp_path / "resumed")) == 36 and again.calls == 1
+    )  # the shape probe
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -162,26 +185,45 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(ValueError, match="crop_size: store 32, now 48"):
         embed_plate(plate, tmp_path / "s", MeanPool(), crop_size=48, device="cpu")
     with pytest.raises(ValueError, match="patch tokens"):
-        embed_plate(plate, tmp_path / "s", MeanPool(), crop_size=32, patch_tokens=True, device="cpu")
+        embed_plate(
+            plate, tmp_path / "s", MeanPool(), crop_size=32, patch_tokens=True, device="cpu"
+        )
     with pytest.raises(ValueError, match="normalization"):
-        embed_plate(plate, tmp_path / "s", MeanPool(), crop_size=32, device="cpu",
-                    normalizer=IntensityNormalizer(scope="field"))
-    rebuilt = embed_plate(plate, tmp_path / "s", MeanPool(), crop_size=48, device="cpu", overwrite=True)
+        embed_plate(
+            plate,
+            tmp_path / "s",
+            MeanPool(),
+            crop_size=32,
+            device="cpu",
+            normalizer=IntensityNormalizer(scope="field"),
+        )
+    rebuilt = embed_plate(
+        plate, tmp_path / "s", MeanPool(), crop_size=48, device="cpu", overwrite=True
+    )
     assert set(rebuilt.obs["crop_size"]) == {48}
 
 
 def test_min_foreground_keeps_the_crops_with_nuclei(tmp_path):
     plate = _synthetic_plate(planted_nuclei=True)
     store = embed_plate(
-        plate, tmp_path / "fg", MeanPool(), crop_size=32, min_foreground=0.5, device="cpu",
+        plate,
+        tmp_path / "fg",
+        MeanPool(),
+        crop_size=32,
+        min_foreground=0.5,
+        device="cpu",
         normalizer=IntensityNormalizer(scope="field"),
     )
     obs = store.obs
     kept = {(r.well, r.field): (r.crop_y, r.crop_x) for r in obs.itertuples()}
     assert len(obs) == 6  # one planted square per field
     assert kept == {
-        ("B02", 0): (0, 0), ("B03", 0): (32, 64), ("C02", 0): (0, 32),
-        ("B02", 1): (32, 32), ("B03", 1): (32, 32), ("C02", 1): (32, 32),
+        ("B02", 0): (0, 0),
+        ("B03", 0): (32, 64),
+        ("C02", 0): (0, 32),
+        ("B02", 1): (32, 32),
+        ("B03", 1): (32, 32),
+        ("C02", 1): (32, 32),
     }
     assert (obs["foreground_fraction"] == 1.0).all()
     assert store.provenance["plates"]["synth"]["nuclear_channel"] == "DNA"
@@ -217,8 +259,15 @@ def test_real_nf1_plate_labels_and_controls(tmp_path):
 
 def test_efficientnet_by_spec(tmp_path):
     plate = _synthetic_plate()
-    store = embed_plate(plate, tmp_path / "eff", "efficientnet-lite0:mean", crop_size=32, batch_size=16,
-                        channels=["Mito", "DNA"], device="cpu")
+    store = embed_plate(
+        plate,
+        tmp_path / "eff",
+        "efficientnet-lite0:mean",
+        crop_size=32,
+        batch_size=16,
+        channels=["Mito", "DNA"],
+        device="cpu",
+    )
     assert len(store) == 36 and store.dim == 1280
     assert store.provenance["channels"] == ["Mito", "DNA"]
     assert store.provenance["embedder"]["weights_sha256"]
@@ -232,12 +281,18 @@ def test_embed_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown embedder spec"):
         embed_plate(plate, tmp_path / "a", "vgg16", crop_size=32, device="cpu")
     with pytest.raises(ValueError, match=r"channels \['GFP'\] are not among"):
-        embed_plate(plate, tmp_path / "a", MeanPool(), crop_size=32, channels=["DNA", "GFP"], device="cpu")
+        embed_plate(
+            plate, tmp_path / "a", MeanPool(), crop_size=32, channels=["DNA", "GFP"], device="cpu"
+        )
     bare = Plate(name="bare", channels=plate.channels, images=plate.images, reader="test")
     with pytest.raises(ValueError, match="needs a plate map"):
-        embed_plate(bare, tmp_path / "a", MeanPool(), crop_size=32, control="treatment=DMSO", device="cpu")
+        embed_plate(
+            bare, tmp_path / "a", MeanPool(), crop_size=32, control="treatment=DMSO", device="cpu"
+        )
     with pytest.raises(ValueError, match="no row has treatment in"):
-        embed_plate(plate, tmp_path / "a", MeanPool(), crop_size=32, control="treatment=PBS", device="cpu")
+        embed_plate(
+            plate, tmp_path / "a", MeanPool(), crop_size=32, control="treatment=PBS", device="cpu"
+        )
     (tmp_path / "not_a_store").mkdir()
     (tmp_path / "not_a_store" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
@@ -253,3 +308,141 @@ class _Counter:
 
     def update(self, k: int) -> None:
         self.n += k
+
+
+# ---------------------------------------------------------------------- several plates
+def _renamed(plate: Plate, name: str, seed: int, channel_order=(0, 1, 2)) -> Plate:
+    """Another plate like ``plate`` (same wells and plate map), other pixels, its channels
+    possibly in another order."""
+    rng = np.random.default_rng(seed)
+    images = {
+        key: [
+            da.from_array(
+                rng.integers(0, 4000, size=(3, 64, 96)).astype(np.uint16)[list(channel_order)]
+            )
+        ]
+        for key in plate.images
+    }
+    other = Plate(name=name, channels=[plate.channels[i] for i in channel_order], images=images,
+                  reader="test", source=f"memory:{name}")  # fmt: skip
+    return attach_platemap(other, plate.platemap.reset_index(drop=True))
+
+
+SETTINGS = {"crop_size": 32, "batch_size": 5, "group_size": 8, "device": "cpu"}
+
+
+def test_several_plates_go_into_one_store_each_readable_on_its_own(tmp_path):
+    first = _renamed(_synthetic_plate(), "P1", seed=1)
+    second = _renamed(_synthetic_plate(), "P2", seed=2, channel_order=(2, 0, 1))  # Mito, DNA, ER
+    store = embed_plates(
+        [first, second], tmp_path / "screen", MeanPool(), control="treatment=DMSO", **SETTINGS
+    )
+    assert store.plates == ["P1", "P2"] and store.is_complete and len(store) == 72
+    assert store.provenance["channels"] == ["DNA", "ER", "Mito"]
+    assert [part["plates"] for part in store._meta["parts"]] == [
+        ["P1"],
+        ["P2"],
+    ]  # compacted per plate
+    info = store.describe()
+    assert info["controls_per_plate"] == {"P1": 24, "P2": 24} and info["wells_per_plate"] == {
+        "P1": 3,
+        "P2": 3,
+    }
+
+    # Known answer: each plate's tokens are those of embedding it alone, channels in store order.
+    alone = embed_plate(second, tmp_path / "alone", MeanPool(), channels=["DNA", "ER", "Mito"],
+                        control="treatment=DMSO", **SETTINGS)  # fmt: skip
+    rows = store.plate_rows("P2")
+    shared = store.read_obs(plate="P2").reset_index(drop=True)
+    order = shared.sort_values(KEY).index.to_numpy()
+    alone_obs, alone_tokens = _by_key(alone)
+    np.testing.assert_allclose(store.read(rows)[order], alone_tokens, rtol=1e-6)
+    pd.testing.assert_frame_equal(shared.loc[order, KEY].reset_index(drop=True), alone_obs[KEY])
+
+
+def test_append_adds_plates_and_refuses_repeats_other_settings_and_strangers(tmp_path):
+    first, second = (
+        _renamed(_synthetic_plate(), name, seed) for name, seed in (("P1", 1), ("P2", 2))
+    )
+    path = tmp_path / "s"
+    embed_plates([first], path, MeanPool(), **SETTINGS)
+    p1_tokens = EmbeddingStore.open(path).read_plate("P1")
+    with pytest.raises(ValueError, match=r"holds plate\(s\) \['P1'\], not \['P2'\]; pass --append"):
+        embed_plates([second], path, MeanPool(), **SETTINGS)
+    with pytest.raises(ValueError, match="crop_size: store 32, now 48"):
+        embed_plates([second], path, MeanPool(), append=True, **{**SETTINGS, "crop_size": 48})
+    bare = Plate(
+        name="P3",
+        channels=["DNA", "ER"],
+        images={k: [v[0][:2]] for k, v in second.images.items()},
+        reader="test",
+    )
+    with pytest.raises(
+        ValueError, match=r"channels \['Mito'\] are not among the channels of plate 'P3'"
+    ):
+        embed_plates([bare], path, MeanPool(), append=True, **SETTINGS)
+
+    store = embed_plates([second], path, MeanPool(), append=True, **SETTINGS)
+    assert store.plates == ["P1", "P2"] and len(store) == 72
+    with pytest.raises(
+        ValueError, match=r"already holds plate\(s\) P2 \(36 tokens\); pass --replace-plate"
+    ):
+        embed_plates([second], path, MeanPool(), append=True, **SETTINGS)
+    redone = embed_plates([second], path, MeanPool(), append=True, replace_plate=True, **SETTINGS)
+    assert redone.tokens_per_plate() == {"P1": 36, "P2": 36} and redone.is_complete
+    np.testing.assert_array_equal(redone.read_plate("P1"), p1_tokens)  # untouched
+
+
+def test_resume_refuses_a_changed_plate_map_or_control_spec(tmp_path):
+    plate = _synthetic_plate()
+    stop = threading.Event()
+    partial = embed_plates([plate], tmp_path / "s", MeanPool(), control="treatment=DMSO", cancel=stop,
+                           progress=lambda done, total: done and stop.set(), **SETTINGS)  # fmt: skip
+    assert 0 < len(partial) < 36 and partial.incomplete_plates() == ["synth"]
+    with pytest.raises(StoreIncompleteError, match=r"synth \(\d+ tokens so far\)"):
+        EmbeddingStore.open(tmp_path / "s").check_complete()
+    with pytest.raises(
+        ValueError, match=r"control spec: store 'treatment=DMSO', now 'treatment=drugA'"
+    ):
+        embed_plates([plate], tmp_path / "s", MeanPool(), control="treatment=drugA", **SETTINGS)
+
+    stored_wells = set(partial.obs["well"])
+    changed = plate.platemap.reset_index(drop=True).assign(treatment=["PBS", "PBS", "PBS"])
+    relabelled = attach_platemap(_synthetic_plate(), changed)
+    well = min(stored_wells)
+    with pytest.raises(ValueError, match=rf"well {well} treatment: '\w+' in the store, 'PBS' now"):
+        embed_plates([relabelled], tmp_path / "s", MeanPool(), control="treatment=PBS", **SETTINGS)
+    extra = attach_platemap(
+        _synthetic_plate(), plate.platemap.reset_index(drop=True).assign(batch=["b1", "b2", "b1"])
+    )
+    with pytest.raises(ValueError, match=r"plate-map columns added \['batch'\]"):
+        embed_plates([extra], tmp_path / "s", MeanPool(), control="treatment=DMSO", **SETTINGS)
+
+    finished = embed_plates(
+        [plate], tmp_path / "s", MeanPool(), control="treatment=DMSO", **SETTINGS
+    )
+    assert len(finished) == 36 and finished.is_complete
+    finished.check_complete()
+
+
+def test_overwrite_replaces_an_embedding_store_only_once_the_new_one_is_finished(tmp_path):
+    plate = _synthetic_plate()
+    path = tmp_path / "s"
+    embed_plates([plate], path, MeanPool(), **SETTINGS)
+    before = {f: f.read_bytes() for f in path.rglob("*") if f.is_file()}
+
+    stop = threading.Event()
+    cancelled = embed_plates([plate], path, MeanPool(), overwrite=True, cancel=stop,
+                             progress=lambda done, total: done and stop.set(), **{**SETTINGS, "crop_size": 48})  # fmt: skip
+    assert cancelled.path == staging_path(path) and not cancelled.is_complete
+    assert {f: f.read_bytes() for f in path.rglob("*") if f.is_file()} == before  # untouched
+    done = embed_plates([plate], path, MeanPool(), overwrite=True, **{**SETTINGS, "crop_size": 48})
+    assert done.path == path and set(done.obs["crop_size"]) == {48} and done.is_complete
+    assert not staging_path(path).exists()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not an embedding store"):
+        embed_plates([plate], notes, MeanPool(), overwrite=True, **SETTINGS)
+    assert (notes / "mine.txt").read_text() == "keep me"

@@ -1,17 +1,23 @@
-"""Embed a plate: fields -> crops -> embedder -> embedding store, resumable and cancellable.
+"""Embed plates: fields -> crops -> embedder -> one embedding store, resumable and cancellable.
 
-Per field (read one at a time with ``dask.compute``; the next field is read in a background
-thread while the current crops are embedded): scale intensities, cut the crop grid, optionally
-drop crops with too little nuclear foreground, and queue the crops. Queued crops are embedded in
-batches of ``batch_size`` on the device; every ``group_size`` embedded crops are appended to the
-store in one commit, so an interruption loses at most one group.
+Per field (read one at a time; the next field is read in a background thread while the current
+crops are embedded): scale intensities, cut the crop grid, optionally drop crops with too little
+nuclear foreground, and queue the crops. Queued crops are embedded in batches of ``batch_size``
+on the device; every ``group_size`` embedded crops are appended to the store in one commit, so an
+interruption loses at most one group. The per-plate and per-field work lives in
+:mod:`~plate_concepts.embeddings.embed_work`; this module owns the store: what may be written
+to it, the commits and the provenance.
 
-Resuming: calling :func:`embed_plate` again on the same store skips every crop whose key
-(plate, well, field, crop_y, crop_x) is already stored, and reuses the plate's recorded
-intensity levels, so the finished store matches an uninterrupted run. Settings that would make
-tokens incomparable (model, crop size, channels, tiling, normalisation, patch tokens) must match
-the store's provenance, else a ``ValueError`` says which differs. Several plates can share one
-store; each has its record under ``provenance["plates"][plate.name]``.
+Several plates go into one store (:func:`embed_plates`), one after the other; each has its
+record under ``provenance["plates"][name]`` and its own obs parts. Until every plate asked for is
+finished, the store is incomplete (``EmbeddingStore.check_complete``).
+
+Resuming: running again on the same store skips every crop whose key (plate, well, field,
+crop_y, crop_x) is already stored, and reuses each plate's recorded intensity levels, so the
+finished store matches an uninterrupted run. Settings that would make tokens incomparable
+(model, crop size, channels, tiling, normalisation, patch tokens), or labels that would mix
+(another plate map or control spec), must match what the store recorded, else a ``ValueError``
+says what differs.
 
 Obs columns: ``plate, well, field, crop_y, crop_x, crop_size``, the well's plate-map columns
 (all but the well/position columns; a column named like a store column gets a ``platemap_``
@@ -22,10 +28,7 @@ prefix), ``is_control`` when a control spec is given and ``foreground_fraction``
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -34,35 +37,34 @@ import numpy as np
 import pandas as pd
 import torch
 
+from plate_concepts._io import atomic_path
 from plate_concepts._progress import ProgressLike, progress_ticker
+from plate_concepts.embeddings.embed_work import (
+    RESERVED_COLUMNS,
+    CropBatcher,
+    FieldReader,
+    PlateJob,
+    channel_view,
+    label_changes,
+    metadata_digest,
+    prepare_plate,
+)
 from plate_concepts.embeddings.embedders import (
     Embedder,
-    crop_tokens,
     describe_embedder,
     load_embedder,
     output_shape,
 )
-from plate_concepts.embeddings.store import INDEX_COLUMNS, EmbeddingStore
-from plate_concepts.embeddings.tiling import (
-    CropGrid,
-    IntensityNormalizer,
-    foreground_fraction,
-    nuclear_channel,
-    tile_field,
-)
-from plate_concepts.plates.geometry import parse_well
+from plate_concepts.embeddings.store import EmbeddingStore, check_replaceable
+from plate_concepts.embeddings.tiling import IntensityNormalizer
 from plate_concepts.plates.model import Plate
-from plate_concepts.plates.platemap import (
-    ROW_COLUMN_PAIRS,
-    WELL_COLUMN_NAMES,
-    ControlSpec,
-    as_text,
-    control_mask,
-)
+from plate_concepts.plates.platemap import ControlSpec
+
+__all__ = ["RESERVED_COLUMNS", "embed_plate", "embed_plates", "staging_path"]
 
 CancelLike = threading.Event | Callable[[], bool]
-RESERVED_COLUMNS = (*INDEX_COLUMNS, "is_control", "foreground_fraction")
-_POSITION_COLUMNS = {n.lower() for n in WELL_COLUMN_NAMES} | {n.lower() for p in ROW_COLUMN_PAIRS for n in p}
+#: Provenance keys whose difference makes two plates' tokens incomparable.
+_STORE_SETTINGS = ("model", "crop_size", "channels", "patch_grid")
 
 
 def embed_plate(
@@ -70,6 +72,27 @@ def embed_plate(
     store_path: str | PathLike,
     embedder: Embedder | str,
     *,
+    overwrite: bool = False,
+    progress: ProgressLike | None = None,
+    cancel: CancelLike | None = None,
+    **settings: Any,
+) -> EmbeddingStore:
+    """Embed every crop of ``plate`` into the store at ``store_path``: created, resumed (the
+    plate is in it), or the plate added (the store holds others). ``settings`` are those of
+    :func:`embed_plates` (``crop_size``, ``batch_size``, ``control``...)."""
+    return _embed(
+        [plate], store_path, embedder, "add", False, overwrite, progress, cancel, settings
+    )
+
+
+def embed_plates(
+    plates: Sequence[Plate],
+    store_path: str | PathLike,
+    embedder: Embedder | str,
+    *,
+    append: bool = False,
+    replace_plate: bool = False,
+    overwrite: bool = False,
     crop_size: int = 256,
     stride: int | None = None,
     batch_size: int = 32,
@@ -83,11 +106,21 @@ def embed_plate(
     device: str | torch.device = "auto",
     token_dtype: str = "float32",
     group_size: int = 1024,
-    overwrite: bool = False,
     progress: ProgressLike | None = None,
     cancel: CancelLike | None = None,
 ) -> EmbeddingStore:
-    """Embed every crop of ``plate`` into the store at ``store_path`` (created, or resumed).
+    """Embed every crop of ``plates`` into one store at ``store_path``, plate after plate.
+
+    What happens to an existing store:
+
+    - by default it is resumed: the plates must be those it was made from (or was asked to
+      embed when it was interrupted); a store holding other plates is refused.
+    - ``append``: the plates are added to it (same model, crop size and channels, else
+      refused naming what differs); a plate it holds already is refused, unless
+      ``replace_plate``: its rows are then deleted and it is embedded again.
+    - ``overwrite``: a new store is built beside it (``staging_path``) and replaces it only when
+      every plate is embedded; a cancelled run leaves it untouched (run again with
+      ``overwrite`` to continue). Only an embedding store is ever replaced.
 
     Parameters
     ----------
@@ -99,10 +132,10 @@ def embed_plate(
         Skip crops whose nuclear foreground fraction is below this (None: keep all); the nuclear
         channel is ``nuclear`` (name or index) or found by name (DNA/DAPI/Hoechst).
     channels
-        Channel names to embed, in this order (default: all of the plate's).
+        Channel names to embed, in this order (default: the store's, else all of the plate's).
     normalizer
         Intensity scaling; default ``IntensityNormalizer()`` (0.1-99.9 percentiles per plate),
-        fitted on the plate when not fitted yet.
+        fitted on each plate when not fitted yet.
     patch_tokens
         Also store each crop's patch-token grid (float16).
     control
@@ -111,8 +144,6 @@ def embed_plate(
         ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda:1"``...
     group_size
         Embedded crops per store append (one commit); also bounds the crops lost by a crash.
-    overwrite
-        Replace an existing store instead of resuming it.
     progress
         ``callable(done, total)``, a tqdm-like object (``update(n)``) or True (a tqdm bar);
         done counts crop positions settled (stored before, embedded, or skipped as background).
@@ -120,413 +151,312 @@ def embed_plate(
         ``threading.Event`` or ``callable() -> bool``, checked after every batch: the crops
         embedded so far are appended, then the function returns; run it again to resume.
     """
-    if not isinstance(plate, Plate):
-        raise TypeError(
-            f"plate must be a Plate (see plate_concepts.plates.open_plate), got {type(plate).__name__}"
-        )
-    batch_size = _positive(batch_size, "batch_size")
-    group_size = _positive(group_size, "group_size")
-    if min_foreground is not None and not 0 <= min_foreground <= 1:
-        raise ValueError(f"min_foreground must be a fraction in [0, 1], got {min_foreground}")
-    if isinstance(control, str):
-        control = ControlSpec.parse(control)
+    policy = "append" if append else "resume"
+    settings = {
+        "crop_size": crop_size, "stride": stride, "batch_size": batch_size, "drop_edge": drop_edge,
+        "min_foreground": min_foreground, "nuclear": nuclear, "channels": channels,
+        "normalizer": normalizer, "patch_tokens": patch_tokens, "control": control,
+        "device": device, "token_dtype": token_dtype, "group_size": group_size,
+    }  # fmt: skip
+    return _embed(
+        plates, store_path, embedder, policy, replace_plate, overwrite, progress, cancel, settings
+    )
+
+
+def staging_path(store_path: str | PathLike) -> Path:
+    """Where ``overwrite`` builds the store that replaces the one at ``store_path``."""
+    path = Path(store_path)
+    return path.with_name(f".{path.name}.overwrite")
+
+
+def _embed(
+    plates: Sequence[Plate],
+    store_path: str | PathLike,
+    embedder: Embedder | str,
+    policy: str,
+    replace_plate: bool,
+    overwrite: bool,
+    progress: ProgressLike | None,
+    cancel: CancelLike | None,
+    settings: dict[str, Any],
+) -> EmbeddingStore:
+    defaults = {"crop_size": 256, "stride": None, "batch_size": 32, "drop_edge": False,
+                "min_foreground": None, "nuclear": None, "channels": None, "normalizer": None,
+                "patch_tokens": False, "control": None, "device": "auto", "token_dtype": "float32",
+                "group_size": 1024}  # fmt: skip
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise TypeError(f"unknown embedding setting(s) {unknown}; expected {sorted(defaults)}")
+    s = {**defaults, **settings}
+    plates = _checked_plates(plates)
+    batch_size = _positive(s["batch_size"], "batch_size")
+    group_size = _positive(s["group_size"], "group_size")
+    if s["min_foreground"] is not None and not 0 <= s["min_foreground"] <= 1:
+        raise ValueError(f"min_foreground must be a fraction in [0, 1], got {s['min_foreground']}")
+    control = ControlSpec.parse(s["control"]) if isinstance(s["control"], str) else s["control"]
+    stop = _as_cancel(cancel)
+    path = Path(store_path)
+    target = _target(path, overwrite)
+    existing = EmbeddingStore.open(target) if EmbeddingStore.is_store(target) else None
+
+    # Every plate embeds the same channels, by name, in the store's (or the first plate's) order.
+    channels = s["channels"] or (existing.provenance.get("channels") if existing else None)
+    tiling = {
+        key: s[key] for key in ("crop_size", "stride", "drop_edge", "min_foreground", "nuclear")
+    }
+    channels = channels or list(plates[0].channels)
+    jobs = [prepare_plate(plate, channels=channels, control=control, **tiling) for plate in plates]
+    if existing is not None:
+        _check_policy(existing, [job.plate.name for job in jobs], policy, replace_plate)
     if isinstance(embedder, str):
         embedder = load_embedder(embedder)
+    embedder = embedder.to(s["device"])
+    shape = output_shape(embedder, len(jobs[0].channel_index), s["crop_size"])
+    provenance = _store_provenance(embedder, s["crop_size"], shape, jobs[0])
+    store = existing
+    if store is None:
+        store = EmbeddingStore.create(
+            target, shape[2], dtype=s["token_dtype"], provenance={**provenance, "plates": {}},
+            patch_grid=shape[:2] if s["patch_tokens"] else None, overwrite=target.exists(),
+        )  # fmt: skip
+    else:
+        _check_store(store, provenance, shape[2], s["patch_tokens"])
+        if replace_plate:
+            _remove_plates(store, [job.plate.name for job in jobs])
 
-    channel_index = _channel_indices(plate, channels)
-    channel_names = [plate.channels[i] for i in channel_index]
-    grid = tile_field(plate.image_shape, crop_size, drop_edge=drop_edge, stride=stride)
-    nuclear_index = nuclear_channel(plate.channels, nuclear) if min_foreground is not None else None
-    well_metadata = _well_metadata(plate, control)
+    # Refuse a resume that changes a plate's settings or labels before any work starts.
+    records = store.provenance.get("plates", {})
+    for job in jobs:
+        if job.plate.name in records:
+            _resume_plate(store, job, records[job.plate.name], s["normalizer"])
+        job.set_done({key[1:] for key in store.completed_keys(job.plate.name)})
+    unfinished = [j.plate.name for j in jobs if not records.get(j.plate.name, {}).get("complete")]
+    earlier = [] if policy == "resume" else store.provenance.get("pending_plates") or []
+    store.update_provenance(pending_plates=list(dict.fromkeys([*earlier, *unfinished])))
 
-    embedder = embedder.to(device)
-    gh, gw, dim = output_shape(embedder, len(channel_index), crop_size)
-    tiling = {
-        "crop_size": int(crop_size),
-        "stride": grid.stride,
-        "drop_edge": bool(drop_edge),
-        "min_foreground": min_foreground,
-        "nuclear_channel": None if nuclear_index is None else plate.channels[nuclear_index],
-    }
-    store = _open_or_create(
-        Path(store_path),
-        embedder,
-        dim,
-        crop_size,
-        (gh, gw),
-        patch_tokens,
-        channel_names,
-        token_dtype,
-        overwrite,
-    )
-    normalizer = _plate_normalizer(store, plate, normalizer, tiling, channel_index)
-    _record_plate(store, plate, normalizer, tiling, control, complete=False)
-
-    done_keys = {key[1:] for key in store.completed_keys() if key[0] == plate.name}  # (well, field, y, x)
-    fields = sorted(plate.images, key=lambda key: (parse_well(key[0]), key[1]))
-    pending = {
-        key: [i for i, (y, x) in enumerate(grid) if (key[0], key[1], y, x) not in done_keys] for key in fields
-    }
-    total = len(grid) * len(fields)
-    runner = _Runner(
-        store, embedder, (gh, gw, dim), batch_size, group_size, patch_tokens, _as_cancel(cancel)
-    )
+    total = sum(job.total for job in jobs)
     with progress_ticker(progress, total, "embedding", "crop") as tick:
-        runner.tick = tick
-        runner.settled = total - sum(len(todo) for todo in pending.values())
-        tick(runner.settled)
-        todo_fields = [key for key in fields if pending[key]]
-        reader = _FieldReader(plate, grid, normalizer, channel_index, nuclear_index)
-        with closing(reader.iterate(todo_fields, pending, lambda: runner.cancelled)) as field_stream:
-            for field_crops in field_stream:
-                keep = np.arange(len(field_crops.indices))
-                if min_foreground is not None:
-                    keep = np.flatnonzero(field_crops.foreground >= min_foreground)
-                    runner.settled += len(field_crops.indices) - len(keep)
-                rows = _obs_rows(plate.name, field_crops, keep, grid, well_metadata)
-                runner.add(field_crops.crops[keep], rows)
-                if runner.cancelled:
+        settled = total - sum(job.remaining for job in jobs)
+        tick(settled)
+
+        def commit(
+            tokens: np.ndarray, patches: np.ndarray | None, rows: list[dict[str, Any]]
+        ) -> None:
+            nonlocal settled
+            store.append(tokens, pd.DataFrame(rows), patch_tokens=patches)
+            settled += len(rows)
+            tick(settled)
+
+        batcher = CropBatcher(
+            embedder, shape, batch_size, group_size, s["patch_tokens"], commit, stop
+        )
+        for job in jobs:
+            record = records.get(job.plate.name)
+            if record is not None and record.get("complete") and job.remaining == 0:
+                continue
+            if record is None:
+                job.normalizer = _fitted(s["normalizer"], job)
+            _record_plate(store, job, complete=False)
+            for field_crops in FieldReader(job).iterate(lambda: batcher.cancelled or stop()):
+                settled += field_crops.skipped
+                batcher.add(field_crops.crops, field_crops.rows)
+                if batcher.cancelled:
                     break
-        runner.finish()
-    if not runner.cancelled:
-        _record_plate(store, plate, normalizer, tiling, control, complete=True)
+            batcher.finish()
+            if batcher.cancelled or stop():
+                break
+            store.compact_obs(job.plate.name)
+            _record_plate(store, job, complete=True)
+    if target != path and store.is_complete:
+        with atomic_path(path, overwrite=True) as tmp:  # the finished store replaces the old one
+            target.rename(tmp)
+        return EmbeddingStore.open(path)
     return store
 
 
-# ---------------------------------------------------------------------- reading fields
-@dataclass
-class _FieldCrops:
-    well: str
-    field: int
-    indices: list[int]
-    crops: np.ndarray  # (n, C, s, s) float32 in [0, 1]
-    foreground: np.ndarray | None
-
-
-def _obs_rows(
-    plate_name: str,
-    field_crops: _FieldCrops,
-    keep: np.ndarray,
-    grid: CropGrid,
-    well_metadata: dict[str, dict[str, Any]],
-) -> list[dict[str, Any]]:
-    """One obs row per kept crop of a field."""
-    labels = well_metadata.get(field_crops.well, {})
-    rows = []
-    for k in keep:
-        y, x = (int(v) for v in grid.positions[field_crops.indices[k]])
-        row = {
-            "plate": plate_name,
-            "well": field_crops.well,
-            "field": field_crops.field,
-            "crop_y": y,
-            "crop_x": x,
-            "crop_size": grid.crop_size,
-            **labels,
-        }
-        if field_crops.foreground is not None:
-            row["foreground_fraction"] = float(field_crops.foreground[k])
-        rows.append(row)
-    return rows
-
-
-class _FieldReader:
-    """Read, scale and cut one field at a time; the next field is prepared in a thread."""
-
-    def __init__(
-        self,
-        plate: Plate,
-        grid: CropGrid,
-        normalizer: IntensityNormalizer,
-        channel_index: list[int],
-        nuclear_index: int | None,
-    ) -> None:
-        self.plate, self.grid, self.normalizer = plate, grid, normalizer
-        self.channel_index, self.nuclear_index = channel_index, nuclear_index
-
-    def read(self, key: tuple[str, int], indices: list[int]) -> _FieldCrops:
-        well, field = key
-        image = np.asarray(self.plate.image(well, field).compute())
-        foreground = None
-        if self.nuclear_index is not None:
-            foreground = foreground_fraction(image[self.nuclear_index], self.grid)[indices]
-        scaled = self.normalizer(image[self.channel_index])
-        return _FieldCrops(well, field, indices, self.grid.cut(scaled, indices), foreground)
-
-    def iterate(
-        self,
-        keys: list[tuple[str, int]],
-        pending: dict[tuple[str, int], list[int]],
-        stop: Callable[[], bool],
-    ) -> Iterator[_FieldCrops]:
-        if not keys:
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plate-reader") as pool:
-            future = pool.submit(self.read, keys[0], pending[keys[0]])
-            for position in range(len(keys)):
-                current = future.result()
-                if position + 1 < len(keys) and not stop():
-                    following = keys[position + 1]
-                    future = pool.submit(self.read, following, pending[following])
-                yield current
-                if stop():
-                    return
-
-
-# ---------------------------------------------------------------------- embedding and appending
-class _Runner:
-    """Queue crops, embed full batches, append every ``group_size`` results."""
-
-    def __init__(
-        self,
-        store: EmbeddingStore,
-        embedder: Embedder,
-        shape: tuple[int, int, int],
-        batch_size: int,
-        group_size: int,
-        patch_tokens: bool,
-        cancel: Callable[[], bool],
-    ) -> None:
-        self.store, self.embedder, self.shape = store, embedder, shape
-        self.batch_size, self.group_size, self.patch_tokens = batch_size, group_size, patch_tokens
-        self.cancel = cancel
-        self.cancelled = False
-        self.queue: list[tuple[np.ndarray, list[dict[str, Any]]]] = []
-        self.queued = 0
-        self.tokens: list[np.ndarray] = []
-        self.patches: list[np.ndarray] = []
-        self.rows: list[dict[str, Any]] = []
-        self.settled = 0
-        self.tick: Callable[[int], None] = lambda done: None
-
-    def add(self, crops: np.ndarray, rows: list[dict[str, Any]]) -> None:
-        if len(rows):
-            self.queue.append((crops, rows))
-            self.queued += len(rows)
-        while self.queued >= self.batch_size and not self.cancelled:
-            self._embed_batch(self.batch_size)
-
-    def finish(self) -> None:
-        while self.queued and not self.cancelled:
-            self._embed_batch(min(self.batch_size, self.queued))
-        self._append()
-
-    def _take(self, n: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        crops, rows = [], []
-        while n:
-            head_crops, head_rows = self.queue[0]
-            k = min(n, len(head_rows))
-            crops.append(head_crops[:k])
-            rows.extend(head_rows[:k])
-            if k == len(head_rows):
-                self.queue.pop(0)
-            else:
-                self.queue[0] = (head_crops[k:], head_rows[k:])
-            n -= k
-        self.queued -= len(rows)
-        return np.concatenate(crops), rows
-
-    def _embed_batch(self, n: int) -> None:
-        crops, rows = self._take(n)
-        batch = torch.from_numpy(crops)
-        patches = self.embedder(batch)
-        expected = (len(rows), *self.shape)
-        if tuple(patches.shape) != expected:
-            raise ValueError(
-                f"embedder {self.embedder.name!r} returned {tuple(patches.shape)} for {len(rows)} "
-                f"crops; expected {expected} (as on its first call)"
-            )
-        self.tokens.append(crop_tokens(patches.float()).cpu().numpy())
-        if self.patch_tokens:
-            self.patches.append(patches.to(torch.float16).cpu().numpy())
-        self.rows.extend(rows)
-        if len(self.rows) >= self.group_size:
-            self._append()
-        if self.cancel():
-            self.cancelled = True
-            self._append()
-
-    def _append(self) -> None:
-        if not self.rows:
-            return
-        self.store.append(
-            np.concatenate(self.tokens),
-            pd.DataFrame(self.rows),
-            patch_tokens=np.concatenate(self.patches) if self.patch_tokens else None,
+# ---------------------------------------------------------------------- what may be written
+def _target(path: Path, overwrite: bool) -> Path:
+    """The folder to embed into: ``path``, or with ``overwrite`` of an existing store its
+    staging folder (resumed when a cancelled overwrite left one)."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(
+            f"{path} is a file; an embedding store is a folder: choose another path"
         )
-        self.settled += len(self.rows)
-        self.tokens, self.patches, self.rows = [], [], []
-        self.tick(self.settled)
+    if path.is_dir() and any(path.iterdir()) and not EmbeddingStore.is_store(path):
+        raise FileExistsError(
+            f"{path} exists and is not an embedding store; it was left alone: choose another path"
+        )
+    if not overwrite or not EmbeddingStore.is_store(path):
+        return path
+    check_replaceable(path, overwrite=True)
+    staging = staging_path(path)
+    if staging.exists() and not EmbeddingStore.is_store(staging):
+        raise FileExistsError(
+            f"{staging} (where --overwrite builds the new store) exists and is not an embedding "
+            "store; move it away first"
+        )
+    return staging
 
 
-# ---------------------------------------------------------------------- store and provenance
-def _open_or_create(
-    path: Path,
-    embedder: Embedder,
-    dim: int,
-    crop_size: int,
-    grid: tuple[int, int],
-    patch_tokens: bool,
-    channel_names: list[str],
-    token_dtype: str,
-    overwrite: bool,
-) -> EmbeddingStore:
-    provenance = {
+def _check_policy(
+    store: EmbeddingStore, names: list[str], policy: str, replace_plate: bool
+) -> None:
+    """Refuse plates the store may not take: a resume must name its own plates; an append
+    must not repeat one unless it replaces it."""
+    records = store.provenance.get("plates", {})
+    known = dict.fromkeys(
+        [*store.plates, *records, *(store.provenance.get("pending_plates") or [])]
+    )
+    if policy == "resume":
+        new = [name for name in names if name not in known]
+        if new and known:
+            raise ValueError(
+                f"embedding store {store.path} holds plate(s) {list(known)}, not {new}; pass "
+                "--append (append=True) to add them to it, or choose another store"
+            )
+    elif policy == "append" and not replace_plate:
+        tokens = store.tokens_per_plate()
+        already = [name for name in names if name in known]
+        if already:
+            shown = ", ".join(f"{name} ({tokens.get(name, 0)} tokens)" for name in already)
+            raise ValueError(
+                f"embedding store {store.path} already holds plate(s) {shown}; pass "
+                "--replace-plate (replace_plate=True) to delete and embed them again, or leave "
+                "out --append to resume an interrupted run"
+            )
+
+
+def _remove_plates(store: EmbeddingStore, names: list[str]) -> None:
+    with_rows = [name for name in names if name in store.plates]
+    if with_rows:
+        store.remove_plates(with_rows)
+    records = store.provenance.get("plates", {})
+    if any(name in records for name in names):  # recorded, never committed a row
+        store.update_provenance(plates={k: v for k, v in records.items() if k not in names})
+
+
+def _store_provenance(
+    embedder: Embedder, crop_size: int, shape: tuple[int, int, int], job: PlateJob
+) -> dict[str, Any]:
+    return {
         "model": embedder.name,
         "embedder": describe_embedder(embedder),
         "token": "mean of the crop's patch tokens",
         "crop_size": int(crop_size),
-        "channels": channel_names,
-        "patch_grid": list(grid),
-        "plates": {},
+        "channels": [job.plate.channels[i] for i in job.channel_index],
+        "patch_grid": list(shape[:2]),
     }
-    if overwrite or not EmbeddingStore.is_store(path):
-        return EmbeddingStore.create(
-            path,
-            dim,
-            dtype=token_dtype,
-            patch_grid=grid if patch_tokens else None,
-            provenance=provenance,
-            overwrite=overwrite,
-        )
-    store = EmbeddingStore.open(path)
+
+
+def _check_store(
+    store: EmbeddingStore, provenance: dict[str, Any], dim: int, patch_tokens: bool
+) -> None:
     recorded = store.provenance
-    mismatches = []
-    for key in ("model", "crop_size", "channels", "patch_grid"):
-        if recorded.get(key) != provenance[key]:
-            mismatches.append(f"{key}: store {recorded.get(key)!r}, now {provenance[key]!r}")
+    mismatches = [
+        f"{key}: store {recorded.get(key)!r}, now {provenance[key]!r}"
+        for key in _STORE_SETTINGS
+        if recorded.get(key) != provenance[key]
+    ]
     if store.dim != dim:
         mismatches.append(f"token dimension: store {store.dim}, now {dim}")
     if (store.patch_grid is not None) != bool(patch_tokens):
         has = "has" if store.patch_grid else "has no"
-        mismatches.append(f"patch tokens: store {has} patch tokens, now patch_tokens={patch_tokens}")
+        mismatches.append(
+            f"patch tokens: store {has} patch tokens, now patch_tokens={patch_tokens}"
+        )
     if mismatches:
         raise ValueError(
-            f"embedding store {path} was made with other settings, so its tokens would not be "
-            f"comparable ({'; '.join(mismatches)}); use a new store or overwrite=True"
+            f"embedding store {store.path} was made with other settings, so its tokens would not "
+            f"be comparable ({'; '.join(mismatches)}); embed into a new store, or replace this "
+            "one with --overwrite (overwrite=True)"
         )
-    return store
 
 
-def _plate_normalizer(
+# ---------------------------------------------------------------------- per-plate records
+def _resume_plate(
     store: EmbeddingStore,
-    plate: Plate,
+    job: PlateJob,
+    record: dict[str, Any],
     normalizer: IntensityNormalizer | None,
-    tiling: dict[str, Any],
-    channel_index: list[int],
-) -> IntensityNormalizer:
-    """The plate's recorded normaliser when resuming (after checking the settings), else the
-    given (or default) one, fitted on the plate's selected channels."""
-    record = store.provenance.get("plates", {}).get(plate.name)
-    if record is not None:
-        changed = [
-            f"{key}: store {record.get(key)!r}, now {value!r}"
-            for key, value in tiling.items()
-            if record.get(key) != value
-        ]
-        stored = IntensityNormalizer.from_record(record["normalization"])
-        if normalizer is not None and not stored.same_settings(normalizer):
-            changed.append(f"normalization: store {record['normalization']}, now {normalizer.describe()}")
-        if changed:
-            raise ValueError(
-                f"plate {plate.name!r} is already in embedding store {store.path} with other settings "
-                f"({'; '.join(changed)}); use the same settings to resume, or a new store"
-            )
-        return stored
-    if normalizer is None:
-        normalizer = IntensityNormalizer()
-    if not normalizer.is_fitted:
-        # Fit a copy: the caller's normaliser may be shared between plates.
-        normalizer = IntensityNormalizer.from_record(normalizer.describe())
-        normalizer.fit(_channel_view(plate, channel_index))
-    return normalizer
-
-
-def _record_plate(
-    store: EmbeddingStore,
-    plate: Plate,
-    normalizer: IntensityNormalizer,
-    tiling: dict[str, Any],
-    control: ControlSpec | None,
-    complete: bool,
 ) -> None:
-    plates = store.provenance.get("plates", {})
-    plates[plate.name] = {
-        "source": plate.source,
-        "reader": plate.reader,
-        "channels": list(plate.channels),
-        "normalization": normalizer.describe(),
-        **tiling,
-        "control": None if control is None else str(control),
-        "complete": complete,
-    }
-    store.update_provenance(plates=plates)
+    """Set the plate's recorded scaling, after checking that nothing that shapes its tokens or
+    labels changed since it was recorded."""
+    changed = [
+        f"{key}: store {record.get(key)!r}, now {value!r}"
+        for key, value in job.tiling.items()
+        if record.get(key) != value
+    ]
+    stored = IntensityNormalizer.from_record(record["normalization"])
+    if normalizer is not None and not stored.same_settings(normalizer):
+        changed.append(
+            f"normalization: store {record['normalization']}, now {normalizer.describe()}"
+        )
+    control = None if job.control is None else str(job.control)
+    if record.get("control") != control:
+        changed.append(f"control spec: store {record.get('control')!r}, now {control!r}")
+    changed += _label_changes(store, job, record)
+    if changed:
+        raise ValueError(
+            f"plate {job.plate.name!r} is already in embedding store {store.path} with other "
+            f"settings or labels ({'; '.join(changed)}); resume with the same settings, plate map "
+            "and --control, or embed it again with --append --replace-plate"
+        )
+    job.normalizer = stored
+
+
+def _fitted(normalizer: IntensityNormalizer | None, job: PlateJob) -> IntensityNormalizer:
+    """The given (or default) scaling, fitted on the plate's embedded channels when it is not."""
+    normalizer = normalizer or IntensityNormalizer()
+    if normalizer.is_fitted:
+        return normalizer
+    # Fit a copy: the caller's normaliser may be shared between plates.
+    fitted = IntensityNormalizer.from_record(normalizer.describe())
+    return fitted.fit(channel_view(job.plate, job.channel_index))
+
+
+def _label_changes(store: EmbeddingStore, job: PlateJob, record: dict[str, Any]) -> list[str]:
+    """How the plate map now differs from the labels the plate's stored tokens carry."""
+    name = job.plate.name
+    changes = []
+    if name in store.plates:
+        changes = label_changes(store.read_obs(plate=name), job.well_metadata)
+    recorded = (record.get("platemap") or {}).get("sha256")
+    if not changes and recorded is not None and recorded != metadata_digest(job.well_metadata):
+        changes.append("the plate map differs for wells not embedded yet")
+    return changes
+
+
+def _record_plate(store: EmbeddingStore, job: PlateJob, complete: bool) -> None:
+    provenance = store.provenance
+    plates = provenance.get("plates", {})
+    plates[job.plate.name] = job.record(complete)
+    pending = [
+        p for p in provenance.get("pending_plates") or [] if not (complete and p == job.plate.name)
+    ]
+    store.update_provenance(plates=plates, pending_plates=pending)
 
 
 # ---------------------------------------------------------------------- helpers
-def _channel_indices(plate: Plate, channels: list[str] | None) -> list[int]:
-    if channels is None:
-        return list(range(len(plate.channels)))
-    lowered = [c.lower() for c in plate.channels]
-    missing = [c for c in channels if c.lower() not in lowered]
-    if missing or not channels:
-        raise ValueError(
-            f"channels {missing or channels} are not among the plate's channels {plate.channels}"
-        )
-    return [lowered.index(c.lower()) for c in channels]
-
-
-def _channel_view(plate: Plate, channel_index: list[int]) -> Plate:
-    """The plate restricted to some channels (lazy; for fitting the normaliser)."""
-    if channel_index == list(range(len(plate.channels))):
-        return plate
-    images = {key: [level[channel_index] for level in levels] for key, levels in plate.images.items()}
-    return Plate(
-        name=plate.name,
-        channels=[plate.channels[i] for i in channel_index],
-        images=images,
-        reader=plate.reader,
-        source=plate.source,
-        plate_format=plate.plate_format,
-    )
-
-
-def _well_metadata(plate: Plate, control: ControlSpec | None) -> dict[str, dict[str, Any]]:
-    """Per well: its plate-map columns (position columns left out, clashes prefixed) and
-    ``is_control`` when a control spec is given."""
-    platemap = plate.platemap
-    if platemap is None:
-        if control is not None:
-            raise ValueError(
-                f"a control spec ({control}) needs a plate map, but plate {plate.name!r} has none"
+def _checked_plates(plates: Sequence[Plate]) -> list[Plate]:
+    if isinstance(plates, Plate):
+        plates = [plates]
+    plates = list(plates)
+    if not plates:
+        raise ValueError("no plate to embed")
+    for plate in plates:
+        if not isinstance(plate, Plate):
+            raise TypeError(
+                f"plates must be Plates (see plate_concepts.plates.open_plate), got {type(plate).__name__}"
             )
-        return {}
-    columns = {}
-    for name in platemap.columns:
-        if str(name).lower() in _POSITION_COLUMNS:
-            continue
-        column = platemap[name]
-        if column.dtype == object:  # mixed types do not fit a parquet column: store text
-            column = column.map(lambda v: as_text(v) if not _missing(v) else None)
-        target = f"platemap_{name}" if str(name) in RESERVED_COLUMNS else str(name)
-        columns[target] = column
-    metadata: dict[str, dict[str, Any]] = {}
-    for well in plate.wells:
-        in_map = well in platemap.index
-        metadata[well] = {name: _plain(values.loc[well]) for name, values in columns.items()} if in_map else {}
-    if control is not None:
-        controls = set(platemap.index[control_mask(platemap, control)])
-        for well, values in metadata.items():
-            values["is_control"] = well in controls
-    return metadata
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (np.ndim(value) == 0 and bool(pd.isna(value)))
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
+    names = [plate.name for plate in plates]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        sources = [plate.source for plate in plates if plate.name in twice]
+        raise ValueError(
+            f"several plates are named {twice} ({sources}); a store tells plates apart by name: "
+            "give each plate its own name"
+        )
+    return plates
 
 
 def _as_cancel(cancel: CancelLike | None) -> Callable[[], bool]:

@@ -1,14 +1,6 @@
 """Bring embeddings into and out of an :class:`EmbeddingStore`: pycytominer/JUMP-style profile
-tables (parquet or CSV), numpy arrays and AnnData.
-
-Profile tables: ``Metadata_*`` columns become obs columns — ``Metadata_Plate`` -> ``plate``,
-``Metadata_Well`` -> ``well`` (canonical 'B07'), ``Metadata_Site`` or ``Metadata_Field`` ->
-``field``, ``Metadata_Crop_Y``/``_Crop_X``/``_Crop_Size``/``_is_control`` -> their lower-case
-index names, any other ``Metadata_X`` -> ``X`` (case kept). The well column is required; the
-other index columns default when absent: ``plate`` = the file's stem (or ``plate=``), ``field``,
-``crop_y``, ``crop_x``, ``crop_size`` = 0. Which columns were renamed or defaulted is kept in the
-store's provenance, so :func:`export_profiles` writes the table back with its original names.
-Features are, by default, every numeric column not starting with ``Metadata_``.
+tables (parquet or CSV; importing them lives in :mod:`~plate_concepts.embeddings.profile_tables`),
+numpy arrays and AnnData.
 
 Every importer builds the store beside its destination and renames it into place at the end,
 so a failed import leaves nothing behind.
@@ -17,7 +9,6 @@ so a failed import leaves nothing behind.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -31,110 +22,28 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from plate_concepts._io import atomic_path
+from plate_concepts.embeddings.profile_tables import (
+    default_block_rows,
+    fill_index_defaults,
+    import_profiles,
+    metadata_renames,
+    table_kind,
+)
 from plate_concepts.embeddings.store import (
     INDEX_COLUMNS,
     EmbeddingStore,
-    _check_replaceable,
-    _json_default,
-    canonical_wells,
+    check_replaceable,
     default_chunk_rows,
+    json_default,
 )
+from plate_concepts.plates.platemap import METADATA_PREFIX
 
-METADATA_PREFIX = "Metadata_"
-#: Metadata names (lower-cased, without prefix) that map onto the store's index columns.
-_INDEX_ALIASES = {
-    "plate": "plate",
-    "well": "well",
-    "site": "field",
-    "field": "field",
-    "crop_y": "crop_y",
-    "crop_x": "crop_x",
-    "crop_size": "crop_size",
-    "is_control": "is_control",
-}
-_DEFAULTED = ("field", "crop_y", "crop_x", "crop_size")
+__all__ = ["export_profiles", "from_anndata", "from_numpy", "import_profiles", "to_anndata"]
+
 _EXPORT_NAMES = {"plate": "Metadata_Plate", "well": "Metadata_Well", "field": "Metadata_Site"}
-_BLOCK_BYTES = 64 * 2**20
 
 
 # ---------------------------------------------------------------------- profile tables
-def import_profiles(
-    table_path: str | os.PathLike,
-    store_path: str | os.PathLike,
-    features: str | None = None,
-    overwrite: bool = False,
-    *,
-    plate: str | None = None,
-    dtype: str = "float32",
-    block_rows: int | None = None,
-) -> EmbeddingStore:
-    """Import a profile table (parquet or CSV, ``Metadata_*`` + feature columns) into a store.
-
-    ``features`` is a regex (``re.search``) picking feature columns among the non-``Metadata_``
-    ones; by default all numeric ones are taken. The table is streamed in blocks of
-    ``block_rows`` rows (parquet via pyarrow, CSV via pandas), never read whole.
-    """
-    table_path, store_path = Path(table_path), Path(store_path)
-    if not table_path.is_file():
-        raise FileNotFoundError(f"profile table {table_path} does not exist")
-    _check_replaceable(store_path, overwrite)
-    kind = _table_kind(table_path)
-    if kind == "parquet":
-        parquet = pq.ParquetFile(table_path)
-        columns = list(parquet.schema_arrow.names)
-        numeric = [
-            name
-            for name, field_type in zip(columns, parquet.schema_arrow.types, strict=True)
-            if pa.types.is_integer(field_type)
-            or pa.types.is_floating(field_type)
-            or pa.types.is_decimal(field_type)
-        ]
-    else:
-        sample = pd.read_csv(table_path, nrows=1000, dtype=_csv_string_columns(table_path))
-        columns = list(sample.columns)
-        numeric = [
-            c
-            for c in columns
-            if pd.api.types.is_numeric_dtype(sample[c]) and sample[c].dtype != bool
-        ]
-    feature_names = _select_features(columns, numeric, features, table_path)
-    metadata = [c for c in columns if c.startswith(METADATA_PREFIX)]
-    renames, source_names = _metadata_renames(metadata, table_path)
-    if "well" not in renames.values():
-        raise ValueError(
-            f"profile table {table_path} has no Metadata_Well column; every row needs a well"
-        )
-    defaulted = [c for c in ("plate", *_DEFAULTED) if c not in renames.values()]
-    default_plate = plate if plate is not None else table_path.stem
-
-    dim = len(feature_names)
-    chunk_rows = default_chunk_rows(dim * np.dtype(dtype).itemsize)
-    block_rows = block_rows or _default_block_rows(dim, chunk_rows)
-    provenance = {
-        "source": str(table_path),
-        "imported_from": "profiles",
-        "feature_names": feature_names,
-        "profile_metadata_columns": source_names,
-        "profile_defaulted_columns": defaulted,
-    }
-    with atomic_path(store_path, overwrite=True) as tmp:
-        store = EmbeddingStore.create(
-            tmp, dim=dim, dtype=dtype, chunk_rows=chunk_rows, provenance=provenance
-        )
-        first_row = 0
-        for block in _table_blocks(table_path, kind, metadata + feature_names, block_rows):
-            values = _feature_block(
-                block, feature_names, first_row, table_path, source_names["well"]
-            )
-            obs = _fill_index_defaults(block[metadata].rename(columns=renames), default_plate)
-            obs["well"] = canonical_wells(
-                obs["well"], f"profile table {table_path} data", first_row
-            )
-            store.append(values, obs)
-            first_row += len(block)
-    return EmbeddingStore.open(store_path)
-
-
 def export_profiles(
     store: EmbeddingStore | str | os.PathLike,
     path: str | os.PathLike,
@@ -146,7 +55,7 @@ def export_profiles(
     written in row blocks, atomically."""
     store = store if isinstance(store, EmbeddingStore) else EmbeddingStore.open(store)
     path = Path(path)
-    kind = _table_kind(path)
+    kind = table_kind(path)
     provenance = store.provenance
     feature_names = provenance.get("feature_names")
     if not isinstance(feature_names, list) or len(feature_names) != store.dim:
@@ -154,14 +63,13 @@ def export_profiles(
         feature_names = [f"emb{i:0{width}d}" for i in range(store.dim)]
     source_names = provenance.get("profile_metadata_columns", {})
     defaulted = set(provenance.get("profile_defaulted_columns", []))
-    obs = store.obs
-    obs = obs[[c for c in obs.columns if c not in defaulted]]
-    obs = obs.rename(columns={c: _export_name(c, source_names) for c in obs.columns})
-    obs_table = pa.Table.from_pandas(obs, preserve_index=False)
-    schema = obs_table.schema
+    columns = [c for c in store.obs_columns if c not in defaulted]
+    renames = {c: _export_name(c, source_names) for c in columns}
+    obs_schema = store.obs_schema(columns)
+    schema = pa.schema([obs_schema.field(c).with_name(renames[c]) for c in columns])
     for name in feature_names:
         schema = schema.append(pa.field(name, pa.float32()))
-    block_rows = block_rows or _default_block_rows(store.dim, store.chunk_rows)
+    block_rows = block_rows or default_block_rows(store.dim, store.chunk_rows)
 
     compression = {".gz": "gzip", ".bz2": "bz2"}.get(path.suffix.lower())
     if kind == "csv" and compression is None and path.suffix.lower() != ".csv":
@@ -177,138 +85,18 @@ def export_profiles(
                 else str(tmp)
             )
             writer = stack.enter_context(pacsv.CSVWriter(sink, schema))
-        for start in range(0, len(store), block_rows):
-            stop = min(start + block_rows, len(store))
-            values = np.ascontiguousarray(store.read(slice(start, stop)).T)
-            block = obs_table.slice(start, stop - start)
-            arrays = list(block.columns) + [pa.array(column) for column in values]
-            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+        for obs in store.iter_obs(columns):  # part by part: memory bounded by one part
+            part = pa.Table.from_pandas(obs, schema=obs_schema, preserve_index=False)
+            rows = obs.index.to_numpy()
+            for start in range(0, len(rows), block_rows):
+                piece = rows[start : start + block_rows]
+                values = np.ascontiguousarray(store.read(slice(piece[0], piece[-1] + 1)).T)
+                block = part.slice(start, len(piece))
+                arrays = list(block.columns) + [pa.array(column) for column in values]
+                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
         if len(store) == 0:
             writer.write_table(schema.empty_table())
     return path
-
-
-def _table_kind(path: Path) -> str:
-    suffixes = "".join(path.suffixes[-2:]).lower()
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return "parquet"
-    if path.suffix.lower() == ".csv" or suffixes.endswith(
-        (".csv.gz", ".csv.bz2", ".csv.zip", ".csv.xz")
-    ):
-        return "csv"
-    raise ValueError(f"{path}: expected a .parquet or .csv profile table")
-
-
-def _csv_string_columns(path: Path) -> dict[str, type]:
-    """Read plate and well columns of a CSV as text (a numeric barcode keeps its leading zeros)."""
-    header = pd.read_csv(path, nrows=0).columns
-    return {
-        c: str
-        for c in header
-        if c.startswith(METADATA_PREFIX) and c[len(METADATA_PREFIX) :].lower() in ("plate", "well")
-    }
-
-
-def _select_features(
-    columns: list[str], numeric: list[str], pattern: str | None, table: Path
-) -> list[str]:
-    candidates = [c for c in columns if not c.startswith(METADATA_PREFIX)]
-    if pattern is None:
-        chosen = [c for c in candidates if c in numeric]
-        skipped = [c for c in candidates if c not in numeric]
-        if skipped:
-            warnings.warn(
-                f"{table}: non-numeric columns {skipped} are neither Metadata_ nor features; they are left out",
-                stacklevel=3,
-            )
-    else:
-        regex = re.compile(pattern)
-        chosen = [c for c in candidates if regex.search(c)]
-        not_numeric = [c for c in chosen if c not in numeric]
-        if not_numeric:
-            raise ValueError(
-                f"{table}: feature column {not_numeric[0]!r} (selected by {pattern!r}) is not numeric"
-            )
-    if not chosen:
-        raise ValueError(
-            f"{table}: no feature columns"
-            + (
-                f" match {pattern!r}"
-                if pattern is not None
-                else " (no numeric column without the Metadata_ prefix)"
-            )
-        )
-    return chosen
-
-
-def _metadata_renames(metadata: list[str], table: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Metadata_* names -> obs names, and the reverse map (obs name -> original name)."""
-    renames: dict[str, str] = {}
-    for column in metadata:
-        bare = column[len(METADATA_PREFIX) :]
-        renames[column] = _INDEX_ALIASES.get(bare.lower(), bare)
-    source: dict[str, str] = {}
-    for column, name in renames.items():
-        if name in source:
-            raise ValueError(
-                f"{table}: columns {source[name]!r} and {column!r} both map to obs column {name!r}; drop one"
-            )
-        source[name] = column
-    return renames, source
-
-
-def _fill_index_defaults(obs: pd.DataFrame, default_plate: str) -> pd.DataFrame:
-    obs = obs.reset_index(drop=True)
-    if "plate" not in obs.columns:
-        obs.insert(0, "plate", default_plate)
-    for column in _DEFAULTED:
-        if column not in obs.columns:
-            obs[column] = 0
-    return obs
-
-
-def _default_block_rows(dim: int, chunk_rows: int) -> int:
-    """About 64 MiB of float32 features per block, a whole number of chunks (no chunk rewrites)."""
-    chunks = max(1, _BLOCK_BYTES // (dim * 4 * chunk_rows))
-    return chunks * chunk_rows
-
-
-def _table_blocks(
-    path: Path, kind: str, columns: list[str], block_rows: int
-) -> Iterator[pd.DataFrame]:
-    if kind == "parquet":
-        parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=block_rows, columns=columns):
-            yield batch.to_pandas()
-    else:
-        dtypes = _csv_string_columns(path)
-        yield from pd.read_csv(path, usecols=columns, dtype=dtypes, chunksize=block_rows)
-
-
-def _feature_block(
-    block: pd.DataFrame, features: list[str], first_row: int, table: Path, well_column: str
-) -> np.ndarray:
-    """Feature values as float64, or an error naming the table row and column of the first
-    non-numeric, NaN or infinite value."""
-    frame = block[features]
-    numeric = frame.apply(pd.to_numeric, errors="coerce")
-    values = numeric.to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        row, col = (int(i) for i in np.argwhere(bad)[0])
-        raw = frame.iat[row, col]
-        if pd.isna(raw):
-            what = "is empty (NaN)"
-        elif np.isnan(values[row, col]):
-            what = f"is not numeric ({raw!r})"
-        else:
-            what = "is infinite"
-        well = block[well_column].iloc[row]
-        raise ValueError(
-            f"{table}: feature {features[col]!r} in data row {first_row + row} (well {well}) {what}; "
-            "fill or drop missing features first"
-        )
-    return values
 
 
 def _export_name(column: str, source_names: dict[str, str]) -> str:
@@ -335,7 +123,7 @@ def from_numpy(
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be a 2-d array (n, d), got shape {tokens.shape}")
     store_path = Path(store_path)
-    _check_replaceable(store_path, bool(create_kwargs.pop("overwrite", False)))
+    check_replaceable(store_path, bool(create_kwargs.pop("overwrite", False)))
     if patch_tokens is not None and "patch_grid" not in create_kwargs:
         create_kwargs["patch_grid"] = tuple(np.shape(patch_tokens)[1:3])
     with atomic_path(store_path, overwrite=True) as tmp:
@@ -387,7 +175,7 @@ def from_anndata(
     whole); obs and uns are read into memory.
     """
     store_path = Path(store_path)
-    _check_replaceable(store_path, overwrite)
+    check_replaceable(store_path, overwrite)
     with _anndata_parts(adata_or_path) as (x, obs, uns, patches, source, default_plate):
         if x is None or len(x.shape) != 2:
             raise ValueError(
@@ -400,7 +188,7 @@ def from_anndata(
         provenance = _jsonable(dict(uns), source)
         provenance.setdefault("imported_from", source)
         chunk_rows = default_chunk_rows(dim * np.dtype(dtype).itemsize)
-        block_rows = block_rows or _default_block_rows(dim, chunk_rows)
+        block_rows = block_rows or default_block_rows(dim, chunk_rows)
         grid = tuple(patches.shape[1:3]) if patches is not None else None
         with atomic_path(store_path, overwrite=True) as tmp:
             store = EmbeddingStore.create(
@@ -473,7 +261,7 @@ def _anndata_parts(adata_or_path: Any) -> Iterator[tuple[Any, pd.DataFrame, dict
 
 def _obs_from_anndata(obs: pd.DataFrame, default_plate: str, source: str) -> pd.DataFrame:
     metadata = [c for c in obs.columns if str(c).startswith(METADATA_PREFIX)]
-    renames, _ = _metadata_renames(metadata, Path(source))
+    renames, _ = metadata_renames(metadata, Path(source))
     obs = obs.rename(columns=renames)
     # Keep meaningful obs names (cell ids, ...); the default '0'..'n-1' carries nothing.
     if "obs_name" not in obs.columns and not obs.index.astype(str).equals(
@@ -487,7 +275,7 @@ def _obs_from_anndata(obs: pd.DataFrame, default_plate: str, source: str) -> pd.
         raise ValueError(
             f"{source}: obs has no 'well' (or Metadata_Well) column; every token needs a well"
         )
-    return _fill_index_defaults(obs, default_plate)
+    return fill_index_defaults(obs, default_plate)
 
 
 def _jsonable(record: dict[str, Any], source: str) -> dict[str, Any]:
@@ -501,7 +289,7 @@ def _jsonable(record: dict[str, Any], source: str) -> dict[str, Any]:
             kept[str(key)] = _jsonable(value, source)
             continue
         try:
-            kept[str(key)] = json.loads(json.dumps(value, default=_json_default, allow_nan=False))
+            kept[str(key)] = json.loads(json.dumps(value, default=json_default, allow_nan=False))
         except (TypeError, ValueError):
             warnings.warn(
                 f"{source}: uns entry {key!r} ({type(value).__name__}) is not JSON-serialisable; not kept",

@@ -42,24 +42,24 @@ import copy
 import json
 import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 
 from plate_concepts._io import atomic_path
-from plate_concepts.embeddings import store_batches, store_obs, store_rewrite
+from plate_concepts.embeddings import store_batches, store_obs, store_rewrite, store_summary
 from plate_concepts.embeddings.obs_index import (
     INDEX_COLUMNS,
     KEY_COLUMNS,
     MAX_STORE_VALUES,
     canonical_wells,
     integer_column,
-    label_overview,
     merge_labels,
     normalise_obs,
     plate_runs,
@@ -91,6 +91,7 @@ from plate_concepts.embeddings.store_files import (
 )
 from plate_concepts.embeddings.store_files import write_meta as _write_meta
 from plate_concepts.embeddings.store_files import write_parquet as _write_parquet
+from plate_concepts.plates.platemap import resolve_column
 
 __all__ = [
     "FORMAT_NAME",
@@ -251,15 +252,7 @@ class EmbeddingStore:
     # ------------------------------------------------------------------ completeness
     def incomplete_plates(self) -> list[str]:
         """Plates whose embedding run was interrupted, or was asked for but not started."""
-        uns = self._meta["uns"]
-        records = uns.get("plates") if isinstance(uns.get("plates"), dict) else {}
-        started = [
-            name
-            for name, rec in records.items()
-            if isinstance(rec, dict) and rec.get("complete") is False
-        ]
-        pending = [name for name in uns.get("pending_plates") or [] if name not in started]
-        return started + pending
+        return store_summary.incomplete_plates(self._meta["uns"])
 
     @property
     def is_complete(self) -> bool:
@@ -268,25 +261,9 @@ class EmbeddingStore:
 
     def check_complete(self, allow_incomplete: bool = False) -> None:
         """Refuse (``StoreIncompleteError``) a store whose embedding run was interrupted, or only
-        warn when ``allow_incomplete``: its tokens miss part of the plates it was asked for."""
-        missing = self.incomplete_plates()
-        if not missing:
-            return
-        tokens = self.tokens_per_plate()
-        shown = ", ".join(
-            f"{name} ({tokens[name]} tokens so far)" if name in tokens else f"{name} (not started)"
-            for name in missing[:8]
-        ) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        message = (
-            f"embedding store {self._path} is incomplete: the embedding of plate(s) {shown} was "
-            "interrupted. Run the same `plate-concepts embed` command again to finish it"
-        )
-        if not allow_incomplete:
-            raise StoreIncompleteError(
-                message + ", or pass --allow-incomplete (allow_incomplete=True) to use the "
-                "tokens it has"
-            )
-        warnings.warn(message + "; using the tokens it has", UserWarning, stacklevel=2)
+        warn when ``allow_incomplete``: its tokens miss part of the plates it was asked for.
+        Every consumer of a whole store (fit, evaluate, encode) calls this first."""
+        store_summary.check_complete(self, allow_incomplete)
 
     # ------------------------------------------------------------------ plates
     @property
@@ -327,28 +304,7 @@ class EmbeddingStore:
         """What ``plate-concepts info`` shows: size, plates, tokens, wells and controls per
         plate, label columns with their most frequent values (up to ``max_values`` each),
         completeness. Reads ``store.json`` and one label-count file, never the rows."""
-        entries = self._plate_entries()
-        uns = self._meta["uns"]
-        return {
-            "path": str(self._path),
-            "kind": "embedding-store",
-            "format_version": self.format_version,
-            "n_tokens": len(self),
-            "dim": self.dim,
-            "dtype": self.dtype.name,
-            "patch_grid": None if self.patch_grid is None else list(self.patch_grid),
-            "model": uns.get("model"),
-            "crop_size": uns.get("crop_size"),
-            "channels": uns.get("channels"),
-            "plates": list(entries),
-            "tokens_per_plate": {p: e["n_tokens"] for p, e in entries.items()},
-            "wells_per_plate": {p: e["n_wells"] for p, e in entries.items()},
-            "controls_per_plate": {p: e["n_controls"] for p, e in entries.items()},
-            "control_wells_per_plate": {p: e["n_control_wells"] for p, e in entries.items()},
-            "labels": label_overview(store_rewrite.store_labels(self, self._meta), max_values),
-            "complete": self.is_complete,
-            "incomplete_plates": self.incomplete_plates(),
-        }
+        return store_summary.describe(self, max_values)
 
     # ------------------------------------------------------------------ obs
     @property
@@ -405,6 +361,29 @@ class EmbeddingStore:
         if plate is not None and plate not in self._plate_entries():
             raise KeyError(f"plate {plate!r} has no tokens in {self._path} (plates: {self.plates})")
         return store_obs.iter_obs(self, columns, plate)
+
+    def resolve_column(self, name: str, what: str = "column") -> str:
+        """The obs column ``name`` means, as the user may spell it: the name in the imported
+        table (``Metadata_cell_line`` for ``cell_line``), another case; a ``ValueError`` lists
+        the columns otherwise (:func:`~plate_concepts.plates.platemap.resolve_column`)."""
+        try:
+            return resolve_column(name, self.obs_columns, what)
+        except ValueError as error:
+            raise ValueError(f"embedding store {self._path}: {error}") from None
+
+    def obs_schema(self, columns: Sequence[str] | None = None) -> pa.Schema:
+        """One arrow schema of the obs ``columns`` (default all) over every part, types promoted
+        across parts (whole numbers on one plate and decimals on another: float), read from the
+        parts' footers only (for writing obs part by part, e.g. an export)."""
+        schemas = [pq.read_schema(self._path / part["file"]) for part in self._meta["parts"]]
+        merged = (
+            pa.unify_schemas(schemas, promote_options="permissive") if schemas else pa.schema([])
+        )
+        fields = []
+        for column in self.obs_columns if columns is None else columns:
+            index = merged.get_field_index(column)
+            fields.append(merged.field(index) if index >= 0 else pa.field(column, pa.string()))
+        return pa.schema(fields)
 
     def _read_part(
         self, part: dict[str, Any], columns: Sequence[str] | None = None

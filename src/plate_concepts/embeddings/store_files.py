@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from plate_concepts._io import atomic_path
+from plate_concepts._io import atomic_path, replaceable_output
 from plate_concepts.embeddings.obs_index import INDEX_COLUMNS
 
 STORE_FILE = "store.json"
@@ -222,22 +222,13 @@ def empty_obs(columns: Sequence[str]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- checks
-def check_replaceable(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse an existing ``path`` unless ``overwrite``, and never replace a folder that is not
-    an embedding store (nor a file): ``--overwrite`` replaces only an output of the same kind."""
-    path = Path(path)
-    if not path.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; choose another path, or replace the embedding store there "
-            "with --overwrite (overwrite=True)"
-        )
-    if not path.is_dir() or (any(path.iterdir()) and not (path / STORE_FILE).is_file()):
-        raise FileExistsError(
-            f"{path} exists and is not an embedding store; --overwrite replaces only an "
-            "embedding store, so it was left alone: choose another path"
-        )
+def check_replaceable(
+    path: str | os.PathLike, overwrite: bool, sources: Iterable[str | os.PathLike] = ()
+) -> None:
+    """Refuse an existing ``path`` unless ``overwrite``, and never replace anything but an
+    embedding store (or an empty folder), nor a path that holds or lies in one of ``sources``
+    (see :func:`plate_concepts._io.replaceable_output`)."""
+    replaceable_output(path, "embedding-store", overwrite=overwrite, sources=sources)
 
 
 def checked_patches(
