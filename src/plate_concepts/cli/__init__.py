@@ -51,9 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Every failure ends with one line ``plate-concepts COMMAND: error: ...``
     on stderr and exit status 2 (1 for an unexpected error, which may be a bug: ``--debug``
     shows its traceback); Ctrl-C ends with status 130. Warnings are one line each too."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv  # for commands that run themselves again (under a virtual display)
+    # A command started from the shell may run itself again (under a virtual display); one
+    # called from Python (argv given) never replaces its caller's process.
+    args.rerunnable = argv is None
     prefix = f"plate-concepts {args.command}"
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *_: tqdm.write(

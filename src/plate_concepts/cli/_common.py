@@ -94,12 +94,13 @@ def progress_bar(
 
 def ensure_display(args: argparse.Namespace) -> None:
     """napari needs a display: without one (Linux, no ``$DISPLAY`` or ``$WAYLAND_DISPLAY``), run
-    this command again under a virtual one (``xvfb-run``) when it only saves a screenshot;
-    otherwise say what to do. Returns only when a display is there."""
+    this command again under a virtual one (``xvfb-run``) when it only saves a screenshot and
+    was started from the shell; otherwise say what to do. Returns only when a display is
+    there."""
     if sys.platform != "linux" or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
         return
-    if getattr(args, "screenshot", None) and shutil.which("xvfb-run"):
-        command = [sys.executable, "-m", "plate_concepts.cli", *getattr(args, "argv", sys.argv[1:])]
+    if getattr(args, "screenshot", None) and args.rerunnable and shutil.which("xvfb-run"):
+        command = [sys.executable, "-m", "plate_concepts.cli", *sys.argv[1:]]
         sys.stdout.flush()
         sys.stderr.flush()
         os.execvp("xvfb-run", ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", *command])
