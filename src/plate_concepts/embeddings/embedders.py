@@ -86,6 +86,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from plate_concepts._device import resolve_device
+
 EFFICIENTNET_SPEC = "efficientnet-lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -111,17 +113,6 @@ class Embedder(Protocol):
     def __call__(self, crops: torch.Tensor) -> torch.Tensor: ...
 
     def to(self, device: str | torch.device) -> Embedder: ...
-
-
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """"auto" -> CUDA, then Apple MPS, then CPU; any other name is checked to be available.
-
-    The project's one device rule lives in :mod:`plate_concepts.dictionary.trainer`; imported
-    here lazily so that importing the embeddings does not import the dictionary code.
-    """
-    from plate_concepts.dictionary.trainer import resolve_device as _resolve
-
-    return _resolve(name)
 
 
 def crop_tokens(patch_tokens: torch.Tensor) -> torch.Tensor:
