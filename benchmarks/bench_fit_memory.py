@@ -30,8 +30,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from plate_concepts.dictionary import ControlWhitening, ICFLModule, TopKModule, TrainingConfig, train
-from plate_concepts.dictionary.trainer import fit_whitening, resolve_device
+from plate_concepts._device import resolve_device
+from plate_concepts.dictionary import (
+    ControlWhitening,
+    ICFLModule,
+    TopKModule,
+    TrainingConfig,
+    train,
+)
+from plate_concepts.dictionary.controls import fit_whitening
 from plate_concepts.embeddings.store import EmbeddingStore
 
 MIB = 2**20

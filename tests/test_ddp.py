@@ -39,8 +39,9 @@ WORKER = textwrap.dedent(
     result = fit_dictionary(store, out, **options)
     # Every rank reports its replica so the test can check they stayed identical.
     rank = int(__import__("os").environ["RANK"])
-    save_file({"decoder": result.model.decoder.detach().contiguous(), "bias": result.model.bias.detach().contiguous(),
-               "tokens_since_fired": result.model.tokens_since_fired.contiguous()}, f"{rank_out}{rank}.safetensors")
+    model = result.model_
+    save_file({"decoder": model.decoder.detach().contiguous(), "bias": model.bias.detach().contiguous(),
+               "tokens_since_fired": model.tokens_since_fired.contiguous()}, f"{rank_out}{rank}.safetensors")
     assert not dist.is_initialized(), "fit_dictionary must tear down the group it created"
     """
 )

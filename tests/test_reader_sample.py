@@ -243,8 +243,10 @@ def test_reader_opens_a_store_on_its_plate_and_a_dictionary(
     )
     assert layers[-1].name == "tiny.store crops" and fresh_state.plate is not None
 
-    # Estimator files record no store: only the dictionary is opened.
-    saved = ICFL.load(out).save(tmp_path / "bare.safetensors")
+    # A dictionary fitted on tokens in memory records no store: only the dictionary is opened.
+    in_memory = ICFL(4, n_rounds=2, per_round=1, steps=3, batch_size=16, device="cpu")
+    in_memory.fit(store.read(), store.obs["is_control"].to_numpy())
+    saved = in_memory.save(tmp_path / "bare.safetensors")
     bare = make_napari_viewer()
     assert bare.open(str(saved), plugin=PLUGIN) == []
     assert get_state(bare).dictionary is not None and get_state(bare).store is None

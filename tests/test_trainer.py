@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import threading
 
 import numpy as np
@@ -12,8 +14,12 @@ from sklearn.exceptions import NotFittedError
 
 from plate_concepts.dictionary import (
     ICFL,
+    METHODS,
     ControlWhitening,
+    FitDiverged,
+    FitMessage,
     ICFLModule,
+    ICFLSettings,
     TopKModule,
     TopKSAE,
     TrainingConfig,
@@ -21,10 +27,12 @@ from plate_concepts.dictionary import (
     fit_dictionary,
     iter_train,
     load_dictionary,
+    method_class,
     resolve_device,
     train,
 )
-from plate_concepts.dictionary.trainer import read_checkpoint
+from plate_concepts.dictionary.whitening import RankDeficientWarning
+from plate_concepts.dictionary.checkpoints import read_checkpoint
 from plate_concepts.embeddings.store import EmbeddingStore
 
 torch.set_num_threads(1)
@@ -116,8 +124,8 @@ def test_resume_from_a_cancelled_run_equals_an_uninterrupted_run(data, tmp_path,
             cancel.set()
 
     cut = train(
-        new_model(method), whitening, data_in, TrainingConfig(**{**CONFIG, "log_every": 1}, checkpoint_path=checkpoint),
-        callback=stop_at_11, cancel=cancel,
+        new_model(method), whitening, data_in, TrainingConfig(**{**CONFIG, "log_every": 1}),
+        checkpoint_path=checkpoint, callback=stop_at_11, cancel=cancel,
     )
     assert cut.cancelled and cut.steps == 11 and checkpoint.is_file()
     assert read_checkpoint(checkpoint)[1]["positions"] == [[1, 2]]
@@ -133,7 +141,7 @@ def test_cancel_leaves_a_usable_model_and_a_checkpoint(data, tmp_path):
     polls = iter(range(100))
     result = train(
         new_model("icfl"), whitening, tokens,
-        TrainingConfig(**CONFIG, checkpoint_path=tmp_path / "c.safetensors"),
+        TrainingConfig(**CONFIG), checkpoint_path=tmp_path / "c.safetensors",
         cancel=lambda: next(polls) >= 5,  # a callable works as well as an Event
     )
     assert result.cancelled and result.steps == 5 and result.events[-1].step == 5
@@ -224,7 +232,7 @@ def test_training_from_a_store_streams_batches_and_fits_whitening_on_obs_control
 def test_store_without_controls_column_gives_a_clear_error(data, tmp_path):
     tokens, _, _ = data
     store = make_store(tmp_path / "s", tokens, None)
-    with pytest.raises(ValueError, match="no 'is_control' column"):
+    with pytest.raises(ValueError, match="has no column 'is_control'; it was embedded without a control spec"):
         train(new_model("icfl"), ControlWhitening("pca"), store, TrainingConfig(**CONFIG))
 
 
@@ -244,21 +252,23 @@ def test_fit_dictionary_writes_a_loadable_file_and_resumes(data, tmp_path):
     seen: list[TrainingEvent] = []
     common = dict(control="treatment=DMSO", n_features=32, n_rounds=2, per_round=2, steps=12,
                   batch_size=64, lr=1e-2, device="cpu", log_every=4, checkpoint_every=5)
-    result = fit_dictionary(tmp_path / "s", out, "icfl", progress=seen.append, **common)
+    result = fit_dictionary(tmp_path / "s", out, "icfl", progress=seen.append, keep_checkpoint=True, **common)
     model, whitening, meta = load_dictionary(out)
     assert meta["method"] == "icfl" and meta["training"]["steps"] == 12 and [e.step for e in seen] == [4, 8, 12]
-    assert meta["store"]["n_tokens"] == 600 and meta["control"]["n_controls"] == int(is_control.sum())
-    assert torch.equal(model.decoder, result.model.decoder.cpu())
+    assert meta["store"]["n_tokens"] == 600 and meta["control"] == {
+        "spec": "treatment=DMSO", "n_controls": int(is_control.sum()), "batch_column": None}
+    assert torch.equal(model.decoder, result.model_.decoder.cpu())
     checkpoint = tmp_path / "dict.ckpt.safetensors"
-    assert read_checkpoint(checkpoint)[1]["step"] == 12
+    assert read_checkpoint(checkpoint)[1]["step"] == 12  # kept, as asked
 
     longer = fit_dictionary(tmp_path / "s", tmp_path / "more.safetensors", "icfl", resume=checkpoint,
                             checkpoint_path=tmp_path / "more.ckpt", **{**common, "steps": 16})
-    assert longer.steps == 16
-    with pytest.raises(ValueError, match="k is a TopK option"):
+    assert longer.training_["steps"] == 16 and not (tmp_path / "more.ckpt").exists()
+    with pytest.raises(ValueError, match=r"k \(--k\) is a setting of TopK SAE, not of ICFL"):
         fit_dictionary(tmp_path / "s", out, "icfl", k=3, **common)
     with pytest.raises(ValueError, match="control spec 'treatment=water'.*no row"):
-        fit_dictionary(tmp_path / "s", out, "topk", control="treatment=water", steps=2, device="cpu")
+        fit_dictionary(tmp_path / "s", tmp_path / "water.safetensors", "topk", control="treatment=water",
+                       steps=2, device="cpu")
     with pytest.raises(FileNotFoundError, match="cannot resume"):
         fit_dictionary(tmp_path / "s", tmp_path / "other.safetensors", "icfl", resume=True, **common)
 
@@ -277,7 +287,8 @@ def test_trainer_errors_are_clear(data, tmp_path):
     with pytest.raises(ValueError, match="row 7"):
         train(new_model("icfl"), fitted_whitening(tokens, is_control), bad, TrainingConfig(**CONFIG))
     checkpoint = tmp_path / "c.safetensors"
-    train(new_model("icfl"), fitted_whitening(tokens, is_control), tokens, TrainingConfig(**CONFIG, checkpoint_path=checkpoint))
+    train(new_model("icfl"), fitted_whitening(tokens, is_control), tokens, TrainingConfig(**CONFIG),
+          checkpoint_path=checkpoint, keep_checkpoint=True)
     with pytest.raises(ValueError, match="not this 'topk' model"):
         train(new_model("topk"), ControlWhitening(), tokens, TrainingConfig(**CONFIG), resume_from=checkpoint)
     with pytest.raises(ValueError, match="same settings"):  # another seed = another data stream
@@ -313,8 +324,8 @@ def estimators(data):
     tokens, is_control, _ = data
     options = dict(steps=20, batch_size=64, lr=1e-2, device="cpu", log_every=10)
     return (
-        ICFL(32, n_rounds=2, per_round=2, **options).fit(tokens, is_control=is_control),
-        TopKSAE(32, k=4, **options).fit(tokens, is_control=is_control),
+        ICFL(n_features=32, n_rounds=2, per_round=2, **options).fit(tokens, is_control=is_control),
+        TopKSAE(n_features=32, k=4, **options).fit(tokens, is_control=is_control),
     )
 
 
@@ -345,9 +356,9 @@ def test_estimator_errors(data, estimators):
     tokens, is_control, _ = data
     icfl, _ = estimators
     with pytest.raises(NotFittedError):
-        ICFL(32).encode(np.zeros((2, DIM), np.float32))
+        ICFL(n_features=32).encode(np.zeros((2, DIM), np.float32))
     with pytest.raises(NotFittedError):
-        TopKSAE(32).transform(tokens)
+        TopKSAE(n_features=32).transform(tokens)
     with pytest.raises(ValueError, match="12 columns, expected 16"):
         icfl.transform(tokens[:, :12])
     with pytest.raises(ValueError, match="12 columns, expected 16"):
@@ -357,6 +368,122 @@ def test_estimator_errors(data, estimators):
     with pytest.raises(ValueError, match="row 2"):
         icfl.transform(bad)
     with pytest.raises(ValueError, match="row 2"):
-        ICFL(32, steps=2).fit(bad, is_control=np.ones(5, bool))
+        ICFL(n_features=32, steps=2).fit(bad, is_control=np.ones(5, bool))
     with pytest.raises(ValueError, match="no control tokens"):
-        ICFL(32, steps=2).fit(tokens, is_control=np.zeros(len(tokens), bool))
+        ICFL(n_features=32, steps=2).fit(tokens, is_control=np.zeros(len(tokens), bool))
+
+
+# ---------------------------------------------------------------------- the one fit path
+def test_fit_iter_yields_progress_records_provenance_and_equals_fit(data, tmp_path):
+    tokens, is_control, _ = data
+    store = make_store(tmp_path / "s", tokens, None, treatment=np.where(is_control, "DMSO", "drug"))
+    options = dict(n_features=32, n_rounds=2, per_round=2, steps=12, batch_size=64, lr=1e-2, device="cpu", log_every=4)
+    generator = ICFL(**options).fit_iter(store, "treatment=DMSO")
+    events = []
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            events.append(next(generator))
+    fitted = stop.value.value
+    assert isinstance(fitted, ICFL) and [e.step for e in events] == [4, 8, 12]
+    assert fitted.provenance_ == {
+        "store": {"path": str((tmp_path / "s").resolve()), "n_tokens": 600, "dim": DIM},
+        "control": {"spec": "treatment=DMSO", "n_controls": int(is_control.sum()), "batch_column": None},
+    }
+    again = ICFL(**options).fit(store, "treatment=DMSO")  # fit = fit_iter run to the end
+    assert torch.equal(again.model_.decoder, fitted.model_.decoder)
+    loaded = ICFL.load(fitted.save(tmp_path / "d.safetensors"))
+    assert loaded.provenance_ == fitted.provenance_  # one layout, whoever fitted it
+
+
+def test_a_small_store_gets_sizes_from_its_size_and_more_features_than_tokens_are_refused(data):
+    tokens, is_control, _ = data
+    generator = ICFL().fit_iter(tokens, is_control)
+    note = next(generator)  # said before any work is done
+    generator.close()
+    assert isinstance(note, FitMessage) and note.text == (
+        "small store (600 tokens): using 64 features, 128 tokens per step, 938 steps "
+        "(--features, --batch-size, --steps to choose)"
+    )
+    sized = ICFLSettings().resolved(600)
+    assert (sized.n_features, sized.batch_size, sized.steps, sized.log_every) == (64, 128, 938, 9)
+    big = ICFLSettings().resolved(40_000_000)  # a real store: the full defaults, no note
+    assert (big.n_features, big.batch_size, big.steps) == (8192, 4096, 2000)
+    assert ICFLSettings().size_note(40_000_000) is None
+    with pytest.raises(ValueError, match="1000 features for 600 tokens: more features than tokens"):
+        next(ICFL(n_features=1000, steps=1).fit_iter(tokens, is_control))
+    forced = ICFL(n_features=1000, n_rounds=1, per_round=2, steps=1, batch_size=64, device="cpu")
+    assert forced.fit(tokens, is_control, force=True).model_.n_features == 1000
+
+
+def test_a_rank_deficient_whitening_is_one_message_not_a_warning(data):
+    import warnings
+
+    tokens, _, _ = data
+    few = np.arange(len(tokens)) < 10  # 10 controls in 16 dimensions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        messages = [e for e in TopKSAE(n_features=32, k=4, steps=2, batch_size=64, device="cpu").fit_iter(tokens, few)
+                    if isinstance(e, FitMessage)]
+    assert len(messages) == 1 and messages[0].category is RankDeficientWarning
+    assert "vary along only 9 of the 16" in messages[0].text and "--shrinkage auto" in messages[0].text
+
+
+def test_checkpoints_come_by_time_and_a_finished_fit_removes_its_own(data, tmp_path):
+    tokens, is_control, _ = data
+    checkpoint = tmp_path / "c.ckpt.safetensors"
+    options = dict(n_features=32, k=4, steps=6, batch_size=64, device="cpu", log_every=1)
+    seen = []
+    for event in TopKSAE(**options, checkpoint_minutes=1e-9).fit_iter(tokens, is_control, checkpoint_path=checkpoint):
+        if event.step == 4:  # a checkpoint is written as soon as it is due, between steps
+            seen.append(read_checkpoint(checkpoint)[1]["step"])
+    assert seen == [3] and not checkpoint.exists()
+    TopKSAE(**options).fit(tokens, is_control, checkpoint_path=checkpoint, keep_checkpoint=True)
+    assert read_checkpoint(checkpoint)[1]["step"] == 6 and oct(checkpoint.stat().st_mode & 0o777) == oct(
+        0o666 & ~_umask())
+    with pytest.raises(FileExistsError, match="checkpoint kept of a finished fit"):
+        next(TopKSAE(**options).fit_iter(tokens, is_control, checkpoint_path=checkpoint, overwrite=True))
+
+
+def test_cancelling_while_the_whitening_is_fitted_trains_nothing_and_writes_nothing(data, tmp_path):
+    tokens, is_control, _ = data
+    store = make_store(tmp_path / "s", tokens, is_control)
+    cancel = threading.Event()
+    cancel.set()
+    out = tmp_path / "d.safetensors"
+    with pytest.raises(InterruptedError, match="nothing was trained"):
+        fit_dictionary(tmp_path / "s", out, "icfl", n_features=32, steps=5, batch_size=64, device="cpu", cancel=cancel)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    assert len(store) == 600
+
+
+def test_a_diverging_fit_is_one_clear_error(data):
+    tokens, is_control, _ = data
+    with pytest.raises(FitDiverged, match=r"diverged at step \d+ .*learning rate 1e\+30 is too high") as error:
+        TopKSAE(n_features=32, k=4, steps=20, batch_size=64, lr=1e30, device="cpu").fit(tokens, is_control)
+    assert isinstance(error.value, ValueError) and isinstance(error.value, FloatingPointError)
+
+
+def test_settings_are_declared_once_and_read_by_the_estimators():
+    assert ICFL().get_params() == {f.name: f.default for f in dataclasses.fields(ICFLSettings)}
+    assert TopKSAE().get_params()["k"] == inspect.signature(TopKModule).parameters["k"].default
+    assert ICFLSettings().n_rounds == inspect.signature(ICFLModule).parameters["n_rounds"].default
+    assert set(ICFLSettings.model_fields()) == {"n_rounds", "per_round", "resample_every", "resample_threshold", "use_gram"}
+    assert METHODS == {"icfl": ICFL, "topk": TopKSAE} and method_class("topk").module_class is TopKModule
+    with pytest.raises(ValueError, match="unknown dictionary method 'pca'"):
+        method_class("pca")
+    for bad, match in ((dict(steps=-1), "steps must be >= 0"), (dict(lr=0.0), "lr must be a positive"),
+                       (dict(whiten="zca"), "whiten must be one of"), (dict(shrinkage=2.0), "shrinkage"),
+                       (dict(batch_size=1.5), "batch_size must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            ICFL(**bad).settings()
+    with pytest.raises(TypeError, match="has no parameter"):
+        ICFL(k=3)
+    assert "n_rounds\n        ICFL: pursuit rounds J. (default: 20)" in ICFL.__doc__
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

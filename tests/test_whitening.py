@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -148,17 +149,53 @@ def test_streaming_over_chunks_gives_the_one_chunk_fit(method: str, monkeypatch)
 def test_rank_deficient_controls_warn_with_the_effective_rank() -> None:
     rng = np.random.default_rng(6)
     X = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 10))  # controls span 6 of 10 dimensions
-    with pytest.warns(RankDeficientWarning, match="effective rank 6 of dim 10"):
+    with pytest.warns(RankDeficientWarning, match="vary along only 6 of the 10 embedding dimensions"):
         whitening = ControlWhitening(unit_norm=False).fit(X, np.ones(200, bool))
     assert whitening.output_dim == 6
     np.testing.assert_allclose(np.cov(whitening.transform(X), rowvar=False), np.eye(6), atol=1e-4)
     # Fewer controls than dim + 1: the warning says how many a full rank needs.
     with pytest.warns(
         RankDeficientWarning,
-        match=r"effective rank 4 of dim 8 \(5 control tokens; full rank needs at least 9",
+        match=r"the 5 control tokens \(full rank needs at least 9\) vary along only 4 of the 8",
     ):
         few = ControlWhitening().fit(rng.normal(size=(5, 8)), np.ones(5, bool))
     assert few.output_dim == 4
+    # One line, saying which option keeps the dropped directions; warn=False only records it.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = ControlWhitening().fit(rng.normal(size=(5, 8)), np.ones(5, bool), warn=False)
+    assert "\n" not in quiet.rank_note_ and "--shrinkage auto" in quiet.rank_note_
+    assert ControlWhitening().fit(X, np.ones(200, bool), warn=False).rank_note_.startswith("the 200")
+    assert ControlWhitening(shrinkage="auto").fit(X, np.ones(200, bool)).rank_note_ is None
+
+
+def test_batch_labels_are_normalised_once_from_raw_values() -> None:
+    """1, 1.0, "1" and np.int64(1) are one batch wherever the labels come from (store obs as
+    floats, plate map as ints, text): the names and the transform agree."""
+    X, is_control, batches, _ = _planted_batches(np.random.default_rng(8))
+    numbers = np.select([batches == "b1", batches == "b2"], [1, 2], 3)
+    as_ints = ControlWhitening(method="pca-batch").fit(X, is_control, numbers)
+    as_floats = ControlWhitening(method="pca-batch").fit(X, is_control, numbers.astype(float))
+    assert as_ints.batch_names_ == as_floats.batch_names_ == ["1", "2", "3"]
+    expected = as_ints.transform(X, numbers)
+    for raw in (numbers.astype(float), numbers.astype(str), numbers.astype(object), pd.Series(numbers * 1.0)):
+        np.testing.assert_array_equal(as_ints.transform(X, raw), expected)
+    with pytest.raises(ValueError, match="batch '4' was not among the batches this whitening was fitted on"):
+        as_ints.transform(X[:2], [4.0, 1.0])
+    with pytest.raises(ValueError, match="token 1 has no batch label"):
+        as_ints.transform(X[:2], [1.0, np.nan])
+    with pytest.raises(ValueError, match="choose the batch column"):
+        as_ints.transform(X[:2])
+    # A file written before the rule stored str(1.0) = "1.0": it still reads raw 1.0 (and 1).
+    legacy = {**as_floats.metadata(), "batches": ["1.0", "2.0", "3.0"]}
+    del legacy["batch_labels"]
+    old = ControlWhitening.from_state(as_floats.state_tensors(), legacy)
+    assert old.batch_names_ == ["1", "2", "3"]
+    np.testing.assert_array_equal(old.transform(X, numbers.astype(float)), expected)
+    text = {**as_floats.metadata(), "batches": ["2.50", "b", "3.0"]}  # new files keep text as is
+    assert ControlWhitening.from_state(as_floats.state_tensors(), text).batch_names_ == ["2.50", "b", "3.0"]
 
 
 def test_errors_name_what_is_wrong() -> None:
@@ -196,11 +233,11 @@ def test_pca_batch_errors_name_the_batch() -> None:
     is_control = batches != "p2"
     with pytest.raises(ValueError, match="batch 'p2' has 20 tokens but 0 control tokens"):
         ControlWhitening(method="pca-batch").fit(X, is_control, batches)
-    with pytest.raises(ValueError, match="needs the batch label"):
+    with pytest.raises(ValueError, match="needs the batch of every token"):
         ControlWhitening(method="pca-batch").fit(X, is_control)
     fitted = ControlWhitening(method="pca-batch").fit(X, np.ones(60, bool), batches)
     with pytest.raises(
-        ValueError, match="batch 'p9' has no control tokens in the fitted transform"
+        ValueError, match=r"batch 'p9' was not among the batches .* \('p1', 'p2', 'p3'\)"
     ):
         fitted.transform(X[:2], np.array(["p1", "p9"]))
 
@@ -271,7 +308,7 @@ def test_ledoit_wolf_shrinkage_matches_scikit_learn_and_keeps_every_dimension():
     expected = ledoit_wolf_shrinkage(controls - controls.mean(axis=0), assume_centered=True)
     assert shrunk.shrinkage_ == pytest.approx(expected, rel=1e-6)
     assert shrunk.output_dim == dim
-    with pytest.warns(RankDeficientWarning, match="shrinkage='auto'"):
+    with pytest.warns(RankDeficientWarning, match="use shrinkage 'auto'"):
         exact = ControlWhitening(unit_norm=False).fit(X, is_control)
     assert exact.output_dim == n_controls - 1
     # the perturbation stays far from the controls with shrinkage

@@ -73,8 +73,10 @@ def run_demo_pipeline(
 ) -> DemoRun:
     """Run (or resume) every step in ``workdir`` and return the concept report."""
     from plate_concepts.demo import cached_demo_plate
+    from plate_concepts.dictionary.checkpoints import default_checkpoint_path
     from plate_concepts.dictionary.estimators import ICFL
-    from plate_concepts.dictionary.trainer import fit_dictionary
+    from plate_concepts.dictionary.fitting import fit_dictionary
+    from plate_concepts.dictionary.trainer import FitMessage, TrainingEvent
     from plate_concepts.embeddings.embed import embed_plate
     from plate_concepts.plates import open_plate
 
@@ -108,14 +110,22 @@ def run_demo_pipeline(
     if not dictionary_path.exists():
         log(f"3/4 ICFL with {settings.n_features} features on control-whitened tokens -> {dictionary_path}")
         fit_progress = progress("steps")
-        fit_dictionary(
+
+        def report(event: TrainingEvent | FitMessage) -> None:
+            if isinstance(event, FitMessage):
+                log(event.text)
+            elif fit_progress is not None:
+                fit_progress(event.step, event.total_steps)
+
+        fitted = fit_dictionary(
             store_path, dictionary_path, "icfl", control="is_control", shrinkage=settings.shrinkage,
             n_features=settings.n_features, n_rounds=settings.n_rounds, per_round=settings.per_round,
             steps=settings.steps, batch_size=settings.batch_size, device=settings.device,
-            seed=settings.seed, resume=dictionary_path.with_suffix(".ckpt.safetensors").exists(),
-            progress=(lambda event: fit_progress(event.step, event.total_steps)) if fit_progress else None,
-            cancel=cancel,
+            seed=settings.seed, resume=default_checkpoint_path(dictionary_path).exists(),
+            progress=report, cancel=cancel,
         )
+        if fitted.training_["cancelled"]:
+            raise InterruptedError("demo cancelled during the fit; run again to resume it")
     else:
         log(f"3/4 ICFL dictionary already fitted: {dictionary_path}")
 

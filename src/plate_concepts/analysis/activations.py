@@ -33,6 +33,7 @@ from scipy import sparse
 
 from plate_concepts.analysis.metrics import codes_matrix
 from plate_concepts.dictionary.codes import SparseCodes
+from plate_concepts.dictionary.controls import batch_values
 from plate_concepts.plates.geometry import parse_well
 
 ProgressLike = Callable[[int, int], Any]
@@ -82,7 +83,7 @@ def encode_store(
     n = len(store)
     if n == 0:
         raise ValueError(f"embedding store {store.path} holds no tokens to encode")
-    labels = _store_batch_labels(store, batches)
+    labels = batch_values(store, batches)  # raw: the whitening normalises them
     chunk = int(getattr(store, "chunk_rows", 1))
     step = max(chunk, int(batch_size) // chunk * chunk)  # whole chunks: each is read once
     parts: list[SparseCodes] = []
@@ -95,24 +96,6 @@ def encode_store(
         if progress is not None:
             progress(stop, n)
     return SparseCodes.cat(parts)
-
-
-def _store_batch_labels(store: Any, batches: Any) -> np.ndarray | None:
-    if batches is None:
-        return None
-    if isinstance(batches, str):
-        obs = store.obs
-        if batches not in obs.columns:
-            raise ValueError(
-                f"embedding store {store.path} has no obs column {batches!r} for batches"
-            )
-        return obs[batches].astype(str).to_numpy()
-    labels = np.asarray(batches).astype(str)
-    if labels.shape != (len(store),):
-        raise ValueError(
-            f"batches must hold one label per token, shape ({len(store)},), got {labels.shape}"
-        )
-    return labels
 
 
 @dataclass
@@ -228,7 +211,7 @@ def preprocess_patches(estimator: Any, patch_tokens: Any, batches: Any = None) -
     flat = patches.reshape(-1, patches.shape[-1])
     labels = None
     if batches is not None:
-        labels = np.asarray(batches, dtype=object).astype(str)
+        labels = np.asarray(batches, dtype=object)  # raw: the whitening normalises them
         if labels.ndim == 0:
             labels = np.full(len(flat), labels.item(), dtype=object)
         elif labels.shape == lead:

@@ -60,6 +60,7 @@ from plate_concepts.analysis.activations import (
 from plate_concepts.analysis.metrics import codes_matrix
 from plate_concepts.analysis.selectivity import SelectivityResult, selectivity
 from plate_concepts.dictionary.codes import SparseCodes
+from plate_concepts.dictionary.estimators import recorded_batch_column
 from plate_concepts.embeddings.store import INDEX_COLUMNS, EmbeddingStore
 from plate_concepts.plates.geometry import canonical_well
 from plate_concepts.plates.model import Plate
@@ -289,7 +290,7 @@ class FeatureExplorer:
         self.obs = store.obs
         self.n_features = int(estimator.model_.n_features)
         self.plate_name = self._choose_plate(plate, plate_name)
-        self.batch_column = batch_column or _recorded_batch_column(estimator)
+        self.batch_column = batch_column or recorded_batch_column(estimator)
         if estimator.whitening_.method == "pca-batch" and self.batch_column is None:
             raise ValueError(
                 "this dictionary was whitened per batch ('pca-batch'): pass batch_column="
@@ -1055,9 +1056,3 @@ def _aggregate_table(aggregates: WellAggregates, kind: str) -> np.ndarray:
     if kind == "fraction":
         return aggregates.fraction_active
     raise ValueError(f"kind must be 'mean' or 'fraction', got {kind!r}")
-
-
-def _recorded_batch_column(estimator: Any) -> str | None:
-    """The obs batch column a dictionary file records (fit_dictionary's batch_column)."""
-    control = getattr(estimator, "metadata_", {}).get("control", {})
-    return control.get("batch_column") if isinstance(control, dict) else None

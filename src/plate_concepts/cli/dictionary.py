@@ -1,97 +1,175 @@
-"""Dictionary commands: ``fit``, ``evaluate``."""
+"""Dictionary commands: ``fit``, ``evaluate``.
+
+``fit``'s options are built from the methods' settings (:mod:`plate_concepts.dictionary.settings`),
+so their help and defaults are those of the library and the Dictionary panel.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from typing import Any
 
-from tqdm import tqdm
+from plate_concepts.cli._common import progress_bar
+
+FIT_HELP = """\
+Writes OUT only when the fit finishes, and never replaces an existing file unless --overwrite is
+given and that file is a dictionary. While fitting, a checkpoint OUT.ckpt.safetensors is kept
+beside OUT (removed at the end unless --keep-checkpoint). Ctrl-C stops after the current step:
+the checkpoint (and, with --save-partial, the partial dictionary OUT.partial.safetensors) is
+written beside OUT, and the same command with --resume continues it."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fit", help="fit an ICFL or TopK dictionary on an embedding store")
-    p.add_argument("store")
-    p.add_argument("out", help="output .safetensors file")
-    p.add_argument("--method", choices=["icfl", "topk"], default="icfl")
-    p.add_argument("--control", help="controls as COLUMN=VALUE[,VALUE] (default: the store's is_control)")
-    p.add_argument("--whiten", choices=["pca", "pca-batch", "none"], default="pca")
-    p.add_argument("--batch-column", help="with --whiten pca-batch: the obs column naming the batch")
-    p.add_argument("--shrinkage", default="none",
-                   help="control covariance: none (exact, default), auto (Ledoit-Wolf; for fewer "
-                        "controls than dimensions) or a number in [0, 1]")
-    p.add_argument("--features", type=int, default=8192, help="dictionary size M (default 8192)")
-    p.add_argument("--rounds", type=int, help="ICFL: pursuit rounds J (default 20)")
-    p.add_argument("--per-round", type=int, help="ICFL: features per round L (default 5)")
-    p.add_argument("--k", type=int, help="TopK: active features per token (default 32)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, help="learning rate (default: the method's)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside OUT")
-    p.add_argument("--quiet", action="store_true")
+    from plate_concepts.dictionary.estimators import METHODS
+
+    p = sub.add_parser("fit", help="fit an ICFL or TopK dictionary on an embedding store",
+                       description=FIT_HELP)
+    p.add_argument("store", help="the embedding store (folder) to fit on")
+    p.add_argument("out", help="the dictionary file to write (.safetensors)")
+    p.add_argument("--method", choices=sorted(METHODS), default="icfl",
+                   help="ICFL (iterative codebook feature learning) or a TopK sparse autoencoder "
+                        "(default: icfl)")
+    p.add_argument("--control", default="is_control",
+                   help="the control tokens the whitening is fitted on: COLUMN=VALUE[,VALUE] (e.g. "
+                        "treatment=DMSO), a column of booleans, or 'all' (default: the store's "
+                        "is_control column, from the control spec given to embed)")
+    p.add_argument("--batch-column",
+                   help="with --whiten pca-batch: the obs column naming each token's batch")
+    add_setting_options(p, METHODS.values())
+    out = p.add_argument_group("output")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace OUT if it is a dictionary file (never any other file), and start "
+                          "over from an existing checkpoint")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the interrupted fit whose checkpoint lies beside OUT")
+    out.add_argument("--save-partial", action="store_true",
+                     help="when interrupted, also write the dictionary so far beside OUT "
+                          "(OUT.partial.safetensors)")
+    out.add_argument("--keep-checkpoint", action="store_true",
+                     help="keep the checkpoint of a finished fit (to continue it with more --steps)")
+    out.add_argument("--force", action="store_true",
+                     help="allow more features than the store has tokens")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=fit)
 
     p = sub.add_parser("evaluate", help="reconstruction, sparsity and selectivity of a dictionary on a store")
-    p.add_argument("store")
-    p.add_argument("dictionary")
-    p.add_argument("--label", action="append", help="label column for selectivity (repeatable)")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--json", action="store_true")
+    p.add_argument("store", help="the embedding store (folder) to evaluate on")
+    p.add_argument("dictionary", help="the dictionary file (.safetensors)")
+    p.add_argument("--label", action="append",
+                   help="a label column for selectivity (repeatable; default: none)")
+    p.add_argument("--batch-size", type=_positive_int, default=4096, help="tokens per block")
+    p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=evaluate)
+
+
+def add_setting_options(parser: argparse.ArgumentParser, estimators: Any) -> None:
+    """One option per setting of the methods (shared settings once), grouped as the settings
+    are, each with its help text and default; options not given stay unset (the settings'
+    defaults apply)."""
+    from plate_concepts.dictionary.settings import (
+        GROUPS,
+        setting_fields,
+        setting_help,
+        setting_info,
+    )
+
+    groups = {name: parser.add_argument_group(f"{name} settings") for name in GROUPS}
+    seen: set[str] = set()
+    for estimator in estimators:
+        for f in setting_fields(estimator.settings_class):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            info = setting_info(f)
+            flag = info.flag or "--" + f.name.replace("_", "-")
+            options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": setting_help(f).replace("%", "%%")}
+            if f.type == "bool" or isinstance(f.default, bool):
+                options["action"] = "store_true" if not f.default else argparse.BooleanOptionalAction
+            else:
+                options["type"] = _parser_of(f)
+                options["metavar"] = f.name.upper() if not info.choices else None
+                if info.choices:
+                    options["choices"] = list(info.choices)
+            groups[info.group].add_argument(flag, **options)
+
+
+def _parser_of(f: dataclasses.Field):  # -> Callable[[str], Any]
+    from plate_concepts.dictionary.settings import parse_value
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(f, text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = f.name
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
 
 
 def fit(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from plate_concepts.dictionary.trainer import fit_dictionary
+    from tqdm import tqdm
 
-    if args.method == "icfl" and args.k is not None:
-        raise ValueError("--k is a TopK option; ICFL's sparsity is --rounds x --per-round")
-    if args.method == "topk" and (args.rounds is not None or args.per_round is not None):
-        raise ValueError("--rounds/--per-round are ICFL options; TopK's sparsity is --k")
-    # Ctrl-C asks the trainer to stop after the current step and write a resumable checkpoint,
-    # rather than interrupting it mid-write.
+    from plate_concepts.dictionary.checkpoints import default_checkpoint_path, partial_path
+    from plate_concepts.dictionary.estimators import METHODS
+    from plate_concepts.dictionary.fitting import fit_dictionary
+    from plate_concepts.dictionary.trainer import FitMessage, TrainingEvent
+
+    names = {f.name for cls in METHODS.values() for f in dataclasses.fields(cls.settings_class)}
+    settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    # Ctrl-C asks the fit to stop after the current step (or chunk of controls) and write a
+    # resumable checkpoint, rather than interrupting it mid-write.
     cancel = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
-    bar = tqdm(total=args.steps, desc=f"fit {args.method}", unit="step", disable=args.quiet)
+    bar = progress_bar(desc=f"fit {args.method}", unit="step", quiet=args.quiet)
 
-    def progress(event) -> None:
-        bar.n = event.step
+    def progress(event: TrainingEvent | FitMessage) -> None:
+        if isinstance(event, FitMessage):
+            tqdm.write(f"plate-concepts fit: note: {event.text}", file=sys.stderr)
+            return
         bar.set_postfix(loss=f"{event.loss:.4g}", fvu=f"{event.fvu:.3f}", l0=f"{event.l0:.1f}",
                         dead=f"{100 * event.dead_fraction:.1f}%", refresh=False)
-        bar.refresh()
+        bar(event.step, event.total_steps)
 
     try:
-        result = fit_dictionary(
-            args.store, args.out, args.method, control=args.control or "is_control", whiten=args.whiten,
-            batch_column=args.batch_column, shrinkage=_shrinkage(args.shrinkage), n_features=args.features, k=args.k, n_rounds=args.rounds,
-            per_round=args.per_round, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-            device=args.device, seed=args.seed, autocast_bf16=args.bf16, resume=args.resume,
-            progress=progress, cancel=cancel,
+        estimator = fit_dictionary(
+            args.store, args.out, args.method, control=args.control, batch_column=args.batch_column,
+            overwrite=args.overwrite, resume=args.resume, save_partial=args.save_partial,
+            keep_checkpoint=args.keep_checkpoint, force=args.force, progress=progress, cancel=cancel,
+            **settings,
         )
+    except InterruptedError as err:
+        print(f"plate-concepts fit: interrupted: {err}", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
-    if result.cancelled:
-        print(f"interrupted: a checkpoint is saved; continue with the same command and --resume "
-              f"(the partial dictionary was written to {args.out})", file=sys.stderr)
+    training = estimator.training_
+    if training["cancelled"]:
+        partial = partial_path(args.out)
+        saved = f"; the dictionary so far is in {partial}" if args.save_partial and partial.is_file() else ""
+        print(f"plate-concepts fit: interrupted at step {training['steps']} of {training['total_steps']}: "
+              f"{args.out} was not written{saved}; the checkpoint {default_checkpoint_path(args.out)} "
+              "continues it with the same command and --resume", file=sys.stderr)
         return 130
     print(f"wrote {args.out}")
     return 0
-
-
-def _shrinkage(text: str) -> float | str | None:
-    if text in ("none", "auto"):
-        return None if text == "none" else "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--shrinkage must be none, auto or a number in [0, 1], got {text!r}") from None
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -106,6 +184,10 @@ def evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.dictionary} on {args.store} ({result['n_tokens']} tokens):")
+    fitted = result["dictionary"]
+    if fitted["cancelled"]:
+        print(f"  partial dictionary: its fit was cancelled at step {fitted['steps']} of "
+              f"{fitted['total_steps']}")
     print(f"  FVU {result['fvu']:.4f}   cosine {result['cosine']:.4f}   L0 {result['l0']:.1f}   "
           f"dead {result['n_dead']}/{result['n_features']} ({100 * result['dead_fraction']:.1f}%)")
     for column, summary in result["selectivity"].items():

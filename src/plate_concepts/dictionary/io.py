@@ -38,11 +38,23 @@ _RESERVED_KEYS = frozenset(
 
 
 def dictionary_classes() -> dict[str, type[DictionaryModule]]:
-    """Method name -> model class (imported lazily so this module loads without them)."""
-    from plate_concepts.dictionary.icfl import ICFLModule
-    from plate_concepts.dictionary.topk import TopKModule
+    """Method name -> model class, from the method registry (imported lazily so this module
+    loads without the models)."""
+    from plate_concepts.dictionary.estimators import METHODS
 
-    return {"icfl": ICFLModule, "topk": TopKModule}
+    return {name: estimator.module_class for name, estimator in METHODS.items()}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file atomically (temporary sibling, then rename), with the permissions
+    of any other output under the user's umask (safetensors itself creates files as 0600)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.touch()  # created like every other file the user's process writes
+        mode = tmp.stat().st_mode & 0o777
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, mode)
+    return path
 
 
 def save_dictionary(
@@ -85,10 +97,7 @@ def save_dictionary(
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **info,
     }
-    header = {METADATA_KEY: json.dumps(metadata, default=_json_default)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    return path
+    return write_safetensors(tensors, path, {METADATA_KEY: json.dumps(metadata, default=_json_default)})
 
 
 def read_dictionary_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -154,7 +163,7 @@ def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
     if not path.exists():
         raise FileNotFoundError(f"dictionary file {path} does not exist")
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, expected a .safetensors dictionary file")
+        raise ValueError(f"{path} is a folder, not a dictionary file; give the .safetensors file")
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # SafetensorError / OSError for a truncated or foreign file

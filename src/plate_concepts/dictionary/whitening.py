@@ -18,7 +18,10 @@ Choices where the publication is silent (ours):
   first (so batch offsets do not inflate the covariance); then each batch is centred and scaled
   per component with its own whitened controls' mean and standard deviation (floored at
   ``sqrt(eps)`` so a component constant within one batch does not blow up).
-- Batch labels are compared as strings (``1`` and ``"1"`` are the same batch).
+- Batch labels are normalised here, and only here, from the raw values
+  (:func:`batch_label_texts`): compared as text with
+  :func:`~plate_concepts.plates.platemap.as_text`, so ``1``, ``1.0`` and ``"1"`` are the same
+  batch whichever table (store obs, plate map) and dtype they come from. Callers pass raw values.
 - Unit norm maps a zero vector to zero (norm clamped at a tiny value).
 """
 
@@ -29,12 +32,17 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
+
+from plate_concepts.plates.platemap import as_text
 
 METHODS = ("pca", "pca-batch", "none")
 #: Eigenvalues below this fraction of the largest are treated as exactly zero (rank-deficient).
 RANK_RTOL = 1e-10
+#: The rule batch names follow, recorded in the metadata (files without it stored ``str(value)``).
+BATCH_LABELS = "as_text"
 #: Rows per chunk in the float64 numpy path, so big token arrays are not copied whole to float64.
 _CHUNK_ROWS = 65536
 _TINY = 1e-12
@@ -76,6 +84,7 @@ class ControlWhitening(BaseEstimator):
     batch_names_ : list of batch labels (as str), ``"pca-batch"`` only, else None.
     batch_mean_, batch_scale_ : (n_batches, rank) per-batch centre and scale (``"pca-batch"``).
     rank_ : number of components kept (= :attr:`output_dim`).
+    rank_note_ : one line explaining a rank-deficient control covariance, else None.
     n_controls_ : number of control tokens the transform was fitted on.
     """
 
@@ -88,10 +97,12 @@ class ControlWhitening(BaseEstimator):
         self.shrinkage = shrinkage
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, X: Any, is_control: Any, batches: Any = None) -> ControlWhitening:
+    def fit(self, X: Any, is_control: Any, batches: Any = None, *, warn: bool = True) -> ControlWhitening:
         """Fit on the control tokens of X (n, dim); ``batches`` (n,) is needed for ``"pca-batch"``
         (and ignored by the other methods). Streams over row chunks in float64: memory is
-        O(chunk x dim + dim^2), not a float64 copy of the controls."""
+        O(chunk x dim + dim^2), not a float64 copy of the controls. A rank-deficient control
+        covariance is explained in ``rank_note_`` (and a :class:`RankDeficientWarning` if
+        ``warn``)."""
         if self.method not in METHODS:
             raise ValueError(f"unknown whitening method {self.method!r}; expected one of {METHODS}")
         if not (np.isfinite(self.eps) and self.eps >= 0):
@@ -109,7 +120,7 @@ class ControlWhitening(BaseEstimator):
         names = None
         group = np.zeros(n, dtype=np.int64)
         if self.method == "pca-batch":
-            labels = _to_labels(batches, n)
+            labels = batch_label_texts(batches, n)
             names, group = np.unique(labels, return_inverse=True)
             names = names.tolist()
             counts = np.bincount(group[mask], minlength=len(names))
@@ -132,6 +143,7 @@ class ControlWhitening(BaseEstimator):
         control_mean = sums.sum(axis=0) / n_controls
 
         self.shrinkage_ = 0.0
+        self.rank_note_: str | None = None
         if self.method == "none":
             whitening, eigenvalues = np.eye(dim), None
         else:
@@ -151,6 +163,8 @@ class ControlWhitening(BaseEstimator):
                 mean_variance = np.trace(covariance) / dim
                 covariance = (1 - self.shrinkage_) * covariance + self.shrinkage_ * mean_variance * np.eye(dim)
             whitening, eigenvalues = self._pca(covariance, n_controls)
+            if self.rank_note_ is not None and warn:
+                warnings.warn(self.rank_note_, RankDeficientWarning, stacklevel=2)
         # The saved state is float32: round now so fitted and reloaded transforms are identical.
         self.whitening_ = _float32_exact(whitening)
         self.eigenvalues_ = eigenvalues
@@ -209,13 +223,12 @@ class ControlWhitening(BaseEstimator):
         keep = eigenvalues > RANK_RTOL * lambda_max
         rank = int(keep.sum())
         if rank < dim:
-            need = f"; full rank needs at least {dim + 1} controls" if n_controls <= dim else ""
-            warnings.warn(
-                f"control covariance is rank-deficient: effective rank {rank} of dim {dim} "
-                f"({n_controls} control tokens{need}); keeping {rank} components — directions "
-                "no control varies along are dropped; shrinkage='auto' keeps them",
-                RankDeficientWarning,
-                stacklevel=3,
+            need = f" (full rank needs at least {dim + 1})" if n_controls <= dim else ""
+            self.rank_note_ = (
+                f"the {n_controls} control tokens{need} vary along only {rank} of the {dim} "
+                f"embedding dimensions, so the other {dim - rank} directions (where no control "
+                "varies, and perturbations may) are dropped before the dictionary is fitted; "
+                "to keep them, use shrinkage 'auto' (--shrinkage auto)"
             )
         kept = eigenvalues[keep]
         gain = 1.0 / np.sqrt(kept + self.eps * lambda_max)
@@ -243,7 +256,7 @@ class ControlWhitening(BaseEstimator):
         self._check_fitted()
         if self.batch_names_ is None:
             raise ValueError(f"method {self.method!r} has no batches")
-        labels = _to_labels(batches, n)
+        labels = batch_label_texts(batches, n)
         lookup = {name: i for i, name in enumerate(self.batch_names_)}
         try:
             return np.fromiter(
@@ -251,8 +264,9 @@ class ControlWhitening(BaseEstimator):
             )
         except KeyError as err:
             raise ValueError(
-                f"batch {err.args[0]!r} has no control tokens in the fitted transform "
-                f"(fitted batches: {self.batch_names_})"
+                f"batch {err.args[0]!r} was not among the batches this whitening was fitted on "
+                f"({', '.join(map(repr, self.batch_names_))}): each batch is centred on its own "
+                "controls, so tokens of another batch cannot be pre-processed"
             ) from None
 
     def transform(self, X: Any, batches: Any = None) -> Any:
@@ -353,6 +367,7 @@ class ControlWhitening(BaseEstimator):
             "rank": int(self.rank_),
             "n_controls": int(self.n_controls_),
             "batches": None if self.batch_names_ is None else list(self.batch_names_),
+            "batch_labels": BATCH_LABELS,
         }
 
     @classmethod
@@ -394,6 +409,7 @@ class ControlWhitening(BaseEstimator):
         self.dim_ = len(self.control_mean_)
         self.rank_ = self.whitening_.shape[0]
         self.eigenvalues_ = None
+        self.rank_note_ = None
         self.n_controls_ = int(metadata.get("n_controls", 0))
         self.batch_names_ = self.batch_mean_ = self.batch_scale_ = None
         if self.method == "pca-batch":
@@ -411,6 +427,8 @@ class ControlWhitening(BaseEstimator):
                     f"batch_scale {tuple(self.batch_scale_.shape)} (expected {expected})"
                 )
             self.batch_names_ = [str(name) for name in names]
+            if metadata.get("batch_labels") != BATCH_LABELS:  # older file: str(value) names
+                self.batch_names_ = [_legacy_batch_name(name) for name in self.batch_names_]
         self._reset_caches()
         return self
 
@@ -436,9 +454,7 @@ class ControlWhitening(BaseEstimator):
         if self.method != "pca-batch":
             return None
         if batches is None:
-            raise ValueError(
-                "method 'pca-batch' needs the batch label of every token (batches=...)"
-            )
+            raise ValueError(_NEEDS_BATCHES)
         return self.batch_indices(batches, n)
 
 
@@ -493,17 +509,40 @@ def _to_mask(is_control: Any, n: int) -> np.ndarray:
     return mask
 
 
-def _to_labels(batches: Any, n: int | None) -> np.ndarray:
+_NEEDS_BATCHES = (
+    "whitening per batch ('pca-batch') needs the batch of every token: choose the batch column "
+    "(--batch-column on the command line)"
+)
+
+
+def batch_label_texts(batches: Any, n: int | None = None) -> np.ndarray:
+    """Raw batch labels (n,) -> their names as text (object array): the one normalisation of
+    batch labels, with :func:`~plate_concepts.plates.platemap.as_text` (1, 1.0, "1" -> "1").
+    A token without a batch label is an error naming it."""
     if batches is None:
-        raise ValueError("method 'pca-batch' needs the batch label of every token (batches=...)")
+        raise ValueError(_NEEDS_BATCHES)
     if isinstance(batches, torch.Tensor):
         batches = batches.detach().cpu().numpy()
-    labels = np.asarray(batches).astype(str)
-    if labels.ndim != 1 or (n is not None and labels.shape[0] != n):
+    values = batches.to_numpy() if isinstance(batches, pd.Series) else np.asarray(batches, dtype=object)
+    if values.ndim != 1 or (n is not None and values.shape[0] != n):
         raise ValueError(
-            f"batches must have shape ({n},) (one label per token), got {labels.shape}"
+            f"batch labels must be one per token ({n} tokens), got an array of shape {values.shape}"
         )
-    return labels
+    codes, uniques = pd.factorize(values, use_na_sentinel=True)  # as_text once per distinct value
+    if (codes < 0).any():
+        raise ValueError(f"token {int(np.argmax(codes < 0))} has no batch label (an empty cell)")
+    texts = np.array([as_text(value) for value in uniques] + [""], dtype=object)
+    return texts[codes]
+
+
+def _legacy_batch_name(name: str) -> str:
+    """A batch name as older files stored it (``str(1.0)`` = "1.0") -> the name :func:`as_text`
+    gives the same value ("1")."""
+    try:
+        value = float(name)
+    except ValueError:
+        return name
+    return as_text(value) if str(value) == name else name
 
 
 def _control_chunks(

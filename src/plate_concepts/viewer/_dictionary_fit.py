@@ -1,35 +1,24 @@
-"""What the Dictionary panel runs, without Qt: label choices, the control mask and the fit job.
+"""What the Dictionary panel runs, without Qt: label choices, the fit it asks for, and the job.
 
-The panel only collects :class:`FitSettings` from its widgets and drives :func:`fit_steps`
-(a generator of :class:`~plate_concepts.dictionary.trainer.TrainingEvent` whose return value
-is the fitted estimator) in a napari thread worker.
+The panel collects a :class:`PanelFit` (the controls and batches it picks from the store's
+labels, and the method's settings read from widgets built from those settings) and runs
+:func:`fit_steps` — the estimators' one fit path, ``fit_iter`` — in a background job.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Generator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from plate_concepts.dictionary.estimators import ICFL, TopKSAE
-from plate_concepts.dictionary.trainer import (
-    Cancel,
-    TrainingConfig,
-    TrainingEvent,
-    TrainingResult,
-    build_model,
-    fit_whitening,
-    iter_train,
-    resolve_device,
-)
-from plate_concepts.dictionary.whitening import ControlWhitening
-from plate_concepts.plates.platemap import ControlSpec, as_text, control_mask
+from plate_concepts.dictionary.checkpoints import default_checkpoint_path
+from plate_concepts.dictionary.estimators import METHODS, DictionaryEstimator, method_class
+from plate_concepts.dictionary.settings import FitSettings
+from plate_concepts.dictionary.trainer import Cancel, FitMessage, TrainingEvent
+from plate_concepts.plates.platemap import ControlSpec, as_text
 
 if TYPE_CHECKING:
     from plate_concepts.embeddings.store import EmbeddingStore
@@ -39,24 +28,14 @@ if TYPE_CHECKING:
 POSITION_COLUMNS = ("field", "crop_y", "crop_x", "crop_size")
 #: A column with more distinct values than this is an identifier, not a label.
 MAX_LABEL_VALUES = 2000
-WHITENING_CHOICES = {
-    "PCA on controls": "pca",
-    "PCA, then per batch": "pca-batch",
-    "none (centre on controls)": "none",
+#: How the panel names the whitening methods (the ``whiten`` setting's values).
+WHITENING_LABELS = {
+    "pca": "PCA on controls",
+    "pca-batch": "PCA, then per batch",
+    "none": "none (centre on controls)",
 }
-METHOD_CHOICES = {"ICFL": "icfl", "TopK SAE": "topk"}
-
-
-def available_devices() -> list[str]:
-    """ "auto" and the torch devices present on this machine (cpu always)."""
-    devices = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-        if torch.cuda.device_count() > 1:
-            devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices.append("mps")
-    return devices
+#: Method titles shown by the panel -> method names, from the registry.
+METHOD_CHOICES = {cls.title: name for name, cls in METHODS.items()}
 
 
 def token_labels(store: EmbeddingStore, plate: Plate | None = None) -> pd.DataFrame:
@@ -107,167 +86,61 @@ def _natural_key(text: str) -> tuple[int, float, str]:
 
 
 @dataclass
-class FitSettings:
-    """Everything the Dictionary panel asks for one fit."""
+class PanelFit:
+    """One fit the Dictionary panel asks for: which tokens are controls (a column of the
+    store's labels and its control values), the batch column for per-batch whitening, and the
+    method's settings."""
 
+    settings: FitSettings
     control_column: str
     control_values: list[str]
-    whiten: str = "pca"  # "pca", "pca-batch" or "none"
     batch_column: str | None = None
-    method: str = "icfl"  # "icfl" or "topk"
-    n_features: int = 512
-    n_rounds: int = 20  # ICFL J
-    per_round: int = 5  # ICFL L
-    k: int = 32  # TopK
-    steps: int = 2000
-    batch_size: int = 4096
-    lr: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 10
-    checkpoint_path: str | Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_CHOICES.values():
-            raise ValueError(
-                f"method must be one of {list(METHOD_CHOICES.values())}, got {self.method!r}"
-            )
-        if self.whiten not in WHITENING_CHOICES.values():
-            raise ValueError(
-                f"whitening must be one of {list(WHITENING_CHOICES.values())}, got {self.whiten!r}"
-            )
-        if self.whiten == "pca-batch" and not self.batch_column:
-            raise ValueError("per-batch whitening needs a batch column")
         if not self.control_values:
             raise ValueError(f"choose at least one control value of {self.control_column!r}")
+        if self.settings.whiten == "pca-batch" and not self.batch_column:
+            raise ValueError("per-batch whitening needs a batch column")
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
 
     @property
     def control_spec(self) -> ControlSpec:
         return ControlSpec(self.control_column, list(self.control_values))
 
 
-def default_checkpoint_path(store: EmbeddingStore, method: str) -> Path:
-    """Where a panel fit keeps its checkpoint: the temp folder, named after the store, so
-    cancelling never writes next to the user's data."""
-    folder = Path(tempfile.gettempdir()) / "plate-concepts"
-    return folder / f"{Path(store.path).name}-{method}.ckpt.safetensors"
-
-
-def control_flags(labels: pd.DataFrame, settings: FitSettings) -> np.ndarray:
-    """Bool per token: its control column holds one of the control values."""
-    return control_mask(labels, settings.control_spec)
-
-
 def fit_steps(
     store: EmbeddingStore,
-    settings: FitSettings,
+    fit: PanelFit,
     plate: Plate | None = None,
     cancel: Cancel | None = None,
-) -> Generator[TrainingEvent, None, ICFL | TopKSAE]:
-    """Fit a dictionary on ``store``: whitening on its controls, then :func:`iter_train`.
-
-    Yields the training events; returns the fitted estimator (an :class:`ICFL` or a
-    :class:`TopKSAE`; a cancelled fit returns the dictionary so far, with
-    ``training_['cancelled']`` True).
-    """
-    labels = token_labels(store, plate)
-    is_control = control_flags(labels, settings)
-    batches = None
-    if settings.whiten == "pca-batch":
-        if settings.batch_column not in labels.columns:
-            raise ValueError(
-                f"batch column {settings.batch_column!r} is not a column of store {store.path} or its plate map"
-            )
-        batches = labels[settings.batch_column].map(as_text).to_numpy()
-    device = str(resolve_device(settings.device))
-    whitening = ControlWhitening(method=settings.whiten)
-    fit_whitening(whitening, store, is_control, batches, seed=settings.seed)
-    if settings.method == "icfl":
-        options: dict[str, Any] = {"n_rounds": settings.n_rounds, "per_round": settings.per_round}
-    else:
-        options = {"k": settings.k}
-    model = build_model(
-        settings.method, settings.n_features, whitening.output_dim, seed=settings.seed, **options
-    )
-    config = TrainingConfig(
-        steps=settings.steps,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        seed=settings.seed,
-        device=device,
-        log_every=settings.log_every,
-        checkpoint_path=settings.checkpoint_path,
-    )
-    result: TrainingResult = yield from iter_train(
-        model,
-        whitening,
-        store,
-        config,
-        is_control=is_control,
-        batches=batches,
-        cancel=cancel,
-    )
-    return estimator_from_result(result, settings, store)
-
-
-def estimator_from_result(
-    result: TrainingResult, settings: FitSettings, store: EmbeddingStore
-) -> ICFL | TopKSAE:
-    """Wrap a training result in the estimator a file save/load and the explorer expect."""
-    common = {
-        "n_features": settings.n_features,
-        "whiten": settings.whiten,
-        "steps": settings.steps,
-        "batch_size": settings.batch_size,
-        "lr": settings.lr,
-        "seed": settings.seed,
-        "device": result.device,
-    }
-    if settings.method == "icfl":
-        estimator: ICFL | TopKSAE = ICFL(
-            n_rounds=settings.n_rounds, per_round=settings.per_round, **common
-        )
-    else:
-        estimator = TopKSAE(k=settings.k, **common)
-    training = result.info()
-    training["store"] = {
-        "path": str(Path(store.path).resolve()),
-        "n_tokens": len(store),
-        "dim": store.dim,
-    }
-    training["control"] = str(settings.control_spec)
-    if settings.batch_column:
-        training["batch_column"] = settings.batch_column
-    # The estimators' own fit() ends the same way; the panel trains through iter_train for
-    # live progress, so it finishes the estimator here.
-    estimator._set_fitted(result.model, result.whitening, training)
-    return estimator
-
-
-def recorded_batch_column(estimator: Any) -> str | None:
-    """The batch column a per-batch-whitened dictionary was fitted with (panel fits record it
-    in ``training_``, command-line fits in the file's ``control`` entry); None otherwise."""
-    if getattr(getattr(estimator, "whitening_", None), "method", None) != "pca-batch":
-        return None
-    training = getattr(estimator, "training_", {}) or {}
-    control = (getattr(estimator, "metadata_", {}) or {}).get("control", {})
-    return training.get("batch_column") or (
-        control.get("batch_column") if isinstance(control, dict) else None
-    )
+) -> Generator[TrainingEvent | FitMessage, None, DictionaryEstimator]:
+    """Fit a dictionary on ``store`` through the estimators' ``fit_iter``: the controls and
+    batches are looked up in the store's labels joined with the plate map. Yields the training
+    events and messages; returns the fitted estimator (a cancelled fit returns the dictionary
+    so far, with ``training_['cancelled']`` True, and keeps its checkpoint; without an output
+    file, the checkpoint lies in the temporary folder: ``default_checkpoint_path``)."""
+    estimator = method_class(fit.method)(**asdict(fit.settings))
+    batches = fit.batch_column if fit.settings.whiten == "pca-batch" else None
+    return (yield from estimator.fit_iter(
+        store, fit.control_spec, batches, labels=token_labels(store, plate), cancel=cancel,
+        checkpoint_path=default_checkpoint_path(store_path=store.path, method=fit.method),
+    ))
 
 
 def describe_dictionary(estimator: Any) -> str:
     """One line about a dictionary: method, size, training outcome."""
     if estimator is None:
         return "No dictionary yet: fit one or load a file."
-    method = "ICFL" if getattr(estimator, "method", "") == "icfl" else "TopK SAE"
-    parts = [f"{method}, {estimator.n_features} features"]
-    if estimator.method == "icfl":
-        parts.append(f"J = {estimator.n_rounds}, L = {estimator.per_round}")
-    else:
-        parts.append(f"k = {estimator.k}")
-    parts.append(f"whitening {estimator.whiten}")
+    hyper = estimator.model_.hyperparameters()
+    parts = [f"{estimator.title}, {hyper['n_features']} features"]
+    if "n_rounds" in hyper:
+        parts.append(f"J = {hyper['n_rounds']}, L = {hyper['per_round']}")
+    if "k" in hyper:
+        parts.append(f"k = {hyper['k']}")
+    parts.append(f"whitening {estimator.whitening_.method}")
     training = getattr(estimator, "training_", {}) or {}
     if training.get("steps") is not None:
         steps = f"{training['steps']} steps"

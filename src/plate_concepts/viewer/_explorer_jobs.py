@@ -18,7 +18,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 
-from plate_concepts.viewer._dictionary_fit import recorded_batch_column
+from plate_concepts.dictionary.estimators import recorded_batch_column
 from plate_concepts.viewer._feature_layers import N_CROPS, THUMBNAIL_SIZE
 from plate_concepts.viewer.state import get_state
 

@@ -9,11 +9,11 @@ progress and can cancel it.
 
 from __future__ import annotations
 
-import threading
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from napari.qt.threading import create_worker
+from magicgui.widgets import CheckBox, ComboBox, LineEdit, SpinBox, Widget
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -23,24 +23,23 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QListWidget,
     QListWidgetItem,
     QProgressBar,
     QPushButton,
-    QSpinBox,
-    QStackedWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from plate_concepts.dictionary.estimators import ICFL
+from plate_concepts._device import available_devices
+from plate_concepts.dictionary.checkpoints import default_checkpoint_path
+from plate_concepts.dictionary.estimators import ICFL, METHODS
+from plate_concepts.dictionary.settings import FitSettings, parse_value, setting_help, setting_info
+from plate_concepts.dictionary.trainer import FitMessage
 from plate_concepts.viewer._dictionary_fit import (
     METHOD_CHOICES,
-    WHITENING_CHOICES,
-    FitSettings,
-    available_devices,
-    default_checkpoint_path,
+    WHITENING_LABELS,
+    PanelFit,
     describe_dictionary,
     describe_event,
     fit_steps,
@@ -48,6 +47,7 @@ from plate_concepts.viewer._dictionary_fit import (
     token_labels,
 )
 from plate_concepts.viewer._explorer_jobs import explorer_preparer
+from plate_concepts.viewer._jobs import Job, start_job
 from plate_concepts.viewer._plots import LossCurve
 from plate_concepts.viewer.state import get_state
 
@@ -57,15 +57,53 @@ if TYPE_CHECKING:
     from plate_concepts.dictionary.trainer import TrainingEvent
 
 DICTIONARY_FILTER = "Dictionary files (*.safetensors)"
+_INT_MAX = 2**31 - 1
 
 
-def _spin(low: int, high: int, value: int, step: int = 1, tip: str = "") -> QSpinBox:
-    box = QSpinBox()
-    box.setRange(low, high)
-    box.setValue(value)
-    box.setSingleStep(step)
-    box.setToolTip(tip)
-    return box
+def setting_widgets(settings_class: type[FitSettings], names: list[str]) -> dict[str, Widget]:
+    """magicgui widgets for the settings ``names`` of ``settings_class``: labels, tooltips
+    (the setting's documentation and default) and initial values from the settings; a setting
+    whose default is "automatic" (None) is a text field, empty for automatic."""
+    by_name = {f.name: f for f in fields(settings_class)}
+    widgets: dict[str, Widget] = {}
+    for name in names:
+        f, info = by_name[name], setting_info(by_name[name])
+        common = {"label": info.label or name.replace("_", " "), "tooltip": setting_help(f)}
+        if isinstance(f.default, bool):
+            widget: Widget = CheckBox(value=f.default, **common)
+        elif name == "whiten":
+            choices = [(WHITENING_LABELS[value], value) for value in info.choices or ()]
+            widget = ComboBox(choices=choices, value=f.default, **common)
+        elif name == "device":
+            widget = ComboBox(choices=available_devices(), value=f.default, **common)
+        elif isinstance(f.default, int):
+            minimum = int(info.minimum or 0)
+            widget = SpinBox(value=f.default, min=minimum, max=_INT_MAX, **common)
+        else:
+            widget = LineEdit(value="" if f.default is None else str(f.default), **common)
+            widget.native.setPlaceholderText("auto" if info.auto else "none")
+        widgets[name] = widget
+    return widgets
+
+
+def read_setting(settings_class: type[FitSettings], name: str, widget: Widget) -> Any:
+    """A setting's value from its widget (text parsed as on the command line; empty text is the
+    setting's default)."""
+    f = next(f for f in fields(settings_class) if f.name == name)
+    if isinstance(widget, LineEdit):
+        text = widget.value.strip()
+        return f.default if not text else parse_value(f, text)
+    return widget.value
+
+
+def _panel_settings(settings_class: type[FitSettings], *, common: bool) -> list[str]:
+    """The settings the panel shows (the advanced ones are left to Python and the command
+    line): those every method shares, or only this method's own."""
+    shared = {f.name for f in fields(FitSettings)}
+    return [
+        f.name for f in fields(settings_class)
+        if not setting_info(f).advanced and (f.name in shared) == common
+    ]
 
 
 class DictionaryPanel(QWidget):
@@ -76,8 +114,7 @@ class DictionaryPanel(QWidget):
         self.viewer = viewer
         self.state = get_state(viewer)
         self._labels: dict[str, list[str]] = {}
-        self._fit_worker: Any = None
-        self._fit_cancel: threading.Event | None = None
+        self._fit_job: Job | None = None
         self.preparer = explorer_preparer(viewer)
         self._build()
         self._refresh_labels()
@@ -118,19 +155,20 @@ class DictionaryPanel(QWidget):
         form.addRow("is one of", self.control_values)
         layout.addWidget(controls)
 
+        # The settings' widgets come from the settings themselves (shared ones once, each
+        # method's own in a stack); the controls and the batch column are picked from the labels.
+        self.fields = setting_widgets(FitSettings, _panel_settings(FitSettings, common=True))
+        self.method_fields = {
+            name: setting_widgets(cls.settings_class, _panel_settings(cls.settings_class, common=False))
+            for name, cls in METHODS.items()
+        }
         whitening = QGroupBox("Whitening")
-        form = QFormLayout(whitening)
-        self.whitening = QComboBox()
-        self.whitening.addItems(list(WHITENING_CHOICES))
-        self.whitening.setToolTip(
-            "PCA whitening fitted on the controls down-weights what varies among unperturbed cells "
-            "(cell cycle, density); 'per batch' also centres and scales each batch on its own controls"
-        )
+        whitening_form = QFormLayout(whitening)
+        self._add_rows(whitening_form, ["whiten", "shrinkage"])
         self.batch_column = QComboBox()
         self.batch_column.setToolTip("The column naming each token's experiment batch")
-        self.whitening.currentTextChanged.connect(self._update_enabled)
-        form.addRow("method", self.whitening)
-        form.addRow("batch column", self.batch_column)
+        whitening_form.addRow("batch column", self.batch_column)
+        self.fields["whiten"].changed.connect(self._update_enabled)
         layout.addWidget(whitening)
 
         method = QGroupBox("Dictionary")
@@ -140,48 +178,19 @@ class DictionaryPanel(QWidget):
         self.method.setToolTip(
             "ICFL: iterative codebook feature learning (no encoder); TopK: a sparse autoencoder"
         )
-        self.n_features = _spin(
-            2, 262_144, 512, 64, "M, the number of features (dictionary columns)"
-        )
-        self.n_rounds = _spin(1, 1000, 20, 1, "J, pursuit rounds per token")
-        self.per_round = _spin(
-            1, 1000, 5, 1, "L, features picked per round (at most J x L per token)"
-        )
-        self.k = _spin(1, 10_000, 32, 1, "k, active features per token")
-        icfl = QWidget()
-        icfl_form = QHBoxLayout(icfl)
-        icfl_form.setContentsMargins(0, 0, 0, 0)
-        icfl_form.addWidget(QLabel("J"))
-        icfl_form.addWidget(self.n_rounds)
-        icfl_form.addWidget(QLabel("L"))
-        icfl_form.addWidget(self.per_round)
-        topk = QWidget()
-        topk_form = QHBoxLayout(topk)
-        topk_form.setContentsMargins(0, 0, 0, 0)
-        topk_form.addWidget(QLabel("k"))
-        topk_form.addWidget(self.k)
-        self.sparsity = QStackedWidget()
-        self.sparsity.addWidget(icfl)
-        self.sparsity.addWidget(topk)
-        self.sparsity.setMaximumHeight(icfl.sizeHint().height())
-        self.method.currentIndexChanged.connect(self.sparsity.setCurrentIndex)
-        self.steps = _spin(1, 10_000_000, 2000, 100, "Optimiser steps")
-        self.batch_size = _spin(1, 1_000_000, 4096, 256, "Tokens per step")
-        self.learning_rate = QLineEdit()
-        self.learning_rate.setPlaceholderText("default")
-        self.learning_rate.setToolTip("Adam learning rate; leave blank for the method's default")
-        self.seed = _spin(0, 2**31 - 1, 0, 1, "Seeds the initialisation and the data order")
-        self.device = QComboBox()
-        self.device.addItems(available_devices())
-        self.device.setToolTip("auto: CUDA, then Apple MPS, then CPU")
+        self.method.currentTextChanged.connect(self._show_method_fields)
         form.addRow("method", self.method)
-        form.addRow("features (M)", self.n_features)
-        form.addRow("sparsity", self.sparsity)
-        form.addRow("steps", self.steps)
-        form.addRow("batch size", self.batch_size)
-        form.addRow("learning rate", self.learning_rate)
-        form.addRow("seed", self.seed)
-        form.addRow("device", self.device)
+        self._add_rows(form, ["n_features"])
+        self._method_rows: dict[str, list[QWidget]] = {}
+        for name, widgets in self.method_fields.items():
+            self._method_rows[name] = []
+            for widget in widgets.values():
+                label = QLabel(widget.label)
+                form.addRow(label, widget.native)
+                self._method_rows[name] += [label, widget.native]
+        shown = {"whiten", "shrinkage", "n_features"}
+        self._add_rows(form, [name for name in self.fields if name not in shown])
+        self._show_method_fields()
         layout.addWidget(method)
 
         buttons = QHBoxLayout()
@@ -224,6 +233,16 @@ class DictionaryPanel(QWidget):
         layout.addWidget(self.explorer_label)
         layout.addStretch(1)
         self._update_enabled()
+
+    def _add_rows(self, form: QFormLayout, names: list[str]) -> None:
+        for name in names:
+            form.addRow(self.fields[name].label, self.fields[name].native)
+
+    def _show_method_fields(self, *_: Any) -> None:
+        """Only the chosen method's own settings are shown."""
+        for name, widgets in self._method_rows.items():
+            for widget in widgets:
+                widget.setVisible(name == self.chosen_method)
 
     # ------------------------------------------------------------------ labels from the store
     def _refresh_labels(self) -> None:
@@ -294,117 +313,85 @@ class DictionaryPanel(QWidget):
                 Qt.CheckState.Checked if item.text() in wanted else Qt.CheckState.Unchecked
             )
 
+    def _setting_widgets(self) -> list[Widget]:
+        return [*self.fields.values(), *(w for ws in self.method_fields.values() for w in ws.values())]
+
     def _update_enabled(self) -> None:
-        fitting = self._fit_worker is not None
+        fitting = self._fit_job is not None
         has_store = self.state.store is not None
-        for widget in (
-            self.control_column,
-            self.control_values,
-            self.whitening,
-            self.method,
-            self.n_features,
-            self.sparsity,
-            self.steps,
-            self.batch_size,
-            self.learning_rate,
-            self.seed,
-            self.device,
-            self.load_button,
-        ):
+        for widget in (self.control_column, self.control_values, self.method, self.load_button):
             widget.setEnabled(not fitting)
-        self.batch_column.setEnabled(
-            not fitting and WHITENING_CHOICES[self.whitening.currentText()] == "pca-batch"
-        )
+        for setting in self._setting_widgets():
+            setting.enabled = not fitting
+        self.batch_column.setEnabled(not fitting and self.fields["whiten"].value == "pca-batch")
         self.fit_button.setEnabled(has_store and not fitting)
         self.cancel_button.setEnabled(fitting)
         self.save_button.setEnabled(not fitting and self.state.dictionary is not None)
 
     # ------------------------------------------------------------------ fitting
-    def settings(self) -> FitSettings:
+    @property
+    def chosen_method(self) -> str:
+        return METHOD_CHOICES[self.method.currentText()]
+
+    def settings(self) -> PanelFit:
         """The fit the widgets describe (raises ValueError with a readable message)."""
-        text = self.learning_rate.text().strip()
-        try:
-            lr = float(text) if text else None
-        except ValueError:
-            raise ValueError(
-                f"learning rate {text!r} is not a number (leave it blank for the default)"
-            ) from None
-        if lr is not None and not lr > 0:
-            raise ValueError(f"learning rate must be positive, got {text}")
-        whiten = WHITENING_CHOICES[self.whitening.currentText()]
-        store = self.state.store
-        return FitSettings(
+        settings_class = METHODS[self.chosen_method].settings_class
+        widgets = {**self.fields, **self.method_fields[self.chosen_method]}
+        values = {name: read_setting(settings_class, name, widget) for name, widget in widgets.items()}
+        settings = settings_class(**values)
+        return PanelFit(
+            settings=settings,
             control_column=self.control_column.currentText(),
             control_values=self.selected_control_values(),
-            whiten=whiten,
-            batch_column=self.batch_column.currentText() if whiten == "pca-batch" else None,
-            method=METHOD_CHOICES[self.method.currentText()],
-            n_features=self.n_features.value(),
-            n_rounds=self.n_rounds.value(),
-            per_round=self.per_round.value(),
-            k=self.k.value(),
-            steps=self.steps.value(),
-            batch_size=self.batch_size.value(),
-            lr=lr,
-            seed=self.seed.value(),
-            device=self.device.currentText(),
-            log_every=max(1, min(50, self.steps.value() // 100)),
-            checkpoint_path=None
-            if store is None
-            else default_checkpoint_path(store, METHOD_CHOICES[self.method.currentText()]),
+            batch_column=self.batch_column.currentText() if settings.whiten == "pca-batch" else None,
         )
 
-    def start_fit(self) -> Any:
-        """Start fitting in a thread worker; returns the worker (None if nothing started)."""
-        if self._fit_worker is not None:
+    def start_fit(self) -> Job | None:
+        """Start fitting in a background job; returns it (None if nothing started)."""
+        if self._fit_job is not None:
             return None
         store = self.state.store
         if store is None:
             show_info("Open or compute an embedding store first (Embeddings panel).")
             return None
         try:
-            settings = self.settings()
+            fit = self.settings()
         except ValueError as err:
             show_error(str(err))
             return None
-        self._fit_cancel = threading.Event()
-        worker = create_worker(
-            fit_steps,
-            store,
-            settings,
-            plate=self.state.plate,
-            cancel=self._fit_cancel,
-            _start_thread=False,
-            _ignore_errors=True,
-        )
-        worker.yielded.connect(self._on_training_event)
-        worker.returned.connect(self._on_fitted)
-        worker.errored.connect(self._on_fit_error)
-        worker.finished.connect(self._on_fit_finished)
-        self._fit_worker = worker
-        self.progress.setRange(0, settings.steps)
-        self.progress.setValue(0)
+        plate = self.state.plate
+        self.progress.setRange(0, 0)  # busy until the first step: the whitening is being fitted
         self.progress.setFormat("fitting whitening on controls…")
         self.progress_label.setText(
-            f"{settings.method.upper()} with {settings.n_features} features on {len(store):,} tokens; "
-            f"controls: {settings.control_spec}"
+            f"{METHODS[fit.method].title} on {len(store):,} tokens; controls: {fit.control_spec}"
         )
-        self.loss_curve.clear(settings.steps)
+        self.loss_curve.clear(fit.settings.steps or 0)
+        self._fit_job = start_job(
+            lambda job: fit_steps(store, fit, plate=plate, cancel=job),
+            yielded=self._on_training_event,
+            returned=self._on_fitted,
+            errored=self._on_fit_error,
+            finished=self._on_fit_finished,
+        )
         self._update_enabled()
-        worker.start()
-        return worker
+        return self._fit_job
 
     def cancel(self) -> None:
         """Stop the fit after the current step (the dictionary so far is kept), or stop
         preparing the feature explorer."""
-        if self._fit_cancel is not None:
-            self._fit_cancel.set()
+        if self._fit_job is not None:
+            self._fit_job.cancel()
             self.progress_label.setText("cancelling after the current step…")
         else:
             self.preparer.cancel()
 
-    def _on_training_event(self, event: TrainingEvent) -> None:
-        self.progress.setMaximum(event.total_steps)
+    def _on_training_event(self, event: TrainingEvent | FitMessage) -> None:
+        if isinstance(event, FitMessage):
+            show_info(event.text)
+            return
+        if self.loss_curve.total_steps != event.total_steps:
+            self.loss_curve.clear(event.total_steps)
+        self.progress.setRange(0, event.total_steps)
         self.progress.setValue(event.step)
         self.progress.setFormat("step %v / %m")
         self.progress_label.setText(describe_event(event))
@@ -414,31 +401,34 @@ class DictionaryPanel(QWidget):
         training = estimator.training_
         if training.get("cancelled"):
             show_info(
-                f"Fit cancelled at step {training['steps']}; the dictionary so far is kept "
-                f"(checkpoint: {self.settings_checkpoint()})."
+                f"Fit cancelled at step {training['steps']} of {training['total_steps']}; the "
+                f"dictionary so far is kept (checkpoint: {self.checkpoint_path()})."
             )
         self.state.set_dictionary(estimator)
 
-    def settings_checkpoint(self) -> str:
+    def checkpoint_path(self) -> Path | None:
+        """Where a fit of the open store with the chosen method keeps its checkpoint."""
         store = self.state.store
-        return (
-            ""
-            if store is None
-            else str(default_checkpoint_path(store, METHOD_CHOICES[self.method.currentText()]))
-        )
+        return None if store is None else default_checkpoint_path(store_path=store.path, method=self.chosen_method)
 
     def _on_fit_error(self, error: Exception) -> None:
+        if isinstance(error, InterruptedError):  # cancelled before training began
+            self.progress_label.setText(f"Fit cancelled: {error}")
+            return
         self.progress_label.setText(f"Fit failed: {error}")
         show_error(f"Dictionary fit failed: {error}")
 
     def _on_fit_finished(self) -> None:
-        self._fit_worker, self._fit_cancel = None, None
+        self._fit_job = None
+        if self.progress.maximum() == 0:  # ended before the first step
+            self.progress.setRange(0, 1)
+            self.progress.setFormat(" ")
         self._update_enabled()
 
     @property
     def is_busy(self) -> bool:
         """True while a fit or an explorer preparation runs."""
-        return self._fit_worker is not None or self.preparer.is_busy
+        return self._fit_job is not None or self.preparer.is_busy
 
     # ------------------------------------------------------------------ files
     def _ask_save(self) -> None:
@@ -472,7 +462,7 @@ class DictionaryPanel(QWidget):
 
     def load(self, path: str | Path) -> Any:
         """Read a dictionary file and make it the viewer's dictionary."""
-        device = self.device.currentText()
+        device = self.fields["device"].value
         try:
             dictionary = ICFL.load(path, device=device)  # ICFL or TopKSAE, from the file
         except (OSError, ValueError, KeyError) as err:
@@ -496,14 +486,14 @@ class DictionaryPanel(QWidget):
         self._refresh_labels()
 
     def _on_explorer_progress(self, what: str, done: int, total: int) -> None:
-        if self._fit_worker is None:
+        if self._fit_job is None:
             self.progress.setRange(0, max(total, 1))
             self.progress.setValue(done)
             self.progress.setFormat(f"{what} %v / %m")
 
     # ------------------------------------------------------------------ cleanup
     def _teardown(self, connections: list[tuple[Any, Any]]) -> None:
-        if self._fit_cancel is not None:
-            self._fit_cancel.set()  # the explorer's job goes on: the Features panel may want it
+        if self._fit_job is not None:
+            self._fit_job.cancel()  # the explorer's job goes on: the Features panel may want it
         for signal, slot in connections:
             signal.disconnect(slot)
