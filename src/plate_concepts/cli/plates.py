@@ -76,7 +76,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def info(args: argparse.Namespace) -> int:
+    from plate_concepts.cli.embeddings import store_info
+    from plate_concepts.embeddings.store import EmbeddingStore
     from plate_concepts.plates import open_plate
+
+    if EmbeddingStore.is_store(args.path):  # a store is described by the embeddings commands
+        return store_info(args)
 
     plate = open_plate(args.path, platemap=args.platemap or "auto", pattern=args.pattern)
     summary = plate_summary(plate)
