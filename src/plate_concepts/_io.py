@@ -13,7 +13,6 @@ Two rules protect what is on disk:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -274,14 +273,3 @@ def _remove(path: Path) -> None:
     elif path.exists() or path.is_symlink():
         path.unlink()
 
-
-def read_json_file(path: str | os.PathLike, what: str) -> object:
-    """A JSON file's content; a damaged file is a ValueError naming it and what it is."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(
-            f"{path} ({what}) is damaged: it is not valid JSON ({error}); copy it again from the "
-            "original, or write the output again"
-        ) from error

@@ -70,7 +70,7 @@ def demo_run(args: argparse.Namespace) -> int:
         # Steps run one after the other: a new step's bar ends the previous one.
         for bar in bars:
             bar.close()
-        bars.append(progress_bar(None, f"  {unit}", unit[:-1] if unit.endswith("s") else unit))
+        bars.append(progress_bar(None, f"  {unit}", unit.removesuffix("s")))
         return bars[-1]
 
     settings = DemoSettings(n_wells=args.wells, device=args.device)

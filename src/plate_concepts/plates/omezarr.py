@@ -119,7 +119,7 @@ def _child(group: zarr.Group, path: str, where: str, what: str) -> zarr.Group | 
     """``group[path]``, None when it does not exist; a node whose metadata cannot be read is a
     ValueError naming the file."""
     try:
-        return group[path] if path in group else None
+        return group.get(path)
     except (ValueError, TypeError, KeyError, OSError) as error:
         folder = _local_folder(group)
         detail = _broken_metadata(folder / path) if folder is not None else ""
