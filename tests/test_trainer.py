@@ -28,6 +28,7 @@ from plate_concepts.dictionary import (
     iter_train,
     load_dictionary,
     method_class,
+    recorded_batch_column,
     resolve_device,
     train,
 )
@@ -487,3 +488,26 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_files_of_every_earlier_layout_give_the_same_provenance(data, tmp_path):
+    """Panel fits kept the store, the control spec and the batch column inside ``training``;
+    command-line fits at the top level. Both load into one layout."""
+    from plate_concepts.dictionary import save_dictionary
+
+    tokens, is_control, _ = data
+    batches = np.where(np.arange(len(tokens)) % 2 == 0, 1.0, 2.0)
+    fitted = ICFL(32, n_rounds=2, per_round=2, steps=4, batch_size=64, device="cpu", whiten="pca-batch")
+    fitted.fit(tokens, is_control, batches)
+    store = {"path": "/data/s.store", "n_tokens": 600, "dim": DIM}
+    panel = {**fitted.training_, "store": store, "control": "treatment=DMSO", "batch_column": "batch"}
+    save_dictionary(tmp_path / "panel.safetensors", fitted.model_, fitted.whitening_, {"training": panel})
+    command_line = {"training": fitted.training_, "store": store,
+                    "control": {"spec": "treatment=DMSO", "n_controls": 120, "batch_column": "batch"}}
+    save_dictionary(tmp_path / "cli.safetensors", fitted.model_, fitted.whitening_, command_line)
+    for name, n_controls in (("panel", None), ("cli", 120)):
+        loaded = ICFL.load(tmp_path / f"{name}.safetensors")
+        assert loaded.provenance_ == {"store": store, "control": {
+            "spec": "treatment=DMSO", "n_controls": n_controls, "batch_column": "batch"}}
+        assert recorded_batch_column(loaded) == "batch" and loaded.training_ == fitted.training_
+    assert recorded_batch_column(fitted) is None  # fitted on labels given as an array
