@@ -63,11 +63,12 @@ OUTPUT_KINDS: dict[str, tuple[str, bool, Callable[[Path], bool]]] = {
 """Output kind -> (what it is called, whether it is a folder, how to recognise one)."""
 
 
-def output_kind(path: str | os.PathLike) -> str | None:
-    """Which kind of this package's outputs (a key of :data:`OUTPUT_KINDS`) ``path`` is, or
-    None."""
+def output_kind(path: str | os.PathLike, kinds: Iterable[str] = tuple(OUTPUT_KINDS)) -> str | None:
+    """Which of ``kinds`` (keys of :data:`OUTPUT_KINDS`, all by default) of this package's
+    outputs ``path`` is, or None."""
     path = Path(path)
-    for kind, (_, is_folder, recognise) in OUTPUT_KINDS.items():
+    for kind in kinds:
+        _, is_folder, recognise = OUTPUT_KINDS[kind]
         if (path.is_dir() if is_folder else path.is_file()) and recognise(path):
             return kind
     return None

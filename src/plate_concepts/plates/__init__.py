@@ -42,8 +42,9 @@ def detect_plate_format(path: str | PathLike) -> str:
         return "ome-zarr"
     if path.is_file() and is_loaddata_csv(path):
         return "loaddata"
-    kind = output_kind(path)
-    if kind in ("embedding-store", "dictionary"):
+    suffix = path.suffix.lower()
+    kind = output_kind(path, ["embedding-store"] + (["dictionary"] if suffix == ".safetensors" else []))
+    if kind is not None:
         what = "an embedding store" if kind == "embedding-store" else "a dictionary file"
         raise ValueError(
             f"{path} is {what}, not a plate: give the plate (an OME-Zarr plate, a folder of TIFF "
