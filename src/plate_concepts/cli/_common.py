@@ -51,11 +51,13 @@ class _LogLines:
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
         line = self._CONTROL.sub("", text).strip()
-        if line:
+        if line and line != self.last:  # closing redraws the last state: once is enough
             self.stream.write(line + "\n")
+            self.last = line
 
     def flush(self) -> None:
         self.stream.flush()
