@@ -189,7 +189,8 @@ def embed(args: argparse.Namespace) -> int:
     tokens = store.tokens_per_plate()
     for plate in plates:
         print(f"{plate.name}: {tokens.get(plate.name, 0)} tokens")
-    if not store.is_complete:
+    unfinished = [plate.name for plate in plates if plate.name in store.incomplete_plates()]
+    if unfinished:
         where = (
             f"the new store is in {staging_path(args.store)} and {args.store} is unchanged; "
             if args.overwrite and Path(store.path) != Path(args.store)
@@ -204,6 +205,9 @@ def embed(args: argparse.Namespace) -> int:
     print(
         f"{args.store}: {len(store)} tokens of dimension {store.dim} from {len(store.plates)} plate(s)"
     )
+    if not store.is_complete:  # left so by an earlier run
+        print(f"note: the embedding of {', '.join(store.incomplete_plates())} (an earlier run) was "
+              "interrupted; the store is incomplete until it is finished")  # fmt: skip
     return 0
 
 

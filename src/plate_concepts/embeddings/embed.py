@@ -267,7 +267,8 @@ def _embed(
                 break
             store.compact_obs(job.plate.name)
             _record_plate(store, job, complete=True)
-    if target != path and store.is_complete:
+    unfinished = set(store.incomplete_plates())
+    if target != path and not any(job.plate.name in unfinished for job in jobs):
         with atomic_path(path, overwrite=True) as tmp:  # the finished store replaces the old one
             target.rename(tmp)
         return EmbeddingStore.open(path)

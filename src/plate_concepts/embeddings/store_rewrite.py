@@ -23,6 +23,7 @@ from plate_concepts.embeddings.obs_index import (
 from plate_concepts.embeddings.store_files import (
     FORMAT_VERSION,
     STORE_FILE,
+    StoreDamagedError,
     arrow_table,
     new_summary_file,
     next_part_number,
@@ -138,7 +139,15 @@ def store_labels(store: EmbeddingStore, meta: dict[str, Any]) -> dict[str, Any]:
     """The whole store's label value counts (see :meth:`EmbeddingStore.describe`)."""
     if meta["version"] < 2:
         return store._legacy_index()["labels"]
-    return json.loads((store.path / meta["labels"]).read_text()) if meta.get("labels") else {}
+    if not meta.get("labels"):
+        return {}
+    try:
+        return json.loads((store.path / meta["labels"]).read_text())
+    except FileNotFoundError:
+        raise StoreDamagedError(
+            f"embedding store {store.path} is damaged: its label counts {store.path / meta['labels']} "
+            f"listed in {STORE_FILE} are missing"
+        ) from None
 
 
 def legacy_index(store: EmbeddingStore) -> dict[str, Any]:
