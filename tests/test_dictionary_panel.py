@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from conftest import make_feature_dictionary, make_feature_plate, make_feature_store

@@ -218,12 +218,16 @@ def test_defaults_fit_a_small_store_and_say_so_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if line.startswith("plate-concepts fit: note: ")]
     assert notes == [
-        "plate-concepts fit: note: small store (600 tokens): using 64 features, 128 tokens per step "
-        "(--features, --batch-size to choose)",
-        "plate-concepts fit: note: the 10 control tokens (full rank needs at least 17) vary along only "
-        "9 of the 16 embedding dimensions, so the other 7 directions (where no control varies, and "
-        "perturbations may) are dropped before the dictionary is fitted; to keep them, use shrinkage "
-        "'auto' (--shrinkage auto)",
+        (
+            "plate-concepts fit: note: small store (600 tokens): using 64 features, 128 tokens per "
+            "step (--features, --batch-size to choose)"
+        ),
+        (
+            "plate-concepts fit: note: the 10 control tokens (full rank needs at least 17) vary along "
+            "only 9 of the 16 embedding dimensions, so the other 7 directions (where no control "
+            "varies, and perturbations may) are dropped before the dictionary is fitted; to keep "
+            "them, use shrinkage 'auto' (--shrinkage auto)"
+        ),
     ], err
     assert "Warning" not in err and "Traceback" not in err
     assert load_dictionary(out)[0].n_features == 64

@@ -32,8 +32,8 @@ from plate_concepts.dictionary import (
     resolve_device,
     train,
 )
-from plate_concepts.dictionary.whitening import RankDeficientWarning
 from plate_concepts.dictionary.checkpoints import read_checkpoint
+from plate_concepts.dictionary.whitening import RankDeficientWarning
 from plate_concepts.embeddings.store import EmbeddingStore
 
 torch.set_num_threads(1)
@@ -438,11 +438,12 @@ def test_checkpoints_come_by_time_and_a_finished_fit_removes_its_own(data, tmp_p
         if event.step == 4:  # a checkpoint is written as soon as it is due, between steps
             seen.append(read_checkpoint(checkpoint)[1]["step"])
     assert seen == [3] and not checkpoint.exists()
-    TopKSAE(**options).fit(tokens, is_control, checkpoint_path=checkpoint, keep_checkpoint=True)
+    out = tmp_path / "c.safetensors"  # its checkpoint lies beside it: c.ckpt.safetensors
+    TopKSAE(**options).fit(tokens, is_control, out_path=out, keep_checkpoint=True)
     assert read_checkpoint(checkpoint)[1]["step"] == 6 and oct(checkpoint.stat().st_mode & 0o777) == oct(
         0o666 & ~_umask())
     with pytest.raises(FileExistsError, match="checkpoint kept of a finished fit"):
-        next(TopKSAE(**options).fit_iter(tokens, is_control, checkpoint_path=checkpoint, overwrite=True))
+        next(TopKSAE(**options).fit_iter(tokens, is_control, out_path=out, overwrite=True))
 
 
 def test_cancelling_while_the_whitening_is_fitted_trains_nothing_and_writes_nothing(data, tmp_path):

@@ -37,14 +37,14 @@ def default_checkpoint_path(
     out_path: str | os.PathLike | None = None,
     *,
     store_path: str | os.PathLike | None = None,
-    method: str = "icfl",
+    method: str | None = None,
 ) -> Path:
     """Where a fit keeps its checkpoint: beside ``out_path``, or (no output file) in the
     temporary folder under the store's name and the method, never next to the user's data."""
     if out_path is not None:
         return _beside(Path(out_path), ".ckpt")
-    if store_path is None:
-        raise ValueError("a checkpoint path needs the output file or the store")
+    if store_path is None or method is None:
+        raise ValueError("a checkpoint path needs the output file, or the store and the method")
     folder = Path(tempfile.gettempdir()) / "plate-concepts"
     return folder / f"{Path(store_path).name}-{method}.ckpt{_SUFFIX}"
 

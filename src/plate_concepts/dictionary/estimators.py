@@ -378,7 +378,7 @@ class DictionaryEstimator(BaseEstimator):
 class ICFL(DictionaryEstimator):
     """Iterative Codebook Feature Learning with control whitening (method.md, "ICFL")."""
 
-    method = "icfl"
+    method = ICFLModule.method
     title = "ICFL"
     module_class = ICFLModule
     settings_class = ICFLSettings
@@ -387,7 +387,7 @@ class ICFL(DictionaryEstimator):
 class TopKSAE(DictionaryEstimator):
     """TopK sparse autoencoder with AuxK loss and control whitening (method.md, "TopK")."""
 
-    method = "topk"
+    method = TopKModule.method
     title = "TopK SAE"
     module_class = TopKModule
     settings_class = TopKSettings

@@ -240,7 +240,7 @@ class FitSettings:
 class ICFLSettings(FitSettings):
     """ICFL: iterative codebook feature learning (method.md, "ICFL")."""
 
-    method: ClassVar[str] = "icfl"
+    method: ClassVar[str] = ICFLModule.method
 
     n_rounds: int = setting(
         model_default(ICFLModule, "n_rounds"), "ICFL: pursuit rounds J.", "dictionary",
@@ -272,7 +272,7 @@ class ICFLSettings(FitSettings):
 class TopKSettings(FitSettings):
     """TopK sparse autoencoder with AuxK loss (method.md, "TopK")."""
 
-    method: ClassVar[str] = "topk"
+    method: ClassVar[str] = TopKModule.method
 
     k: int = setting(
         model_default(TopKModule, "k"), "TopK: active features per token.", "dictionary",
