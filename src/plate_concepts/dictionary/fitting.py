@@ -45,8 +45,8 @@ def fit_dictionary(
     method is an error). ``control`` is a control spec (see
     :func:`~plate_concepts.dictionary.controls.control_mask`), ``batch_column`` the obs column
     of the batches for ``whiten="pca-batch"``. The other keywords are those of ``fit_iter``.
-    ``progress`` gets the training events and messages (on rank 0 only; messages otherwise
-    become warnings). Returns the fitted (or cancelled) estimator.
+    ``progress`` gets the training events and messages on rank 0 (without it, messages become
+    warnings there). Returns the fitted (or cancelled) estimator.
     """
     from plate_concepts.embeddings.store import EmbeddingStore
 
@@ -61,13 +61,15 @@ def fit_dictionary(
             save_partial=save_partial, checkpoint_path=checkpoint_path, resume=resume,
             keep_checkpoint=keep_checkpoint, force=force,
         )
-        if progress is None or not is_rank0():
+        if progress is None and is_rank0():
             return run_to_end(events)
-        while True:
+        while True:  # progress on rank 0 only; the other ranks say nothing
             try:
-                progress(next(events))
+                event = next(events)
             except StopIteration as stop:
                 return stop.value
+            if progress is not None and is_rank0():
+                progress(event)
     finally:
         if created_group:
             dist.destroy_process_group()
