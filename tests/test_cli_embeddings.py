@@ -191,3 +191,24 @@ def test_every_option_has_help_and_shows_its_default(command):
         assert option.help and len(option.help) > 10, f"{command} {option.dest} has no help"
         if option.option_strings and option.default not in (None, False, argparse.SUPPRESS):
             assert re.search(rf"default:?\s+{re.escape(str(option.default))}", text), option.dest
+
+
+def test_fit_and_evaluate_refuse_an_incomplete_store_unless_allowed(tmp_path, capsys):
+    from plate_concepts.embeddings.profiles import from_numpy
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame({"plate": "P1", "well": ["B02", "B03"] * 32, "field": 0, "crop_y": np.arange(64),
+                        "crop_x": 0, "crop_size": 32, "is_control": [True, False] * 32})  # fmt: skip
+    store = from_numpy(rng.standard_normal((64, 8)), obs, tmp_path / "s")
+    store.update_provenance(plates={"P1": {"complete": False}}, pending_plates=["P1", "P2"])
+    fit = ["fit", str(tmp_path / "s"), str(tmp_path / "d.safetensors"), "--method", "topk", "--features", "4",
+           "--k", "2", "--steps", "2", "--batch-size", "16", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(fit) == 2
+    err = capsys.readouterr().err
+    assert "is incomplete: the embedding of plate(s) P1 (64 tokens so far), P2 (not started)" in err
+    assert "--allow-incomplete" in err and not (tmp_path / "d.safetensors").exists()
+    assert main([*fit, "--allow-incomplete"]) == 0
+    assert "warning: embedding store" in capsys.readouterr().err
+    evaluate = ["evaluate", str(tmp_path / "s"), str(tmp_path / "d.safetensors")]
+    assert main(evaluate) == 2 and "is incomplete" in capsys.readouterr().err
+    assert main([*evaluate, "--allow-incomplete", "--json"]) == 0

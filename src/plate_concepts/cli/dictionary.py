@@ -52,6 +52,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="keep the checkpoint of a finished fit (to continue it with more --steps)")
     out.add_argument("--force", action="store_true",
                      help="allow more features than the store has tokens")
+    p.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE_HELP)
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=fit)
 
@@ -63,7 +64,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=4096, help="tokens per block")
     p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE_HELP)
     p.set_defaults(run=evaluate)
+
+
+ALLOW_INCOMPLETE_HELP = ("use a store whose embedding was interrupted, with a warning (default: "
+                         "refuse it: finish the embedding first)")
 
 
 def add_setting_options(parser: argparse.ArgumentParser, estimators: Any) -> None:
@@ -130,7 +136,9 @@ def fit(args: argparse.Namespace) -> int:
     from plate_concepts.dictionary.estimators import METHODS
     from plate_concepts.dictionary.fitting import fit_dictionary
     from plate_concepts.dictionary.trainer import FitMessage, TrainingEvent
+    from plate_concepts.embeddings.store import EmbeddingStore
 
+    EmbeddingStore.open(args.store).check_complete(args.allow_incomplete)
     names = {f.name for cls in METHODS.values() for f in dataclasses.fields(cls.settings_class)}
     settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
     # Ctrl-C asks the fit to stop after the current step (or chunk of controls) and write a
@@ -179,6 +187,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     estimator = ICFL.load(args.dictionary, device=args.device)
     store = EmbeddingStore.open(args.store)
+    store.check_complete(args.allow_incomplete)
     result = evaluate_dictionary(estimator, store, args.label or [], batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
