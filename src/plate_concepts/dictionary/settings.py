@@ -33,7 +33,7 @@ FULL_FEATURES, FULL_BATCH, FULL_STEPS = 8192, 4096, 2000
 TOKENS_PER_FEATURE, BATCHES_PER_PASS, PASSES = 8, 3, 200
 MIN_AUTO_FEATURES = 64
 #: Groups of settings, in the order the command line and the panel show them.
-GROUPS = ("dictionary", "whitening", "training", "checkpoints")
+GROUPS = ("dictionary", "whitening", "training", "checkpoint")
 
 
 @dataclass(frozen=True)
@@ -188,10 +188,10 @@ class FitSettings:
     checkpoint_minutes: float = setting(
         2.0, "Write a resumable checkpoint after at most this many minutes of training (0: only when "
         "cancelled), so a long fit that is interrupted or killed resumes where it was.",
-        "checkpoints", minimum=0, advanced=True,
+        "checkpoint", minimum=0, advanced=True,
     )
     checkpoint_every: int = setting(
-        0, "Also write a checkpoint every this many steps (0: by time only).", "checkpoints",
+        0, "Also write a checkpoint every this many steps (0: by time only).", "checkpoint",
         minimum=0, advanced=True,
     )
 
