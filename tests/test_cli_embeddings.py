@@ -212,3 +212,11 @@ def test_fit_and_evaluate_refuse_an_incomplete_store_unless_allowed(tmp_path, ca
     evaluate = ["evaluate", str(tmp_path / "s"), str(tmp_path / "d.safetensors")]
     assert main(evaluate) == 2 and "is incomplete" in capsys.readouterr().err
     assert main([*evaluate, "--allow-incomplete", "--json"]) == 0
+
+    chunk = next((tmp_path / "s" / "tokens").rglob("c/0/0"))
+    chunk.unlink()  # read as zeros before: FVU nan, exit 0
+    assert main([*evaluate, "--allow-incomplete"]) == 2
+    assert (
+        f"the chunk file {chunk} holding committed tokens rows 0..63 is missing"
+        in capsys.readouterr().err
+    )

@@ -246,7 +246,8 @@ class EmbeddingStore:
     def __repr__(self) -> str:
         return (
             f"EmbeddingStore({str(self._path)!r}, n_tokens={len(self)}, dim={self.dim}, "
-            f"dtype={self.dtype.name}, patch_grid={self.patch_grid}, plates={len(self.plates)})"
+            f"dtype={self.dtype.name}, patch_grid={self.patch_grid}, "
+            f"plates={len(self._meta.get('plates', {})) if self.format_version >= 2 else '?'})"
         )
 
     # ------------------------------------------------------------------ completeness
