@@ -1,4 +1,5 @@
-"""What the plugin's panels share in one viewer: the open plate, store, dictionary and explorer.
+"""What the plugin's panels share in one viewer: the open plate, its selected well, the store,
+the dictionary, the explorer and the selected feature.
 
 Each panel reads and sets these through :func:`get_state` and listens to the signals, so panels
 stay independent (open a dictionary in one, browse it in another) and hold no algorithm.
@@ -10,6 +11,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
+
+from plate_concepts.plates.geometry import canonical_well
 
 if TYPE_CHECKING:
     import napari
@@ -24,6 +27,8 @@ class PlateConceptsState:
     """Shared objects of one viewer; a signal fires whenever one of them is replaced."""
 
     plate_changed = Signal(object)
+    #: The selected well (None: none), e.g. the well whose fields the Plate panel shows.
+    well_selected = Signal(object)
     store_changed = Signal(object)
     dictionary_changed = Signal(object)
     explorer_changed = Signal(object)
@@ -32,14 +37,23 @@ class PlateConceptsState:
     def __init__(self) -> None:
         self.plate: Plate | None = None
         self.mosaic: PlateMosaic | None = None
+        self.well: str | None = None
         self.store: EmbeddingStore | None = None
         self.dictionary: Any = None  # an ICFL or TopKSAE estimator
         self.explorer: FeatureExplorer | None = None
         self.feature: int | None = None
 
     def set_plate(self, plate: Plate, mosaic: PlateMosaic) -> None:
+        """A new plate; its wells are not the old plate's, so no well is selected."""
         self.plate, self.mosaic = plate, mosaic
+        self.select_well(None)
         self.plate_changed.emit(plate)
+
+    def select_well(self, well: str | None) -> None:
+        """Select a well of the plate (any spelling; kept canonical), or none. Emits each time,
+        also for the same well shown again."""
+        self.well = None if well is None else canonical_well(well)
+        self.well_selected.emit(self.well)
 
     def set_store(self, store: EmbeddingStore) -> None:
         self.store = store
