@@ -447,13 +447,9 @@ def _prepare_folder(spec: PassSpec, final: Path, overwrite: bool) -> Path:
 
 
 def _code_slots(spec: PassSpec) -> int:
-    from plate_concepts.dictionary.io import read_dictionary_metadata
+    from plate_concepts.dictionary.io import load_dictionary
 
-    meta = read_dictionary_metadata(spec.dictionary)
-    hyper = meta.get("hyperparameters", {})
-    if meta.get("method") == "topk":
-        return int(hyper["k"])
-    return int(hyper["n_rounds"]) * int(hyper["per_round"])
+    return load_dictionary(spec.dictionary)[0].code_slots
 
 
 def _reduce_to_folder(spec: PassSpec, folder: Path) -> None:

@@ -56,6 +56,11 @@ class DictionaryModule(torch.nn.Module, ABC):
         """The method's default Adam learning rate for this model (its size and dimension)."""
         raise NotImplementedError(f"{type(self).__name__} must define default_lr()")
 
+    @property
+    @abstractmethod
+    def code_slots(self) -> int:
+        """Slots per token in its :class:`SparseCodes` (the most features active at once)."""
+
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
         """Data-dependent initialisation from a sample of pre-processed tokens (default: none)."""

@@ -293,6 +293,10 @@ class ICFLModule(DictionaryModule):
         self.last_resampled = indices
         self._decoder_version += 1
 
+    @property
+    def code_slots(self) -> int:
+        return self.n_rounds * self.per_round
+
     def default_lr(self) -> float:
         """``LR_TURN / sqrt(dim)``, at most ``LR_MAX`` (see :data:`LR_TURN`)."""
         return min(LR_MAX, LR_TURN / math.sqrt(self.dim))

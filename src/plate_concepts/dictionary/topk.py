@@ -244,6 +244,10 @@ class TopKModule(DictionaryModule):
             "seed": self.seed,
         }
 
+    @property
+    def code_slots(self) -> int:
+        return self.k
+
     def default_lr(self) -> float:
         """Gao et al.'s scaling with the dictionary size (:meth:`lr_for`)."""
         return self.lr_for(self.n_features)
