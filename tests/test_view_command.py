@@ -100,3 +100,27 @@ def test_view_a_dictionary_without_a_display(fitted, tmp_path):
     pixels = imread(shot)
     assert pixels.shape[0] >= 600 and pixels[..., :3].std() > 10  # a drawn window, not blank
     assert np.unique(pixels[..., :3].reshape(-1, 3), axis=0).shape[0] > 50
+
+
+@pytest.mark.gui
+def test_the_demo_run_shows_the_feature_of_its_concept(make_napari_viewer, qtbot, fitted):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.plates import open_plate
+    from plate_concepts.viewer.demo_view import show_demo_run
+    from plate_concepts.viewer.state import get_state
+
+    plate_path, store, dictionary = fitted
+    explorer = FeatureExplorer(store, dictionary, plate=open_plate(plate_path)).prepare()
+    run = SimpleNamespace(explorer=explorer, report=pd.DataFrame({"concept": ["drug"], "feature": [3]}))
+    viewer = make_napari_viewer()
+    with pytest.raises(ValueError, match="no planted concept 'DMSO'"):
+        show_demo_run(viewer, run, concept="DMSO")
+    assert show_demo_run(viewer, run, concept="drug") == 3
+    assert get_state(viewer).feature == 3 and "Features" in docked(viewer)
+    qtbot.waitUntil(  # the Features panel has drawn the feature (before the viewer closes)
+        lambda: any(layer.name.startswith("feature 3") for layer in viewer.layers), timeout=20000
+    )

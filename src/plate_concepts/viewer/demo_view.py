@@ -5,11 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from plate_concepts.plates.mosaic import PlateMosaic
-from plate_concepts.viewer._plate_views import mosaic_label_layer_data
-from plate_concepts.viewer.app import show_plate
-from plate_concepts.viewer.plate_layers import plate_layer_data
-from plate_concepts.viewer.state import get_state
+from plate_concepts.viewer.app import show_results
 
 if TYPE_CHECKING:
     import napari
@@ -18,23 +14,11 @@ if TYPE_CHECKING:
 
 
 def show_demo_run(viewer: napari.Viewer, run: DemoRun, concept: str = "nuclear-enlargement") -> int:
-    """Open the run's plate, store, dictionary and explorer in ``viewer``, dock the Features
-    panel, and select the best feature for ``concept``. Returns that feature."""
-    explorer = run.explorer
-    plate = explorer.plate
-    mosaic = PlateMosaic(plate)
-    layers = plate_layer_data(plate, mosaic)
-    n_channels = len(plate.channels)
-    show_plate(viewer, plate, mosaic=mosaic,
-               layer_data=[*layers[:n_channels], *mosaic_label_layer_data(plate, mosaic), *layers[n_channels:]])
-    state = get_state(viewer)
-    state.set_store(explorer.store)
-    viewer.window.add_plugin_dock_widget("napari-plate-concepts", "Features")
-    state.set_dictionary(explorer.estimator)
-    state.set_explorer(explorer)
+    """Open the run's plate, store, dictionary and explorer in ``viewer`` with the plugin's
+    panels (:func:`show_results`), and select the best feature for ``concept``. Returns that
+    feature."""
     rows = run.report[run.report["concept"] == concept]
     if rows.empty:
         raise ValueError(f"no planted concept {concept!r}; the report has {list(run.report['concept'])}")
     feature = int(rows["feature"].iloc[0])
-    state.select_feature(feature)
-    return feature
+    return show_results(viewer, run.explorer.plate, explorer=run.explorer, feature=feature)
