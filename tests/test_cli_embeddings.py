@@ -18,17 +18,8 @@ from plate_concepts.embeddings.store import EmbeddingStore
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.omezarr_write import write_ome_zarr_plate
 
-EMBED = [
-    "--crop",
-    "32",
-    "--model",
-    "efficientnet-lite0:mean",
-    "--device",
-    "cpu",
-    "--batch-size",
-    "8",
-    "--quiet",
-]
+# A fast, deterministic model: the crop itself, read as a 3 x 32 grid of 32-d patch tokens.
+EMBED = ["--crop", "32", "--model", "module:torch.nn:Identity", "--device", "cpu", "--quiet"]  # fmt: skip
 
 
 def write_plate(folder, name: str, seed: int):
@@ -74,7 +65,7 @@ def test_embed_several_plates_append_replace_and_describe(tmp_path, capsys):
     assert "P1: 8 tokens" in capsys.readouterr().out
 
     info = info_json(store, capsys)
-    assert info["n_tokens"] == 16 and info["dim"] == 1280 and info["plates"] == ["P1", "P2"]
+    assert info["n_tokens"] == 16 and info["dim"] == 32 and info["plates"] == ["P1", "P2"]
     assert info["wells_per_plate"] == {"P1": 2, "P2": 2} and info["controls_per_plate"] == {
         "P1": 4,
         "P2": 4,
@@ -103,7 +94,7 @@ def test_embed_several_plates_append_replace_and_describe(tmp_path, capsys):
     assert main(["info", str(store)]) == 0
     text = capsys.readouterr().out
     assert (
-        "embedding store of 24 tokens, dimension 1280" in text
+        "embedding store of 24 tokens, dimension 32" in text
         and "label treatment: DMSO (12), drug (12)" in text
     )
     assert re.search(r"P3\s+8\s+2\s+4", text)
