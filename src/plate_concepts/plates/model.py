@@ -35,6 +35,8 @@ class Plate:
     platemap: pd.DataFrame | None = None
     pixel_size_um: float | None = None
     channel_colors: list[str] | None = None
+    platemap_source: str | None = None
+    """The plate-map file joined to the plate, when one was (see ``open_plate``)."""
     format_inferred: bool = field(default=False, init=False, repr=False)
     """Whether the format was inferred from the imaged wells rather than stated by the source:
     a plate map may then widen it (:meth:`include_wells`)."""
