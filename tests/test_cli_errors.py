@@ -138,3 +138,15 @@ def test_a_bug_is_one_line_and_debug_shows_its_traceback(monkeypatch, capsys):
         main(["info", str(NF1 / "images"), "--debug"])
     with pytest.raises(AttributeError):
         main(["--debug", "info", str(NF1 / "images")])
+
+
+def test_a_bare_key_error_is_a_bug_not_bad_input(monkeypatch, capsys):
+    from plate_concepts.cli import plates
+
+    def unguarded(_plate):
+        return {}["n_wells"]
+
+    monkeypatch.setattr(plates, "plate_summary", unguarded)
+    assert main(["info", str(NF1 / "images")]) == 1
+    line = one_error_line(capsys, "info")
+    assert "KeyError: 'n_wells'" in line and "--debug" in line

@@ -68,9 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as error:
             if args.debug:
                 raise
-            expected = isinstance(error, EXPECTED_ERRORS)
             print(f"{prefix}: error: {describe_error(error)}", file=sys.stderr)
-            return 2 if expected else 1
+            return 2 if is_expected(error) else 1
 
 
 EXPECTED_ERRORS = (
@@ -79,9 +78,18 @@ EXPECTED_ERRORS = (
 """Failures of the input, the disk or the numbers, not of this program."""
 
 
+def is_expected(error: BaseException) -> bool:
+    """Whether an error is a failure of the input, disk or numbers (else perhaps a bug). A
+    KeyError is expected when it says something (our messages are sentences); a bare key
+    (``KeyError: 'n_wells'``) is a lookup the program did not guard."""
+    if isinstance(error, KeyError):
+        return bool(error.args) and " " in str(error.args[0])
+    return isinstance(error, EXPECTED_ERRORS)
+
+
 def describe_error(error: BaseException) -> str:
     """One line saying what went wrong, naming the file where the error knows it."""
-    if isinstance(error, KeyError) and error.args:
+    if isinstance(error, KeyError) and is_expected(error):
         text = str(error.args[0])
     elif isinstance(error, OSError) and error.errno is not None and error.strerror:
         files = " -> ".join(str(f) for f in (error.filename, error.filename2) if f is not None)
@@ -98,7 +106,7 @@ def describe_error(error: BaseException) -> str:
         text = f"not enough memory ({error or 'MemoryError'}): try a smaller --batch-size"
     elif isinstance(error, ImportError) and error.name and error.name not in str(error):
         text = f"cannot import {error.name}: {error}"
-    elif isinstance(error, EXPECTED_ERRORS):
+    elif is_expected(error):
         text = str(error) or type(error).__name__
     else:
         text = (
