@@ -56,3 +56,21 @@ def test_pipeline_reports_every_planted_concept_and_reuses_its_steps(tmp_path, m
     assert run.dictionary_path.stat().st_mtime_ns == stamp
     assert "already fitted" in messages[-2]
     pd.testing.assert_frame_equal(again.report, report)
+
+
+def test_the_report_table_is_aligned_whatever_the_label_lengths():
+    report = pd.DataFrame(
+        {
+            "label": ["perturbation", "cell_type"],
+            "concept": ["mitochondrial-fragmentation-and-a-long-name", "er"],
+            "feature": [12, 7],
+            "max_selectivity": [0.4671, 0.5],
+            "average_selectivity": [0.494, 0.5],
+            "cell_auc": [0.957, 0.97],
+        }
+    )
+    lines = format_report(report).splitlines()
+    assert len(lines) == 3 and len({len(line) for line in lines}) == 1
+    assert lines[1].startswith("perturbation: mitochondrial-fragmentation-and-a-long-name  ")
+    ends = [line.index("0.467") + 5 for line in lines[1:2]] + [lines[2].index("0.500") + 5]
+    assert ends[0] == ends[1] == lines[0].index("max sel.") + len("max sel.")

@@ -180,8 +180,11 @@ def per_cell_activation(explorer: FeatureExplorer, feature: int, ground_truth: p
 
 
 def format_report(report: pd.DataFrame) -> str:
-    lines = [f"{'concept':<28}{'feature':>8}{'max sel.':>10}{'avg sel.':>10}{'cell AUC':>10}"]
-    for row in report.itertuples():
-        lines.append(f"{row.label + ': ' + str(row.concept):<28}{row.feature:>8}{row.max_selectivity:>10.3f}"
+    """The report as a text table, its first column as wide as the longest concept name."""
+    names = [f"{row.label}: {row.concept}" for row in report.itertuples()]
+    width = max([len("concept"), *map(len, names)]) + 2
+    lines = [f"{'concept':<{width}}{'feature':>8}{'max sel.':>10}{'avg sel.':>10}{'cell AUC':>10}"]
+    for name, row in zip(names, report.itertuples(), strict=True):
+        lines.append(f"{name:<{width}}{row.feature:>8}{row.max_selectivity:>10.3f}"
                      f"{row.average_selectivity:>10.3f}{row.cell_auc:>10.3f}")
     return "\n".join(lines)
