@@ -518,16 +518,11 @@ class FeatureExplorer:
             image = np.full(
                 (mosaic.shape[0] // factor, mosaic.shape[1] // factor), np.nan, dtype=np.float32
             )
-            grid_h = mosaic.field_grid[0] * mosaic.tile_shape[0]
-            grid_w = mosaic.field_grid[1] * mosaic.tile_shape[1]
             for well, value in values.items():
-                y0, x0, _, _ = mosaic.well_box(well)
-                if y0 + grid_h > mosaic.shape[0] or x0 + grid_w > mosaic.shape[1]:
+                y0, x0, y1, x1 = mosaic.field_grid_box(well)  # exact at every level
+                if y1 > mosaic.shape[0] or x1 > mosaic.shape[1]:
                     raise ValueError(f"well {well} lies outside the mosaic's plate format")
-                # Box edges are multiples of 2**(n_levels-1): exact at every level.
-                image[
-                    y0 // factor : (y0 + grid_h) // factor, x0 // factor : (x0 + grid_w) // factor
-                ] = value
+                image[y0 // factor : y1 // factor, x0 // factor : x1 // factor] = value
             half = (factor - 1) / 2  # napari: data pixel i is centred at translate + i * scale
             return PlateHeatmap(image, (float(factor), float(factor)), (half, half))
 

@@ -63,9 +63,14 @@ class PlateMosaic:
             _round_up(field_y + self.field_gap, step),
             _round_up(field_x + self.field_gap, step),
         )
+        #: (height, width) of a well's grid of field tiles, without the gap after the well.
+        self.field_grid_shape = (
+            self.tile_shape[0] * self.field_grid[0],
+            self.tile_shape[1] * self.field_grid[1],
+        )
         self.well_shape = (
-            _round_up(self.tile_shape[0] * self.field_grid[0] + self.well_gap, step),
-            _round_up(self.tile_shape[1] * self.field_grid[1] + self.well_gap, step),
+            _round_up(self.field_grid_shape[0] + self.well_gap, step),
+            _round_up(self.field_grid_shape[1] + self.well_gap, step),
         )
         self.shape = (rows * self.well_shape[0], cols * self.well_shape[1])
         self._levels: list[da.Array] | None = None
@@ -77,6 +82,12 @@ class PlateMosaic:
         row, col = parse_well(well)
         y0, x0 = row * self.well_shape[0], col * self.well_shape[1]
         return y0, x0, y0 + self.well_shape[0], x0 + self.well_shape[1]
+
+    def field_grid_box(self, well: str) -> tuple[int, int, int, int]:
+        """(y0, x0, y1, x1) of the area a well's field tiles cover, level-0 pixels (its box
+        without the gap after it). Edges are multiples of 2**(n_levels-1): exact at every level."""
+        y0, x0, _, _ = self.well_box(well)
+        return y0, x0, y0 + self.field_grid_shape[0], x0 + self.field_grid_shape[1]
 
     def field_origin(self, well: str, field: int) -> tuple[int, int]:
         """Level-0 mosaic position of pixel (0, 0) of a field."""
