@@ -4,6 +4,7 @@ numbers; interrupted and killed runs resume without counting anything twice."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -69,7 +70,8 @@ def expected(estimator, store, obs):
 
 def test_label_columns_are_the_labels(screen):
     _, store, _, _, obs = screen
-    assert label_columns_of(obs) == ["treatment", "batch", "dose"]
+    assert label_columns_of(store) == ["treatment", "batch", "dose"]
+    assert label_columns_of(store, exclude=["batch"], max_values=2) == ["dose"]
 
 
 def test_in_memory_pass_equals_direct_computations(screen):
@@ -228,3 +230,22 @@ def test_two_dask_workers_equal_in_process_even_when_one_dies(screen, tmp_path):
                            scheduler=cluster.scheduler_address)
     assert not marker.exists()  # the worker did die once
     assert_same_pass(on_dask, run_pass(plan_pass(store, dictionary, None, rows_per_task=40)))
+
+
+def test_evaluate_from_the_pass_equals_evaluate(screen, tmp_path, capsys):
+    from plate_concepts.cli import main
+
+    root, store, dictionary, _, _ = screen
+    assert main(["encode", str(root / "store"), str(dictionary), str(tmp_path / "pass"),
+                 "--workers", "0", "--label", "treatment", "--quiet"]) == 0
+    capsys.readouterr()
+    outputs = []
+    for extra in ([], ["--codes", str(tmp_path / "pass")]):
+        assert main(["evaluate", str(root / "store"), str(dictionary), "--label", "treatment", "--json", *extra]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1]
+    assert outputs[0]["n_tokens"] == len(store) and set(outputs[0]["selectivity"]) == {"treatment"}
+    assert set(outputs[0]["selectivity"]["treatment"]["best_feature"]) == set(TREATMENTS)
+    # A pass lacking a label, or made with another dictionary, is refused in one line.
+    assert main(["evaluate", str(root / "store"), str(dictionary), "--label", "dose", "--codes", str(tmp_path / "pass")]) == 2
+    assert "no statistics for label column" in capsys.readouterr().err

@@ -65,7 +65,7 @@ class PassSpec:
     """What one pass computes; every task gets a copy (plain data, cheap to send)."""
 
     store: str
-    dictionary: str
+    dictionary: str | None  # None: the estimator is passed in (in-process use)
     out: str | None  # None: statistics only, nothing written (in-process use)
     n_tokens: int
     rows_per_task: int
@@ -73,6 +73,7 @@ class PassSpec:
     control_column: str | None
     batch_column: str | None
     top_n: int
+    code_slots: int
     device: str
     threads: int | None
 
@@ -136,14 +137,16 @@ def _task_device(requested: str) -> str:
     return str(resolve_device("auto"))
 
 
-def compute_chunk(spec: PassSpec, chunk: int) -> tuple[ChunkStats, Any]:
-    """Statistics and codes of one row chunk (reads the store, runs the dictionary)."""
+def compute_chunk(spec: PassSpec, chunk: int, estimator: Any = None) -> tuple[ChunkStats, Any]:
+    """Statistics and codes of one row chunk (reads the store, runs the dictionary: the
+    spec's file, or ``estimator`` when given)."""
     import torch
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    device = _task_device(spec.device)
-    estimator = _estimator(spec.dictionary, _stamp(spec.dictionary), device)
+    if estimator is None:
+        device = _task_device(spec.device)
+        estimator = _estimator(spec.dictionary, _stamp(spec.dictionary), device)
     store = _store(spec.store, _stamp(Path(spec.store) / "store.json"))
     start, stop = spec.rows(chunk)
     columns = ["plate", "well", "field", "foreground_fraction", *spec.label_columns]
@@ -180,9 +183,8 @@ def run_chunk(spec: PassSpec, chunk: int) -> int:
 
 
 def _obs_rows(store: Any, start: int, stop: int, columns: list[str]) -> pd.DataFrame:
-    obs = store.obs
-    present = [c for c in columns if c in obs.columns]
-    return obs.iloc[start:stop][present].reset_index(drop=True)
+    present = [c for c in columns if c in store.obs_columns]
+    return store.read_obs(slice(start, stop), present).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------- the reduce
@@ -251,7 +253,7 @@ def _plate_file(index: int) -> str:
 # ---------------------------------------------------------------------- running a pass
 def plan_pass(
     store: Any,
-    dictionary: str | os.PathLike,
+    dictionary: str | os.PathLike | Any,
     out: str | os.PathLike | None,
     *,
     labels: Sequence[str] | None = None,
@@ -262,11 +264,23 @@ def plan_pass(
     device: str = "auto",
     threads: int | None = None,
 ) -> PassSpec:
-    """The :class:`PassSpec` of a pass over ``store`` (an EmbeddingStore) with a dictionary
-    file: label columns default to :func:`label_columns_of` the store."""
-    obs_columns = _obs_columns(store)
+    """The :class:`PassSpec` of a pass over ``store`` (an EmbeddingStore) with a dictionary:
+    its file, or a fitted estimator (then :func:`run_pass` must be given it, and runs in
+    process). Label columns default to :func:`label_columns_of` the store, the batch column to
+    the one the dictionary was whitened with, ``rows_per_task`` to the store's chunk rows."""
+    from plate_concepts.dictionary.estimators import ICFL, recorded_batch_column
+
+    path = None
+    if isinstance(dictionary, (str, os.PathLike)):
+        path = os.fspath(Path(dictionary).resolve())
+        dictionary = ICFL.load(path)  # the file decides ICFL or TopKSAE
+    if batch_column is None:
+        batch_column = recorded_batch_column(dictionary)
+    if dictionary.whitening_.method == "pca-batch" and batch_column is None:
+        raise ValueError("this dictionary was whitened per batch: name the batch column (--batch-column)")
+    obs_columns = store.obs_columns
     if labels is None:
-        labels = label_columns_of(store.obs, exclude=(control_column, batch_column))
+        labels = label_columns_of(store, exclude=(control_column, batch_column))
     missing = [c for c in labels if c not in obs_columns]
     if missing:
         raise ValueError(
@@ -286,11 +300,11 @@ def plan_pass(
         raise ValueError(f"embedding store {store.path} holds no tokens")
     return PassSpec(
         store=os.fspath(Path(store.path).resolve()),
-        dictionary=os.fspath(Path(dictionary).resolve()),
+        dictionary=path,
         out=None if out is None else os.fspath(Path(out).resolve()),
         n_tokens=len(store), rows_per_task=rows, label_columns=tuple(labels),
         control_column=control_column, batch_column=batch_column, top_n=int(top_n),
-        device=device, threads=threads,
+        code_slots=int(dictionary.model_.code_slots), device=device, threads=threads,
     )
 
 
@@ -302,6 +316,7 @@ def run_pass(
     overwrite: bool = False,
     progress: ProgressLike | None = None,
     cancel: CancelLike | None = None,
+    estimator: Any = None,
 ) -> ActivationPass:
     """Run the pass and return its result.
 
@@ -309,14 +324,17 @@ def run_pass(
     ``scheduler`` or to a new ``LocalCluster`` of ``workers`` workers (default: one per GPU,
     else one per CPU core). With ``spec.out`` the pass is written there (resuming an
     interrupted pass of the same spec; a complete one is replaced only with ``overwrite``, and
-    only once the new one is complete); without it nothing is written (in-process only).
+    only once the new one is complete); without it nothing is written (in-process only, with
+    the spec's dictionary file or a fitted ``estimator``).
     ``progress(done, total)`` counts tokens; ``cancel`` stops between tasks with
     :class:`~plate_concepts.analysis.activations.Cancelled` (finished tasks are kept).
     """
     if spec.out is None:
         if workers not in (None, 0) or scheduler is not None:
             raise ValueError("a pass on Dask workers needs an output folder (out=) they can write to")
-        return _run_in_memory(spec, progress, cancel)
+        return _run_in_memory(spec, progress, cancel, estimator)
+    if spec.dictionary is None or estimator is not None:
+        raise ValueError("a pass written to a folder reads its dictionary from a file: plan it with one")
     final = Path(spec.out)
     folder = _prepare_folder(spec, final, overwrite)
     work = PassSpec(**{**asdict(spec), "out": os.fspath(folder)})
@@ -341,17 +359,50 @@ def run_pass(
     return ActivationPass.open(final)
 
 
-def _run_in_memory(spec: PassSpec, progress: ProgressLike | None, cancel: CancelLike | None) -> ActivationPass:
+def _run_in_memory(
+    spec: PassSpec, progress: ProgressLike | None, cancel: CancelLike | None, estimator: Any
+) -> ActivationPass:
+    if spec.dictionary is None and estimator is None:
+        raise ValueError("the pass needs a dictionary: plan it with a file or pass estimator=")
     parts: dict[int, ChunkStats] = {}
     for chunk in range(spec.n_chunks):
         if cancel_requested(cancel):
             raise Cancelled("the activation pass was cancelled")
-        parts[chunk] = compute_chunk(spec, chunk)[0]
+        parts[chunk] = compute_chunk(spec, chunk, estimator)[0]
         if progress is not None:
             progress(spec.rows(chunk)[1], spec.n_tokens)
     reducer = _Reducer({c: list(p.plates) for c, p in parts.items()}, None)
     for chunk in range(spec.n_chunks):
         reducer.add(chunk, parts.pop(chunk))
+    return ActivationPass(spec, reducer.totals(), None, reducer.finished)
+
+
+def pass_of_codes(
+    codes: SparseCodes,
+    x: Any,
+    x_hat: Any,
+    obs: pd.DataFrame,
+    *,
+    labels: Sequence[str] = (),
+    control_column: str | None = "is_control",
+    top_n: int = DEFAULT_TOP_N,
+    store: str | os.PathLike = "",
+) -> ActivationPass:
+    """An in-memory pass of codes that are already computed (one per row of ``obs``, with the
+    pre-processed tokens ``x`` and their reconstructions ``x_hat``): the same statistics as
+    :func:`run_pass`, without running a dictionary again."""
+    if not len(codes) == len(obs) == len(x) == len(x_hat):
+        raise ValueError(f"codes ({len(codes)}), x ({len(x)}), x_hat ({len(x_hat)}) and obs ({len(obs)}) must have one row per token")
+    if control_column is not None and control_column not in obs.columns:
+        control_column = None
+    spec = PassSpec(
+        store=os.fspath(store), dictionary=None, out=None, n_tokens=len(obs), rows_per_task=max(len(obs), 1),
+        label_columns=tuple(labels), control_column=control_column, batch_column=None,
+        top_n=int(top_n), code_slots=int(codes.indices.shape[1]), device="cpu", threads=None,
+    )
+    stats = ChunkStats.of(codes, x, x_hat, obs.reset_index(drop=True), 0, spec.label_columns, control_column, spec.top_n)
+    reducer = _Reducer({0: list(stats.plates)}, None)
+    reducer.add(0, stats)
     return ActivationPass(spec, reducer.totals(), None, reducer.finished)
 
 
@@ -437,19 +488,13 @@ def _prepare_folder(spec: PassSpec, final: Path, overwrite: bool) -> Path:
     if record is None:
         (folder / "chunks").mkdir(parents=True, exist_ok=True)
         (folder / "plates").mkdir(exist_ok=True)
-        width = _code_slots(spec)
+        width = spec.code_slots
         group = zarr.open_group(folder / "codes", mode="w", zarr_format=3)
         for name, dtype in (("indices", "int32"), ("values", "float32")):
             group.create_array(name, shape=(spec.n_tokens, width), chunks=(spec.rows_per_task, width),
                                dtype=dtype, fill_value=0)
         _write_pass_record(folder, {"spec": spec.identity(), "complete": False})
     return folder
-
-
-def _code_slots(spec: PassSpec) -> int:
-    from plate_concepts.dictionary.io import load_dictionary
-
-    return load_dictionary(spec.dictionary)[0].code_slots
 
 
 def _reduce_to_folder(spec: PassSpec, folder: Path) -> None:
@@ -495,26 +540,28 @@ def _read_pass_record(folder: Path) -> dict[str, Any] | None:
     return record
 
 
-def _obs_columns(store: Any) -> list[str]:
-    return list(store.obs.columns)
-
-
-def label_columns_of(obs: pd.DataFrame, exclude: Sequence[str | None] = (), max_values: int = 384) -> list[str]:
-    """The obs columns that label tokens: not the index, the control flag or a measurement
-    (non-integral floats), holding 2 to ``max_values`` distinct values."""
-    from plate_concepts.embeddings.store import INDEX_COLUMNS
-
-    skip = {*INDEX_COLUMNS, "is_control", "foreground_fraction", *(c for c in exclude if c)}
+def label_columns_of(store: Any, exclude: Sequence[str | None] = (), max_values: int = 384) -> list[str]:
+    """The obs columns that label tokens, from the store's value counts (no row is read): not
+    the index, the control flag or a measurement (non-integral numbers), with 2 to
+    ``max_values`` distinct values."""
+    skip = {c for c in exclude if c}
     columns = []
-    for column in obs.columns:
-        if column in skip:
+    for column, overview in store.describe(max_values=max_values)["labels"].items():
+        n_values = overview["n_values"]
+        if column in skip or n_values is None or not 2 <= n_values <= max_values:
             continue
-        values = obs[column].dropna()
-        if values.dtype.kind == "f" and not np.all(values.to_numpy() == np.round(values.to_numpy())):
-            continue
-        if 2 <= values.nunique() <= max_values:
+        if not _is_measurement(overview["values"]):
             columns.append(column)
     return columns
+
+
+def _is_measurement(values: dict[str, int]) -> bool:
+    """True when every value reads as a number and some are not whole."""
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        return False
+    return any(not n.is_integer() for n in numbers)
 
 
 # ---------------------------------------------------------------------- reading a pass
@@ -641,9 +688,12 @@ class ActivationPass:
             "n_features": self.n_features, "n_tokens": self.n_tokens, "selectivity": {},
         }
         for column in labels:
-            summary = self.selectivity(column).summary()
+            result = self.selectivity(column)
+            summary = result.summary()
+            best = result.maximum.argmax(axis=1)
             out["selectivity"][column] = {
                 "best_max_selectivity": {str(k): float(v) for k, v in summary["best_max_selectivity"].items()},
+                "best_feature": {str(v): int(f) for v, f in zip(result.values, best, strict=True)},
                 "n_avg_above_0.5": int(summary["n_avg_above_0.5"]),
                 "n_avg_above_0.2": int(summary["n_avg_above_0.2"]),
             }

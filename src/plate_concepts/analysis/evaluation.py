@@ -1,19 +1,17 @@
 """Evaluate a fitted dictionary on an embedding store: reconstruction, sparsity, selectivity.
 
-Streams the store in row blocks; per block: pre-process, encode, decode, and feed the
-accumulators, so memory does not grow with the number of tokens.
+The numbers come from an activation pass (:mod:`plate_concepts.analysis.activation_pass`): one
+written by ``plate-concepts encode`` (nothing is encoded again), or one run here, in process,
+through the same code — so both give the same numbers.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
-from plate_concepts.analysis.metrics import FeatureUsage, ReconstructionMetrics
-from plate_concepts.analysis.selectivity import SelectivityAccumulator
+from plate_concepts.analysis.activation_pass import ActivationPass, plan_pass, run_pass
+from plate_concepts.analysis.activations import CancelLike
 from plate_concepts.dictionary.estimators import recorded_batch_column
 from plate_concepts.embeddings.store import EmbeddingStore
 
@@ -23,10 +21,11 @@ def evaluate_dictionary(
     store: EmbeddingStore,
     labels: Sequence[str] = (),
     *,
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     dead_threshold: float = 1e-5,
     progress: Callable[[int, int], Any] | None = None,
-    cancel: threading.Event | None = None,
+    cancel: CancelLike | None = None,
+    activation_pass: ActivationPass | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``estimator`` (an ICFL or TopKSAE) on every token of ``store``.
 
@@ -35,54 +34,49 @@ def evaluate_dictionary(
     ``n_features``, ``n_tokens``, ``selectivity`` (for each label column, the best feature's
     max selectivity per value and how many features have average selectivity above 0.5 / 0.2)
     and ``dictionary``: whether its fit was ``cancelled``, at which of its ``total_steps``.
+    ``activation_pass``: a pass of this dictionary over this store to read instead of encoding;
+    otherwise one runs here in blocks of ``batch_size`` tokens (default: the store's chunks, as
+    ``encode``).
     """
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise ValueError(f"the batch size must be a positive whole number of tokens, got {batch_size!r}")
-    obs = store.obs
-    n = len(store)
-    if n == 0:
-        raise ValueError(f"embedding store {store.path} holds no tokens to evaluate on")
-    missing = [c for c in labels if c not in obs.columns]
+    labels = [store.resolve_column(column, "label column") for column in labels]
+    if activation_pass is None:
+        if len(store) == 0:
+            raise ValueError(f"embedding store {store.path} holds no tokens to evaluate on")
+        spec = plan_pass(store, estimator, None, labels=labels, batch_column=_batch_column(estimator, store),
+                         rows_per_task=batch_size)
+        activation_pass = run_pass(spec, estimator=estimator, progress=progress, cancel=cancel)
+    else:
+        check_pass_matches(activation_pass, store, labels)
+    result = activation_pass.evaluation(labels, dead_threshold)
+    training = getattr(estimator, "training_", {}) or {}
+    result["dictionary"] = {
+        "cancelled": bool(training.get("cancelled", False)),
+        "steps": training.get("steps"),
+        "total_steps": training.get("total_steps"),
+    }
+    return result
+
+
+def check_pass_matches(activation_pass: ActivationPass, store: EmbeddingStore, labels: Sequence[str] = ()) -> None:
+    """A clear error when a pass was not made on this store or lacks label columns."""
+    from pathlib import Path
+
+    spec = activation_pass.spec
+    if Path(spec.store).resolve() != Path(store.path).resolve() or spec.n_tokens != len(store):
+        raise ValueError(
+            f"the activation pass {activation_pass.folder} was made on {spec.store} "
+            f"({spec.n_tokens} tokens), not on {store.path} ({len(store)} tokens)"
+        )
+    missing = [c for c in labels if c not in activation_pass.label_columns]
     if missing:
         raise ValueError(
-            f"label column(s) {missing} not in the store {store.path}; it has {list(obs.columns)}"
+            f"the activation pass {activation_pass.folder} has no statistics for label column(s) "
+            f"{missing} (it has {activation_pass.label_columns}); run encode with --label for them"
         )
-    batches = _batch_labels(estimator, store)
-    n_features = estimator.model_.n_features
-    reconstruction, usage = ReconstructionMetrics(), FeatureUsage(n_features)
-    accumulators = {column: SelectivityAccumulator(n_features, label=column) for column in labels}
-    for start in range(0, n, int(batch_size)):
-        if cancel is not None and cancel.is_set():
-            raise InterruptedError("evaluation cancelled")
-        rows = slice(start, min(start + int(batch_size), n))
-        x = estimator.preprocess(store.read(rows), batches=None if batches is None else batches[rows])
-        codes = estimator.encode(x)
-        reconstruction.update(x, estimator.decode(codes))
-        usage.update(codes)
-        for column, accumulator in accumulators.items():
-            accumulator.update(codes, obs[column].to_numpy()[rows])
-        if progress is not None:
-            progress(rows.stop, n)
-    training = getattr(estimator, "training_", {}) or {}
-    return {
-        "fvu": reconstruction.fvu,
-        "cosine": reconstruction.cosine,
-        "l0": usage.l0,
-        "dead_fraction": float(np.mean(usage.dead_mask(dead_threshold))),
-        "n_dead": int(usage.dead_mask(dead_threshold).sum()),
-        "n_features": n_features,
-        "n_tokens": n,
-        "selectivity": {column: _summary(acc) for column, acc in accumulators.items()},
-        "dictionary": {
-            "cancelled": bool(training.get("cancelled", False)),
-            "steps": training.get("steps"),
-            "total_steps": training.get("total_steps"),
-        },
-    }
 
 
-def _batch_labels(estimator: Any, store: EmbeddingStore) -> np.ndarray | None:
-    """The raw batch of every token, for a dictionary whitened per batch."""
+def _batch_column(estimator: Any, store: EmbeddingStore) -> str | None:
+    """The batch column of a dictionary whitened per batch (checked against the store)."""
     if estimator.whitening_.method != "pca-batch":
         return None
     column = recorded_batch_column(estimator)
@@ -91,18 +85,9 @@ def _batch_labels(estimator: Any, store: EmbeddingStore) -> np.ndarray | None:
             "this dictionary was whitened per batch, but its file does not say which column names "
             "the batches; it cannot pre-process this store's tokens"
         )
-    if column not in store.obs.columns:
+    if column not in store.obs_columns:
         raise ValueError(
             f"this dictionary was whitened per batch of {column!r}, but store {store.path} has no "
-            f"column {column!r} (columns: {list(store.obs.columns)})"
+            f"column {column!r} (columns: {store.obs_columns})"
         )
-    return store.obs[column].to_numpy()
-
-
-def _summary(accumulator: SelectivityAccumulator) -> dict[str, Any]:
-    summary = accumulator.result().summary()
-    return {
-        "best_max_selectivity": {str(k): float(v) for k, v in summary["best_max_selectivity"].items()},
-        "n_avg_above_0.5": int(summary["n_avg_above_0.5"]),
-        "n_avg_above_0.2": int(summary["n_avg_above_0.2"]),
-    }
+    return column

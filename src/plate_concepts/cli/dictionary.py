@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from plate_concepts.cli._common import progress_bar
@@ -61,7 +62,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dictionary", help="the dictionary file (.safetensors)")
     p.add_argument("--label", action="append",
                    help="a label column for selectivity (repeatable; default: none)")
-    p.add_argument("--batch-size", type=_positive_int, default=4096, help="tokens per block")
+    p.add_argument("--codes", metavar="PASS",
+                   help="an activation pass of this dictionary over this store (plate-concepts "
+                        "encode): report from it without encoding again (default: encode here)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="tokens per block when encoding here (default: the store's chunk rows, as encode)")
     p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE_HELP)
@@ -188,7 +193,17 @@ def evaluate(args: argparse.Namespace) -> int:
     estimator = ICFL.load(args.dictionary, device=args.device)
     store = EmbeddingStore.open(args.store)
     store.check_complete(args.allow_incomplete)
-    result = evaluate_dictionary(estimator, store, args.label or [], batch_size=args.batch_size)
+    activation_pass = None
+    if args.codes:
+        from plate_concepts.analysis.activation_pass import ActivationPass
+
+        activation_pass = ActivationPass.open(args.codes)
+        made_with = activation_pass.spec.dictionary
+        if made_with is None or Path(made_with).resolve() != Path(args.dictionary).resolve():
+            raise ValueError(f"the activation pass {args.codes} was made with dictionary {made_with}, "
+                             f"not {args.dictionary}")
+    result = evaluate_dictionary(estimator, store, args.label or [], batch_size=args.batch_size,
+                                 activation_pass=activation_pass)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -202,6 +217,7 @@ def evaluate(args: argparse.Namespace) -> int:
     for column, summary in result["selectivity"].items():
         print(f"  {column}: features with average selectivity > 0.5: {summary['n_avg_above_0.5']}, "
               f"> 0.2: {summary['n_avg_above_0.2']}")
+        width = max((len(value) for value in summary["best_max_selectivity"]), default=0)
         for value, best in summary["best_max_selectivity"].items():
-            print(f"    {value:<24} best max selectivity {best:.3f}")
+            print(f"    {value:<{width}}  best max selectivity {best:.3f} (feature {summary['best_feature'][value]})")
     return 0

@@ -34,6 +34,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete pass at OUT (only an activation pass; the old one stays "
                         "until the new one is complete)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="use a store whose embedding was interrupted, with a warning (default: refuse it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=encode)
 
@@ -45,6 +47,7 @@ def encode(args: argparse.Namespace) -> int:
     from plate_concepts.embeddings.store import EmbeddingStore
 
     store = EmbeddingStore.open(args.store)
+    store.check_complete(args.allow_incomplete)
     spec = plan_pass(
         store, args.dictionary, args.out, labels=args.label, control_column=args.control_column,
         batch_column=args.batch_column, top_n=args.top, rows_per_task=args.rows_per_task,
