@@ -129,7 +129,8 @@ def show_well(viewer: napari.Viewer, well: str) -> list[Layer]:
     """Show one well of the viewer's plate at full resolution: a layer per field and channel
     (``"B07 field 1 DNA"``) and its label images, each translated to the field's place in the
     mosaic so they overlay it exactly; they replace the previous well's layers, keep the
-    mosaic channels' colormaps and contrast limits, and the camera zooms to the well."""
+    mosaic channels' colormaps and contrast limits, and the camera zooms to the well. The
+    well becomes the viewer's selected well (``state.well``)."""
     from napari.layers import Layer
 
     state = get_state(viewer)
@@ -151,6 +152,7 @@ def show_well(viewer: napari.Viewer, well: str) -> list[Layer]:
     viewer.fit_to_view(layers=added, margin=0.08)
     n_fields = len(plate.fields(well))
     viewer.status = f"{well}: {n_fields} field(s)  {well_labels_text(plate, well)}".strip()
+    state.select_well(well)
     return added
 
 
