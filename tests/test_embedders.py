@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REAL_DATA
 
 from plate_concepts.embeddings.embedders import (
     EfficientNetLite0Embedder,
@@ -23,8 +24,7 @@ from plate_concepts.embeddings.embedders import (
 )
 from plate_concepts.embeddings.tiling import IntensityNormalizer, tile_field
 
-REAL = Path(__file__).parents[1].parent / "shared" / "data" / "real"
-NF1 = REAL / "nf1_plate2"
+NF1 = REAL_DATA / "nf1_plate2"
 
 TINY_VIT = textwrap.dedent(
     """

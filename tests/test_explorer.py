@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +11,6 @@ from plate_concepts.analysis.activations import Cancelled, field_activation_map
 from plate_concepts.analysis.explorer import _LRU, CONTROL_GROUP, FeatureExplorer
 from plate_concepts.dictionary import ICFL
 from plate_concepts.embeddings.store import EmbeddingStore
-from plate_concepts.plates.geometry import PlateFormat
-from plate_concepts.plates.model import Plate
 from plate_concepts.plates.mosaic import PlateMosaic
 
 torch.set_num_threads(1)
@@ -57,7 +54,7 @@ def planted_tokens(rng: np.random.Generator, direction: np.ndarray):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, plate_of):
     rng = np.random.default_rng(0)
     direction = rng.normal(size=DIM)
     direction /= np.linalg.norm(direction)
@@ -74,19 +71,13 @@ def setup(tmp_path_factory):
     images, labels = {}, {}
     for well in WELLS:
         for field in range(2):
-            pixels = rng.integers(0, 1000, size=(2, FIELD, FIELD), dtype=np.uint16)
-            images[(well, field)] = [da.from_array(pixels, chunks=(2, 32, 32))]
+            images[(well, field)] = rng.integers(0, 1000, size=(2, FIELD, FIELD), dtype=np.uint16)
             cells = np.zeros((FIELD, FIELD), np.int32)
             cells[2:14, 2:14] = 1  # inside the top-left patch of crop (0, 0)
             cells[44:60, 44:60] = 2  # inside the bottom-right patch of crop (32, 32)
-            labels[(well, field)] = {"cells": [da.from_array(cells)]}
-    plate = Plate(
-        name="P1",
-        channels=["dna", "actin"],
-        images=images,
-        reader="test",
-        labels=labels,
-        plate_format=PlateFormat.from_n_wells(96),
+            labels[(well, field)] = {"cells": cells}
+    plate = plate_of(
+        images, labels=labels, name="P1", channels=["dna", "actin"], n_wells=96, chunks=(2, 32, 32)
     )
     explorer = FeatureExplorer(
         EmbeddingStore.open(path), estimator, plate=plate, label_column="treatment"

@@ -5,14 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-import dask.array as da
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import REAL_DATA, TINY_FIELD
 
-from plate_concepts.plates.model import Plate
 from plate_concepts.plates.mosaic import PlateMosaic
-from plate_concepts.plates.omezarr import write_ome_zarr_plate
 from plate_concepts.viewer._plate_views import (
     ALL_VALUES,
     mosaic_label_layer_data,
@@ -22,37 +19,13 @@ from plate_concepts.viewer._plate_views import (
     wells_with_label,
 )
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-NF1 = REAL / "nf1_plate2"
-FIELD = (2, 64, 96)  # channels, y, x
-
-
-def tiny_plate() -> Plate:
-    """Wells B02, B03, C02 with two fields each; the pixels of a field encode its well and field
-    (so a misplaced layer is caught); nuclei labels; plate map with one unimaged well (D01)."""
-    images, labels = {}, {}
-    for number, well in enumerate(["B02", "B03", "C02"]):
-        for field in range(2):
-            value = 1000 * (number + 1) + 100 * field
-            images[(well, field)] = [da.full(FIELD, value, dtype=np.uint16)]
-            nuclei = np.zeros(FIELD[1:], dtype=np.int32)
-            nuclei[10:20, 30:40] = 7
-            labels[(well, field)] = {"nuclei": [da.from_array(nuclei)]}
-    platemap = pd.DataFrame(
-        {"treatment": ["DMSO", "drug", "DMSO", "DMSO"], "dose": [0, 1.5, 0, 0]},
-        index=pd.Index(["B02", "B03", "C02", "D01"], name="well"),
-    )
-    return Plate("tiny", ["DNA", "Mito"], images, reader="test", labels=labels, platemap=platemap)
-
-
-@pytest.fixture
-def tiny_zarr(tmp_path) -> Path:
-    return write_ome_zarr_plate(tiny_plate(), tmp_path / "tiny.ome.zarr")
+NF1 = REAL_DATA / "nf1_plate2"
+FIELD = TINY_FIELD  # channels, y, x
 
 
 # ---------------------------------------------------------------------- without a viewer
-def test_wells_by_label_and_summary():
-    plate = tiny_plate()
+def test_wells_by_label_and_summary(tiny_plate):
+    plate = tiny_plate
     assert wells_with_label(plate, "treatment", "DMSO") == ["B02", "C02"]
     assert wells_with_label(plate, "dose", "1.5") == ["B03"]
     assert wells_with_label(plate, "treatment", ALL_VALUES) == ["B02", "B03", "C02"]
@@ -60,12 +33,13 @@ def test_wells_by_label_and_summary():
         wells_with_label(plate, "genotype", "WT")
     summary = plate_summary(plate)
     assert "3 wells imaged of a 12-well plate" in summary and "2 channels: DNA, Mito" in summary
-    assert "fields of 96 x 64 px" in summary and "plate map labels: treatment, dose" in summary
-    assert well_labels_text(plate, "B03") == "treatment: drug, dose: 1.5"
+    assert "fields of 96 x 64 px" in summary
+    assert "plate map labels: treatment, dose, batch" in summary
+    assert well_labels_text(plate, "B03") == "treatment: drug, dose: 1.5, batch: b1"
 
 
-def test_field_layers_are_placed_on_their_mosaic_tiles():
-    plate = tiny_plate()
+def test_field_layers_are_placed_on_their_mosaic_tiles(tiny_plate):
+    plate = tiny_plate
     mosaic = PlateMosaic(plate)
     layers = well_field_layer_data(plate, mosaic, "c2")
     assert [kw["name"] for _, kw, _ in layers] == [
@@ -90,8 +64,8 @@ def test_field_layers_are_placed_on_their_mosaic_tiles():
         well_field_layer_data(plate, mosaic, "D01")
 
 
-def test_mosaic_label_layers_follow_the_mosaic_levels():
-    plate = tiny_plate()
+def test_mosaic_label_layers_follow_the_mosaic_levels(tiny_plate):
+    plate = tiny_plate
     mosaic = PlateMosaic(plate, min_size=100)  # several levels
     ((data, kwargs, kind),) = mosaic_label_layer_data(plate, mosaic)
     assert kind == "labels" and kwargs["name"] == "tiny nuclei" and kwargs["multiscale"]
@@ -130,7 +104,7 @@ def open_in_panel(panel, qtbot, **kwargs):
 
 
 @pytest.mark.gui
-def test_panel_opens_filters_and_shows_a_well(make_napari_viewer, qtbot, tiny_zarr):
+def test_panel_opens_filters_and_shows_a_well(make_napari_viewer, qtbot, tiny_zarr, tiny_plate):
     from plate_concepts.viewer.plate_panel import NO_FILTER, PlatePanel
 
     viewer = make_napari_viewer()
@@ -151,7 +125,7 @@ def test_panel_opens_filters_and_shows_a_well(make_napari_viewer, qtbot, tiny_za
     )
     assert "3 wells imaged" in panel.summary.value and "segmentation: nuclei" in panel.summary.value
 
-    assert panel.filter_column.choices == (NO_FILTER, "treatment", "dose")
+    assert panel.filter_column.choices == (NO_FILTER, "treatment", "dose", "batch")
     panel.filter_column.value = "treatment"
     assert panel.filter_value.choices == (ALL_VALUES, "DMSO", "drug")
     panel.filter_value.value = "DMSO"
@@ -168,7 +142,7 @@ def test_panel_opens_filters_and_shows_a_well(make_napari_viewer, qtbot, tiny_za
         np.testing.assert_allclose(layer.translate, state.mosaic.field_origin("C02", field))
         assert layer.data.shape == FIELD[1:]
     assert fields[0].colormap.name == "cyan"  # the mosaic's look is kept
-    assert float(np.asarray(fields[0].data).mean()) == 3000  # C02 field 1 pixels
+    np.testing.assert_array_equal(fields[0].data, tiny_plate.image("C02", 0)[0])  # its pixels
     y0, x0, y1, x1 = state.mosaic.well_box("C02")
     cy, cx = viewer.camera.center[-2:]
     assert y0 <= cy <= y1 and x0 <= cx <= x1  # zoomed onto the well
@@ -179,10 +153,11 @@ def test_panel_opens_filters_and_shows_a_well(make_napari_viewer, qtbot, tiny_za
 
     assert _show_clicked_well in viewer.mouse_double_click_callbacks
     oy, ox = state.mosaic.field_origin("B03", 1)
+    assert state.well == "C02"  # the viewer's selected well
     _show_clicked_well(viewer, SimpleNamespace(position=(oy + 5, ox + 5)))
     names = [layer.name for layer in viewer.layers]
     assert "B03 field 2 DNA" in names and not any(name.startswith("C02") for name in names)
-    assert len(names) == 4 + 6
+    assert len(names) == 4 + 6 and state.well == "B03" and panel.shown_well() == "B03"
 
 
 @pytest.mark.gui

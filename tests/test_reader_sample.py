@@ -2,66 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REAL_DATA
 
 from plate_concepts.plates import discover_platemap
-from plate_concepts.plates.model import Plate
-from plate_concepts.plates.omezarr import write_ome_zarr_plate
 from plate_concepts.viewer.reader import napari_get_reader
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
-NF1 = REAL / "nf1_plate2"
+NF1 = REAL_DATA / "nf1_plate2"
 PLUGIN = "napari-plate-concepts"
-
-
-# ---------------------------------------------------------------------- tiny data
-def tiny_plate(shape: tuple[int, int, int] = (2, 64, 96)) -> Plate:
-    """Three wells x two fields, nuclei labels, a plate map (two DMSO wells, one drug well)."""
-    rng = np.random.default_rng(0)
-    images, labels = {}, {}
-    for well in ["B02", "B03", "C02"]:
-        for field in range(2):
-            images[(well, field)] = [
-                da.from_array(rng.integers(100, 4000, size=shape, dtype=np.uint16))
-            ]
-            labels[(well, field)] = {
-                "nuclei": [da.from_array(rng.integers(0, 5, size=shape[1:], dtype=np.int32))]
-            }
-    platemap = pd.DataFrame(
-        {"treatment": ["DMSO", "drug", "DMSO"]}, index=pd.Index(["B02", "B03", "C02"], name="well")
-    )
-    return Plate("tiny", ["DNA", "Mito"], images, reader="test", labels=labels, platemap=platemap)
-
-
-class TinyEmbedder(torch.nn.Module):
-    """16 x 16 average pooling -> (B, gh, gw, 3C) patch tokens: cheap and deterministic."""
-
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        pooled = torch.nn.functional.avg_pool2d(crops, 16)
-        return torch.cat([pooled, pooled * pooled, pooled.sqrt()], dim=1).permute(0, 2, 3, 1)
-
-
-@pytest.fixture
-def tiny_store(tmp_path):
-    """A tiny OME-Zarr plate and its embedding store (32 px crops, DMSO wells as controls)."""
-    from plate_concepts.embeddings.embed import embed_plate
-    from plate_concepts.embeddings.embedders import load_embedder
-    from plate_concepts.plates import open_plate
-
-    plate_path = write_ome_zarr_plate(tiny_plate(), tmp_path / "tiny.ome.zarr")
-    model = tmp_path / "tiny.pt"
-    torch.jit.save(torch.jit.script(TinyEmbedder()), str(model))
-    store = embed_plate(
-        open_plate(plate_path), tmp_path / "tiny.store", load_embedder(f"torchscript:{model}"),
-        crop_size=32, control="treatment=DMSO", device="cpu",
-    )  # fmt: skip
-    return plate_path, store
 
 
 # ---------------------------------------------------------------------- without a viewer

@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-from pathlib import Path
-
-import dask.array as da
 import numpy as np
 import pytest
+from conftest import REAL_DATA
 
 from plate_concepts.embeddings.tiling import (
     IntensityNormalizer,
@@ -13,10 +11,8 @@ from plate_concepts.embeddings.tiling import (
     nuclear_channel,
     tile_field,
 )
-from plate_concepts.plates.model import Plate
 
-REAL = Path(__file__).parents[1].parent / "shared" / "data" / "real"
-NF1_IMAGES = REAL / "nf1_plate2" / "images"
+NF1_IMAGES = REAL_DATA / "nf1_plate2" / "images"
 
 
 # ---------------------------------------------------------------------- crop positions
@@ -122,12 +118,6 @@ def test_foreground_fraction_of_a_real_nuclear_channel():
 
 
 # ---------------------------------------------------------------------- intensities
-def _plate(fields: dict[tuple[str, int], np.ndarray]) -> Plate:
-    images = {key: [da.from_array(image, chunks=image.shape)] for key, image in fields.items()}
-    channels = [f"ch{i}" for i in range(next(iter(fields.values())).shape[0])]
-    return Plate(name="p", channels=channels, images=images, reader="test")
-
-
 def test_field_scope_maps_percentiles_to_0_and_1():
     image = np.stack([np.arange(10_000).reshape(100, 100), np.full((100, 100), 5)]).astype(np.uint16)
     out = IntensityNormalizer(low=1, high=99, scope="field")(image)
@@ -138,11 +128,11 @@ def test_field_scope_maps_percentiles_to_0_and_1():
     assert (out[1] == 0).all()  # a constant channel maps to 0, not NaN
 
 
-def test_plate_scope_keeps_brightness_differences_that_field_scope_removes():
+def test_plate_scope_keeps_brightness_differences_that_field_scope_removes(plate_of):
     rng = np.random.default_rng(1)
     dim = rng.integers(0, 1000, size=(2, 50, 60)).astype(np.uint16)
     bright = (dim * 3).astype(np.uint16)
-    plate = _plate({("B02", 0): dim, ("B03", 0): bright})
+    plate = plate_of({("B02", 0): dim, ("B03", 0): bright})
     unfitted = IntensityNormalizer(low=0, high=100)
     with pytest.raises(RuntimeError, match="not fitted"):
         unfitted(dim)
