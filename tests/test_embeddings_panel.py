@@ -1,21 +1,15 @@
-"""The Embeddings panel: computing a store in a worker (progress, cancel, resume), opening one,
-token counts; and its Qt-free helpers."""
+"""The Embeddings panel: computing a store in a background job (progress, cancel, resume),
+opening one, token counts; and its Qt-free helpers."""
 
 from __future__ import annotations
 
 import sys
-import threading
-import time
 
-import dask.array as da
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from plate_concepts.embeddings.store import EmbeddingStore
-from plate_concepts.plates.model import Plate
-from plate_concepts.plates.omezarr import write_ome_zarr_plate
 from plate_concepts.viewer._embedding_views import (
     available_devices,
     embedder_spec,
@@ -23,32 +17,9 @@ from plate_concepts.viewer._embedding_views import (
     tokens_per_label,
     tokens_per_well,
 )
-from plate_concepts.viewer._jobs import run_with_progress
 
 CROPS_PER_FIELD = 2 * 3  # 64 x 96 px fields, 32 px crops
 N_FIELDS = 3 * 2
-
-
-def tiny_plate() -> Plate:
-    rng = np.random.default_rng(1)
-    images = {
-        (well, field): [da.from_array(rng.integers(100, 4000, size=(2, 64, 96), dtype=np.uint16))]
-        for well in ["B02", "B03", "C02"]
-        for field in range(2)
-    }
-    platemap = pd.DataFrame(
-        {"treatment": ["DMSO", "drug", "DMSO"], "batch": ["b1", "b1", "b2"]},
-        index=pd.Index(["B02", "B03", "C02"], name="well"),
-    )
-    return Plate("tiny", ["DNA", "Mito"], images, reader="test", platemap=platemap)
-
-
-class TinyEmbedder(torch.nn.Module):
-    """16 x 16 average pooling -> (B, gh, gw, 3C) patch tokens."""
-
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        pooled = torch.nn.functional.avg_pool2d(crops, 16)
-        return torch.cat([pooled, pooled * pooled, pooled.sqrt()], dim=1).permute(0, 2, 3, 1)
 
 
 GATED_MODULE = '''
@@ -114,45 +85,9 @@ def test_devices_and_embedder_specs(tmp_path):
         embedder_spec("Python module:callable", module="pkg.mod")
 
 
-def test_run_with_progress_yields_returns_raises_and_cancels():
-    def task(progress):
-        for done in range(1, 4):
-            progress(done, 3)
-        return "result"
-
-    job = run_with_progress(task, poll_s=0.01)
-    updates = []
-    with pytest.raises(StopIteration) as stop:
-        while True:
-            updates.append(next(job))
-    assert [u for u in updates if u is not None] == [
-        (1, 3),
-        (2, 3),
-        (3, 3),
-    ] and stop.value.value == "result"
-
-    def failing(progress):
-        raise ValueError("bad crop size")
-
-    with pytest.raises(ValueError, match="bad crop size"):
-        list(run_with_progress(failing, poll_s=0.01))
-
-    cancel, stopped = threading.Event(), threading.Event()
-
-    def endless(progress):
-        while not cancel.is_set():
-            time.sleep(0.005)
-        stopped.set()
-
-    job = run_with_progress(endless, cancel=cancel, poll_s=0.01)
-    next(job)
-    job.close()  # a quit worker closes its generator: the task is told to stop, and waited for
-    assert cancel.is_set() and stopped.is_set()
-
-
 # ---------------------------------------------------------------------- in napari
 @pytest.fixture
-def panel_with_plate(make_napari_viewer, tmp_path):
+def panel_with_plate(make_napari_viewer, tiny_zarr):
     from plate_concepts.plates import open_plate
     from plate_concepts.viewer.app import show_plate
     from plate_concepts.viewer.embeddings_panel import EmbeddingsPanel
@@ -160,24 +95,22 @@ def panel_with_plate(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     panel = EmbeddingsPanel(viewer)
     viewer.window.add_dock_widget(panel)
-    plate = open_plate(write_ome_zarr_plate(tiny_plate(), tmp_path / "tiny.ome.zarr"))
-    show_plate(viewer, plate)
+    show_plate(viewer, open_plate(tiny_zarr))
     panel.crop_size.value = 32
     panel.batch_size.value = 2
     panel.device.value = "cpu"
     return viewer, panel
 
 
-def wait_for(panel, worker, qtbot):
-    """Wait until the worker has finished: the Compute button comes back then (its finished
-    signal may already have fired before a waitSignal could connect)."""
-    assert worker is not None, panel.message.value
+def wait_for(panel, job, qtbot):
+    """Wait until the job has ended: the Compute button comes back then."""
+    assert job is not None, panel.message.value
     qtbot.waitUntil(lambda: panel.compute_button.enabled, timeout=60_000)
 
 
 @pytest.mark.gui
 def test_compute_with_a_torchscript_model_fills_the_store_and_counts(
-    panel_with_plate, qtbot, tmp_path
+    panel_with_plate, qtbot, tmp_path, tiny_embedder
 ):
     from plate_concepts.viewer.state import get_state
 
@@ -185,18 +118,17 @@ def test_compute_with_a_torchscript_model_fills_the_store_and_counts(
     assert panel.plate_label.value.startswith("tiny: 3 wells")
     # (isHidden: hidden on purpose, whether or not the window is on screen)
     assert panel.model_file.native.isHidden() and panel.module.native.isHidden()
-    model = tmp_path / "tiny.pt"
-    torch.jit.save(torch.jit.script(TinyEmbedder()), str(model))
     panel.embedder.value = "TorchScript file"
     assert not panel.model_file.native.isHidden() and panel.module.native.isHidden()
-    panel.model_file.value = model
+    panel.model_file.value = tiny_embedder
     panel.control_column.value = "treatment"
+    assert panel.control_column.choices == ("(no controls)", "treatment", "dose", "batch")
     assert panel.control_values.choices == ("DMSO", "drug")
     panel.control_values.value = ["DMSO"]
     panel.patch_tokens.value = True
     panel.store_path.value = tmp_path / "tiny.store"
-    worker = panel.compute()
-    wait_for(panel, worker, qtbot)
+    job = panel.compute()
+    wait_for(panel, job, qtbot)
 
     total = N_FIELDS * CROPS_PER_FIELD
     store = get_state(viewer).store
@@ -211,8 +143,8 @@ def test_compute_with_a_torchscript_model_fills_the_store_and_counts(
         and obs["is_control"].sum() == 2 * 2 * 6
     )
     assert panel.per_well.to_dataframe().to_dict("list") == {
-        "well": ["B02", "B03", "C02"], "treatment": ["DMSO", "drug", "DMSO"], "batch": ["b1", "b1", "b2"],
-        "is_control": ["True", "False", "True"], "tokens": [12, 12, 12],
+        "well": ["B02", "B03", "C02"], "treatment": ["DMSO", "drug", "DMSO"], "dose": ["0", "1.5", "0"],
+        "batch": ["b1", "b1", "b2"], "is_control": ["True", "False", "True"], "tokens": [12, 12, 12],
     }  # fmt: skip
     assert panel.count_by.value == "treatment"  # the control column
     assert panel.per_label.to_dataframe().to_dict("list") == {
@@ -222,6 +154,13 @@ def test_compute_with_a_torchscript_model_fills_the_store_and_counts(
     }
     panel.count_by.value = "batch"
     assert panel.per_label.to_dataframe()["tokens"].tolist() == [24, 12]
+    from plate_concepts.viewer._table_tooltips import elided_text
+
+    table = panel.per_well.native  # a column too narrow for its text: a tooltip shows it all
+    table.setColumnWidth(1, 8)
+    assert elided_text(table, table.model().index(1, 1)) == "drug"
+    table.setColumnWidth(1, 200)
+    assert elided_text(table, table.model().index(1, 1)) is None
     assert f"{total} tokens of dimension 6" in panel.store_info.value
 
     # Opening the store from the panel gives the same counts.
@@ -243,7 +182,7 @@ def test_cancel_keeps_a_consistent_store_that_resumes(
     panel.embedder.value = "Python module:callable"
     panel.module.value = "gated_embedder:build"
     panel.store_path.value = tmp_path / "gated.store"
-    worker = panel.compute()
+    job = panel.compute()
     assert panel.cancel_button.enabled and not panel.compute_button.enabled
     qtbot.waitUntil(
         lambda: "gated_embedder" in sys.modules and len(sys.modules["gated_embedder"].CALLS) > 2,
@@ -252,7 +191,7 @@ def test_cancel_keeps_a_consistent_store_that_resumes(
     gated = sys.modules["gated_embedder"]
     panel.cancel_button.clicked.emit()  # the user presses Cancel while a batch is running
     gated.GATE.set()
-    wait_for(panel, worker, qtbot)
+    wait_for(panel, job, qtbot)
     assert "cancelled" in panel.message.value and panel.compute_button.enabled
 
     total = N_FIELDS * CROPS_PER_FIELD
@@ -262,8 +201,8 @@ def test_cancel_keeps_a_consistent_store_that_resumes(
     assert reopened.provenance["plates"]["tiny"]["complete"] is False
     assert len(get_state(viewer).store) == len(reopened)
 
-    worker = panel.compute()  # same settings: resumes where it stopped
-    wait_for(panel, worker, qtbot)
+    job = panel.compute()  # same settings: resumes where it stopped
+    wait_for(panel, job, qtbot)
     finished = EmbeddingStore.open(tmp_path / "gated.store")
     assert (
         len(finished) == total

@@ -1,25 +1,25 @@
 """Keeping a viewer's feature explorer in step with its dictionary and store.
 
 Whenever the viewer's dictionary or store changes (a fit, a file opened in a panel or with
-File > Open), :class:`ExplorerPreparer` encodes the store with the dictionary in a thread worker
-(``FeatureExplorer.prepare``), sets the explorer in the state, so the Features panel lists the
-features, and then, in the same worker, reads what makes selecting a feature instant
-(``FeatureExplorer.preload``). There is one per viewer (:func:`explorer_preparer`), made by the
-first panel that needs it; the Dictionary and Features panels show its status and progress.
+File > Open), :class:`ExplorerPreparer` encodes the store with the dictionary in a background
+job (``FeatureExplorer.prepare``, through :func:`~plate_concepts.viewer._jobs.start_job`), sets
+the explorer in the state, so the Features panel lists the features, and then, in the same job,
+reads what makes selecting a feature instant (``FeatureExplorer.preload``). There is one per
+viewer (:func:`explorer_preparer`), made by the first panel that needs it; the Dictionary and
+Features panels show its status and progress (its Qt signals, emitted on the GUI thread).
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 
 from plate_concepts.dictionary.estimators import recorded_batch_column
 from plate_concepts.viewer._feature_layers import N_CROPS, THUMBNAIL_SIZE
+from plate_concepts.viewer._jobs import Job, Progress, start_job
 from plate_concepts.viewer.state import get_state
 
 if TYPE_CHECKING:
@@ -43,8 +43,7 @@ class ExplorerPreparer(QObject):
         super().__init__()
         self.state = get_state(viewer)
         self.status = ""
-        self._worker: Any = None
-        self._cancel: threading.Event | None = None
+        self._job: Job | None = None
         self._own: FeatureExplorer | None = None  # the explorer this job made, when it made one
         self.state.dictionary_changed.connect(self._on_dictionary_changed)
         self.state.store_changed.connect(self._on_store_changed)
@@ -54,12 +53,12 @@ class ExplorerPreparer(QObject):
 
     @property
     def is_busy(self) -> bool:
-        return self._worker is not None
+        return self._job is not None
 
     def cancel(self) -> None:
         """Stop the job at its next block; an explorer already handed over stays."""
-        if self._cancel is not None:
-            self._cancel.set()
+        if self._job is not None:
+            self._job.cancel()
 
     def _set_status(self, text: str) -> None:
         self.status = text
@@ -76,9 +75,9 @@ class ExplorerPreparer(QObject):
         if explorer is not None and explorer is not self._own:
             self.cancel()  # someone else (a script, the demo) provided one: ours is not needed
 
-    def prepare(self) -> Any:
+    def prepare(self) -> Job | None:
         """Start the job for the state's dictionary and store (replacing a running one);
-        returns the worker, or None when there is nothing to prepare (the status says why)."""
+        returns it, or None when there is nothing to prepare (the status says why)."""
         self.cancel()
         dictionary, store, plate = self.state.dictionary, self.state.store, self.state.plate
         if dictionary is None:
@@ -99,9 +98,8 @@ class ExplorerPreparer(QObject):
                 "do not carry; features can only be browsed on a store that has that column."
             )
             return None
-        cancel = threading.Event()
 
-        def build() -> Any:
+        def build(job: Job) -> Any:
             """Yields the explorer once prepared; returns the preload summary, or None when
             cancelled (an expected end, not an error)."""
             from plate_concepts.analysis.activations import Cancelled
@@ -109,10 +107,7 @@ class ExplorerPreparer(QObject):
 
             explorer = FeatureExplorer(store, dictionary, plate=plate, batch_column=batch_column)
             try:
-                explorer.prepare(
-                    progress=lambda done, total: self.progress.emit(ENCODING, done, total),
-                    cancel=cancel,
-                )
+                explorer.prepare(progress=job.progress(ENCODING), cancel=job)
             except Cancelled:
                 return None
             yield explorer  # browsable now; the reads below make selection instant
@@ -120,31 +115,31 @@ class ExplorerPreparer(QObject):
                 return explorer.preload(
                     n_top_crops=N_CROPS,
                     thumbnail_size=THUMBNAIL_SIZE,
-                    progress=lambda done, total: self.progress.emit(PRELOADING, done, total),
-                    cancel=cancel,
+                    progress=job.progress(PRELOADING),
+                    cancel=job,
                 )
             except Cancelled:
                 return None
 
-        worker = create_worker(build, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(lambda explorer: self._on_ready(explorer, dictionary, store, cancel))
-        worker.returned.connect(
-            lambda summary: self._on_preloaded(summary, dictionary, store, cancel)
-        )
-        worker.errored.connect(lambda error: self._on_error(error, cancel))
-        worker.finished.connect(lambda: self._on_finished(worker))
-        self._worker, self._cancel = worker, cancel
         self._set_status("Encoding the store with the dictionary…")
-        worker.start()
-        return worker
+        job = self._job = start_job(
+            build,
+            progress=self._on_progress,
+            yielded=lambda explorer: self._on_ready(explorer, dictionary, store, job),
+            returned=lambda summary: self._on_preloaded(summary, dictionary, store, job),
+            errored=lambda error: self._on_error(error, job),
+            finished=lambda: self._on_finished(job),
+        )
+        return job
+
+    def _on_progress(self, update: Progress) -> None:
+        self.progress.emit(update.what, update.done, update.total)
 
     def _current(self, dictionary: Any, store: Any) -> bool:
         return dictionary is self.state.dictionary and store is self.state.store
 
-    def _on_ready(
-        self, explorer: FeatureExplorer, dictionary: Any, store: Any, cancel: threading.Event
-    ) -> None:
-        if cancel.is_set() or not self._current(dictionary, store):
+    def _on_ready(self, explorer: FeatureExplorer, dictionary: Any, store: Any, job: Job) -> None:
+        if job.cancelled or not self._current(dictionary, store):
             return  # replaced or cancelled while it was being prepared
         self._own = explorer
         self.state.set_explorer(explorer)
@@ -154,18 +149,14 @@ class ExplorerPreparer(QObject):
         )
 
     def _on_preloaded(
-        self,
-        summary: PreloadSummary | None,
-        dictionary: Any,
-        store: Any,
-        cancel: threading.Event,
+        self, summary: PreloadSummary | None, dictionary: Any, store: Any, job: Job
     ) -> None:
         if summary is not None:
             if self._current(dictionary, store):
                 self._set_status(
                     f"Features ready: browse them in the Features panel ({summary.describe()})."
                 )
-        elif self._cancel is cancel:  # cancelled, not replaced by a newer job
+        elif self._job is job:  # cancelled, not replaced by a newer job
             handed_over = self._own is not None and self.state.explorer is self._own
             self._set_status(
                 "Reading ahead cancelled: the features can be browsed, each selection reads what "
@@ -174,15 +165,15 @@ class ExplorerPreparer(QObject):
                 else "Feature preparation cancelled."
             )
 
-    def _on_error(self, error: Exception, cancel: threading.Event) -> None:
-        if self._cancel is not cancel:
+    def _on_error(self, error: Exception, job: Job) -> None:
+        if self._job is not job:
             return  # a replaced job: the newer one's status stands
         self._set_status(f"Could not prepare the features: {error}")
         show_error(f"Preparing the features failed: {error}")
 
-    def _on_finished(self, worker: Any) -> None:
-        if self._worker is worker:
-            self._worker, self._cancel = None, None
+    def _on_finished(self, job: Job) -> None:
+        if self._job is job:
+            self._job = None
 
 
 _PREPARERS: weakref.WeakKeyDictionary[Any, ExplorerPreparer] = weakref.WeakKeyDictionary()

@@ -3,7 +3,6 @@ resumable), or open an existing store; then see how many tokens each well and la
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +32,9 @@ from plate_concepts.viewer._embedding_views import (
     tokens_per_label,
     tokens_per_well,
 )
-from plate_concepts.viewer._jobs import run_with_progress
+from plate_concepts.viewer._jobs import Job, Progress, start_job
 from plate_concepts.viewer._plate_views import label_values, plate_label_columns
+from plate_concepts.viewer._table_tooltips import show_full_text_tooltips
 from plate_concepts.viewer.state import get_state
 
 if TYPE_CHECKING:
@@ -101,8 +101,8 @@ class EmbeddingsPanel(Container):
         for table in (self.per_label, self.per_well):
             table.read_only = True
             table.native.verticalHeader().setVisible(False)  # row numbers mean nothing here
-        self.worker: Any = None
-        self._cancel = threading.Event()
+            show_full_text_tooltips(table.native)  # long label values are cut short
+        self.job: Job | None = None
 
         self.embedder.changed.connect(self._on_embedder_choice)
         self.control_column.changed.connect(self._on_control_column)
@@ -122,10 +122,9 @@ class EmbeddingsPanel(Container):
 
     # ------------------------------------------------------------------ computing
     def compute(self) -> Any:
-        """Start embedding the viewer's plate into the output store in a worker thread; returns
-        the worker (None when the settings are incomplete; the message says what is missing)."""
-        from napari.qt.threading import create_worker
-
+        """Start embedding the viewer's plate into the output store in a background job;
+        returns the job (None when the settings are incomplete; the message says what is
+        missing)."""
         plate = get_state(self.viewer).plate
         try:
             if plate is None:
@@ -147,47 +146,42 @@ class EmbeddingsPanel(Container):
             "device": self.device.value,
             "overwrite": bool(self.overwrite.value),
         }
-        self._cancel = cancel = threading.Event()
 
-        def task(progress: Any) -> EmbeddingStore:
+        def embed(job: Job) -> EmbeddingStore:
             from plate_concepts.embeddings.embed import embed_plate
             from plate_concepts.embeddings.embedders import load_embedder
 
-            embedder = load_embedder(spec)  # in the worker: loading weights takes a while
+            embedder = load_embedder(spec)  # in the job: loading weights takes a while
             return embed_plate(
-                plate, store_path, embedder, **settings, progress=progress, cancel=cancel
+                plate, store_path, embedder, **settings, progress=job.progress("crops"), cancel=job
             )
 
         self.progress.value = 0
         self.message.value = f"embedding {plate.name} with {spec} into {store_path.name}..."
         self._set_running(True)
-        # An errored handler given here replaces the default one (re-raise in the main thread).
-        self.worker = create_worker(
-            _progress_job, task, cancel,
-            _start_thread=False, _connect={"errored": self._on_embed_error},
-        )  # fmt: skip
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(self._on_embedded)
-        self.worker.finished.connect(lambda: self._set_running(False))
-        self.worker.start()
-        return self.worker
+        self.job = start_job(
+            embed,
+            progress=self._on_progress,
+            returned=self._on_embedded,
+            errored=self._on_embed_error,
+            finished=lambda: self._set_running(False),
+        )
+        return self.job
 
     def cancel(self) -> None:
         """Stop after the current batch; the crops embedded so far stay in the store."""
-        self._cancel.set()
+        if self.job is not None:
+            self.job.cancel()
         self.message.value = "cancelling after the current batch..."
 
-    def _on_progress(self, update: tuple[int, int] | None) -> None:
-        if update is None:
-            return
-        done, total = update
-        self.progress.max = max(total, 1)
-        self.progress.value = min(done, total)
-        self.progress.label = f"{done} / {total} crops"
+    def _on_progress(self, update: Progress) -> None:
+        self.progress.max = max(update.total, 1)
+        self.progress.value = min(update.done, update.total)
+        self.progress.label = f"{update.done} / {update.total} {update.what}"
 
     def _on_embedded(self, store: EmbeddingStore) -> None:
         store = EmbeddingStore.open(store.path)  # a fresh handle: all committed rows
-        if self._cancel.is_set():
+        if self.job is not None and self.job.cancelled:
             self.message.value = (
                 f"cancelled with {len(store)} crops stored; the store is complete up to there: "
                 "Compute again with the same settings to resume"
@@ -309,11 +303,6 @@ class EmbeddingsPanel(Container):
 
         self.message.value = text
         show_error(text)
-
-
-def _progress_job(task: Any, cancel: threading.Event):
-    """Worker body: yields (done, total) crop counts; returns the store."""
-    return (yield from run_with_progress(task, cancel))
 
 
 def _default_store_path(plate: Plate) -> Path:

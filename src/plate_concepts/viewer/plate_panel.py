@@ -10,6 +10,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, Pus
 from plate_concepts.plates import detect_plate_format, discover_platemap, open_plate
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.mosaic import PlateMosaic
+from plate_concepts.viewer._jobs import Job, start_job
 from plate_concepts.viewer._plate_views import (
     ALL_VALUES,
     label_values,
@@ -78,7 +79,7 @@ class PlatePanel(Container):
         self.well_list.tooltip = (
             "Choose a well to show its fields at full resolution (or double-click it on the plate)"
         )
-        self.worker: Any = None
+        self.job: Job | None = None
 
         self.source_kind.changed.connect(self._on_source_kind)
         self.path.changed.connect(self._on_path)
@@ -101,11 +102,10 @@ class PlatePanel(Container):
         channel_names: str | None = None,
         colors: str | None = None,
     ) -> Any:
-        """Open a plate in a worker thread (the fields are listed and a few are read for the
+        """Open a plate in a background job (the fields are listed and a few are read for the
         contrast limits there), then show it; the arguments fill the panel's fields first.
-        Returns the worker (its ``returned``/``errored`` signals tell when it is done)."""
-        from napari.qt.threading import create_worker
-
+        Returns the job (None when no plate is chosen); the Open button is enabled again
+        when it has ended."""
         if path is not None:
             self.path.value = Path(path)
         if platemap is not None:
@@ -125,15 +125,13 @@ class PlatePanel(Container):
         platemap_path = self._text_path(self.platemap_path)
         self.open_button.enabled = False
         self.message.value = f"opening {source.name}..."
-        # An errored handler given here replaces the default one (re-raise in the main thread).
-        self.worker = create_worker(
-            _open_plate_job, source, platemap_path, names,
-            _start_thread=False, _connect={"errored": self._on_open_error},
-        )  # fmt: skip
-        self.worker.returned.connect(lambda result: self._show_opened(*result, colors=colours))
-        self.worker.finished.connect(lambda: setattr(self.open_button, "enabled", True))
-        self.worker.start()
-        return self.worker
+        self.job = start_job(
+            lambda _job: _open_plate_job(source, platemap_path, names),
+            returned=lambda result: self._show_opened(*result, colors=colours),
+            errored=self._on_open_error,
+            finished=lambda: setattr(self.open_button, "enabled", True),
+        )
+        return self.job
 
     def _show_opened(
         self, plate: Plate, mosaic: PlateMosaic, layer_data: list, colors: list[str] | None
@@ -219,12 +217,8 @@ class PlatePanel(Container):
             show_well(self.viewer, selected[0])
 
     def shown_well(self) -> str | None:
-        """The well whose field layers are shown, if any."""
-        for layer in self.viewer.layers:
-            info = layer.metadata.get("plate_concepts", {})
-            if info.get("role") == "well-field":
-                return info["well"]
-        return None
+        """The viewer's selected well (the one whose fields :func:`show_well` showed), if any."""
+        return get_state(self.viewer).well
 
     def choose_well(self, well: str) -> list:
         """Choose ``well`` in the list (which shows its fields); returns its field layers."""

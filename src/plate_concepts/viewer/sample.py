@@ -7,7 +7,6 @@ see :func:`plate_concepts.demo.cached_demo_plate`) and reused afterwards.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +37,32 @@ def demo_plate() -> list[tuple[Any, dict, str]]:
 
 
 def _generate_with_progress(poll_s: float = 0.05) -> Path:
-    """Run :func:`cached_demo_plate` in a thread; meanwhile (sample data is loaded on the main
-    thread) keep the Qt event loop turning and a napari progress bar showing fields written."""
+    """Run :func:`cached_demo_plate` as a background job; meanwhile (sample data is loaded on
+    the main thread) keep the Qt event loop turning and a napari progress bar counting the
+    fields written."""
     from napari.utils import progress
     from qtpy.QtWidgets import QApplication
 
-    app = QApplication.instance()
-    reported: list[tuple[int, int]] = []  # written by the thread, read here: a list is enough
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="demo-plate") as pool:
-        job = pool.submit(
-            cached_demo_plate,
-            **DEMO_OPTIONS,
-            progress=lambda done, total: reported.append((done, total)),
+    from plate_concepts.viewer._jobs import Progress, start_job
+
+    outcome: dict[str, Any] = {}
+    with progress(total=0, desc="Demo plate") as bar:
+
+        def show(update: Progress) -> None:
+            if bar.total != update.total:
+                bar.total = update.total
+                bar.set_description("Generating the demo plate (fields)")
+            bar.update(update.done - bar.n)
+
+        job = start_job(
+            lambda job: cached_demo_plate(**DEMO_OPTIONS, progress=job.progress("fields")),
+            progress=show,
+            returned=lambda folder: outcome.update(folder=folder),
+            errored=lambda error: outcome.update(error=error),
         )
-        with progress(total=0, desc="Demo plate") as bar:
-            while not job.done():
-                if reported:
-                    done, total = reported[-1]
-                    if bar.total != total:
-                        bar.total = total
-                        bar.set_description("Generating the demo plate (fields)")
-                    bar.update(done - bar.n)
-                if app is not None:
-                    app.processEvents()
-                time.sleep(poll_s)
-    return job.result()
+        while job.running:
+            QApplication.processEvents()
+            time.sleep(poll_s)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["folder"]
