@@ -123,7 +123,12 @@ def bench_feature_selection(args: argparse.Namespace) -> None:
 
     from plate_concepts.analysis.explorer import FeatureExplorer
     from plate_concepts.dictionary.estimators import ICFL
-    from plate_concepts.viewer._feature_layers import N_CROPS, THUMBNAIL_SIZE, feature_view
+    from plate_concepts.viewer._feature_layers import (
+        N_CROPS,
+        THUMBNAIL_SIZE,
+        feature_view,
+        resolve_selection,
+    )
     from plate_concepts.viewer.features_panel import AUTO_WELL
 
     plate, store, dictionary_file = demo_world(
@@ -181,8 +186,7 @@ def bench_feature_selection(args: argparse.Namespace) -> None:
         feature_view(
             explorer,
             state.mosaic,
-            feature,
-            n_crops=N_CROPS,
+            resolve_selection(explorer, feature, n_crops=N_CROPS),
             channel_limits=[(0, 1)] * len(plate.channels),
             channel_colors=[(1, 1, 1)] * len(plate.channels),
             thumbnail_size=THUMBNAIL_SIZE,

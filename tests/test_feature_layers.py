@@ -3,139 +3,29 @@ values and colours, thumbnails and bars, on a tiny plate whose structure is plan
 
 from __future__ import annotations
 
-import dask.array as da
 import numpy as np
-import pandas as pd
 import pytest
-import torch
-from scipy import ndimage
+from conftest import FEATURE_CROP as CROP
+from conftest import FEATURE_FIELD as FIELD
+from conftest import direction, quarter_cells
 
-from plate_concepts.plates.model import Plate
+# test_dictionary_panel imports these builders from here (it should take conftest's fixtures).
+from conftest import make_feature_dictionary as make_dictionary  # noqa: F401
+from conftest import make_feature_plate as make_plate  # noqa: F401
+from conftest import make_feature_store as make_store  # noqa: F401
+
 from plate_concepts.plates.mosaic import PlateMosaic
-
-FIELD = 64  # px per side of a field
-CROP = 16  # px per crop: 4 x 4 crops per field
-GRID = 4  # patch tokens per crop side: 4 px per patch
-DIM = 16
-WELLS = ["A01", "A02", "A03", "B01", "B02", "B03"]
-TREATED = {"A02", "B02"}  # drug wells: cell 1 (top-left quarter) lights up along DIRECTION
-
-
-def _cells(field: int) -> np.ndarray:
-    """Four square cells, one per quarter of the field (ids 1..4; field 1 numbers them from 5)."""
-    labels = np.zeros((FIELD, FIELD), dtype=np.uint16)
-    half = FIELD // 2
-    for index, (y, x) in enumerate([(0, 0), (0, half), (half, 0), (half, half)]):
-        labels[y + 4 : y + half - 4, x + 4 : x + half - 4] = index + 1 + 4 * field
-    return labels
-
-
-def make_plate(wells: list[str] = WELLS, n_fields: int = 2, seed: int = 0) -> Plate:
-    rng = np.random.default_rng(seed)
-    images, labels = {}, {}
-    for well in wells:
-        for field in range(n_fields):
-            image = rng.integers(100, 200, size=(2, FIELD, FIELD)).astype(np.uint16)
-            cells = _cells(field)
-            image[0][cells > 0] += 800  # a bright cell body in channel 0
-            images[(well, field)] = [da.from_array(image, chunks=(1, FIELD, FIELD))]
-            # Nuclei: the same ids, each cell shrunk by 2 px.
-            nuclei = np.where(ndimage.binary_erosion(cells > 0, iterations=2), cells, 0)
-            labels[(well, field)] = {
-                "cells": [da.from_array(cells, chunks=(FIELD, FIELD))],
-                "nuclei": [da.from_array(nuclei, chunks=(FIELD, FIELD))],
-            }
-    platemap = pd.DataFrame(
-        {
-            "treatment": ["drug" if w in TREATED else "DMSO" for w in wells],
-            "batch": ["b1" if w.startswith("A") else "b2" for w in wells],
-        },
-        index=pd.Index(wells, name="well"),
-    )
-    return Plate(
-        name="tiny",
-        channels=["DNA", "Mito"],
-        images=images,
-        labels=labels,
-        reader="test",
-        platemap=platemap,
-    )
-
-
-def direction() -> np.ndarray:
-    v = np.zeros(DIM, dtype=np.float32)
-    v[3] = 1.0
-    return v
-
-
-def make_store(path, plate: Plate, seed: int = 0):
-    """Crop tokens = mean of their patch tokens; treated wells' patches inside cell 1 get +4 v."""
-    from plate_concepts.embeddings.store import EmbeddingStore
-
-    rng = np.random.default_rng(seed)
-    rows, patches = [], []
-    for well in plate.wells:
-        for field in plate.fields(well):
-            cells = _cells(field)
-            for cy in range(0, FIELD, CROP):
-                for cx in range(0, FIELD, CROP):
-                    grid = rng.normal(size=(GRID, GRID, DIM)).astype(np.float32)
-                    if well in TREATED:
-                        step = CROP // GRID
-                        centres = cells[
-                            cy + step // 2 : cy + CROP : step, cx + step // 2 : cx + CROP : step
-                        ]
-                        grid[centres == 1 + 4 * field] += 4 * direction()
-                    patches.append(grid)
-                    rows.append(
-                        {
-                            "plate": plate.name,
-                            "well": well,
-                            "field": field,
-                            "crop_y": cy,
-                            "crop_x": cx,
-                            "crop_size": CROP,
-                            "is_control": well not in TREATED,
-                            "treatment": "drug" if well in TREATED else "DMSO",
-                            "batch": "b1" if well.startswith("A") else "b2",
-                        }
-                    )
-    patches = np.stack(patches)
-    store = EmbeddingStore.create(path, dim=DIM, patch_grid=(GRID, GRID))
-    store.append(patches.mean(axis=(1, 2)), pd.DataFrame(rows), patch_tokens=patches)
-    return store
-
-
-def make_dictionary(store, n_features: int = 16, steps: int = 20):
-    from plate_concepts.dictionary.estimators import ICFL
-
-    torch.manual_seed(0)
-    return ICFL(
-        n_features=n_features,
-        n_rounds=2,
-        per_round=2,
-        steps=steps,
-        batch_size=64,
-        device="cpu",
-        log_every=5,
-    ).fit(store)
-
-
-def make_world(tmp_path):
-    """(plate, mosaic, store, prepared explorer) of the tiny plate."""
-    from plate_concepts.analysis.explorer import FeatureExplorer
-
-    plate = make_plate()
-    store = make_store(tmp_path / "tiny.store", plate)
-    explorer = FeatureExplorer(store, make_dictionary(store), plate=plate).prepare()
-    # Gaps that keep tiles divisible by 4, so maps can be 2x or 4x coarser and still line up.
-    return plate, PlateMosaic(plate, well_gap=8, field_gap=4), store, explorer
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    torch.set_num_threads(1)
-    return make_world(tmp_path_factory.mktemp("world"))
+def world(feature_world):
+    return feature_world
+
+
+def _selection(explorer, feature, well=None, **options):
+    from plate_concepts.viewer._feature_layers import resolve_selection
+
+    return resolve_selection(explorer, feature, well=well, **options)
 
 
 def _world_position(kwargs: dict, index: tuple[float, float]) -> np.ndarray:
@@ -208,7 +98,7 @@ def test_activation_map_spans_the_wells_fields_exactly(world):
 
     plate, mosaic, _store, explorer = world
     data, kwargs, kind = activation_map_layer_data(
-        explorer, mosaic, 5, "A02", mode="cosine", downsample=2
+        explorer, mosaic, _selection(explorer, 5, "A02", mode="cosine"), downsample=2
     )
     assert kind == "image" and kwargs["name"] == "feature 5: activation map"
     assert kwargs["scale"] == (2.0, 2.0)
@@ -241,8 +131,10 @@ def test_activation_map_finds_the_planted_cell(world):
         for f in range(explorer.n_features)
     ]
     feature = int(np.argmax(scores))
-    data, _kwargs, _ = activation_map_layer_data(explorer, mosaic, feature, "B02", downsample=1)
-    cells = _cells(0)
+    data, _kwargs, _ = activation_map_layer_data(
+        explorer, mosaic, _selection(explorer, feature, "B02"), downsample=1
+    )
+    cells = quarter_cells(0)
     sign = np.sign(float(feature_direction(explorer.estimator, feature) @ planted))
     field0 = sign * data[:FIELD, :FIELD]
     assert np.nanmean(field0[cells == 1]) > np.nanmean(field0[(cells > 1)]) + 0.3
@@ -252,7 +144,7 @@ def test_cells_layer_values_ids_and_alignment(world):
     from plate_concepts.viewer._feature_layers import ROLE_CELLS, cells_layer_data
 
     plate, mosaic, _store, explorer = world
-    data, kwargs, kind = cells_layer_data(explorer, mosaic, 2, "B02")
+    data, kwargs, kind = cells_layer_data(explorer, mosaic, _selection(explorer, 2, "B02"))
     assert kind == "labels" and kwargs["name"] == "feature 2: cells"
     assert kwargs["metadata"]["plate_concepts"]["role"] == ROLE_CELLS
     features = kwargs["features"]
@@ -268,7 +160,7 @@ def test_cells_layer_values_ids_and_alignment(world):
         # Each cell's pixels in the layer carry its renumbered id.
         oy, ox = mosaic.field_origin("B02", field)
         block = data[oy - y0 : oy - y0 + FIELD, ox - x0 : ox - x0 + FIELD]
-        cells = _cells(field)
+        cells = quarter_cells(field)
         for _, row in rows.iterrows():
             assert set(np.unique(block[cells == row["cell"]])) == {row["index"]}
         assert (block[cells == 0] == 0).all()
@@ -291,13 +183,12 @@ def test_map_downsample_keeps_map_pixels_on_the_mosaic_grid(world):
     odd = PlateMosaic(plate, well_gap=8, field_gap=1)  # 65-px tiles: only full resolution lines up
     assert map_downsample(odd, max_side=10) == 1
     with pytest.raises(ValueError, match="does not divide"):
-        activation_map_layer_data(_explorer, odd, 0, "A01", downsample=2)
+        activation_map_layer_data(_explorer, odd, _selection(_explorer, 0, "A01"), downsample=2)
 
 
 def test_bars_thumbnails_and_table(world):
     from plate_concepts.viewer._feature_layers import (
         feature_table,
-        label_value_bars,
         top_crop_thumbnails,
     )
 
@@ -316,48 +207,94 @@ def test_bars_thumbnails_and_table(world):
         "drug",
     }
 
-    bars = label_value_bars(explorer, 4, "treatment")
-    reference = explorer.label_value_activation(4, "treatment").set_index("value")
-    assert bars.labels[-1] == "controls" and bars.is_control == [False, False, True]
-    assert sorted(bars.labels[:2]) == ["DMSO", "drug"]
-    for label, value in zip(bars.labels, bars.values):
-        assert value == pytest.approx(reference.loc[label, "mean_activation"])
-    assert bars.values[0] >= bars.values[1]  # highest first
-
     feature = int(table.sort_values("frequency").iloc[-1]["feature"])
-    crops = top_crop_thumbnails(
-        explorer, feature, 5, [(0, 1000), (0, 300)], [(0, 0, 1), (0, 1, 0)], size=16
-    )
-    top = explorer.top_crops(feature, 5)
-    assert [(c.crop.well, c.crop.field, c.crop.crop_y, c.crop.crop_x) for c in crops] == [
-        (t.well, t.field, t.crop_y, t.crop_x) for t in top
-    ]
+    top = explorer.top_crops(feature, 5, on_plate=True)
+    crops = top_crop_thumbnails(explorer, top, [(0, 1000), (0, 300)], [(0, 0, 1), (0, 1, 0)], 16)
+    assert [c.crop for c in crops] == top
     assert all(c.rgb.shape == (CROP, CROP, 3) for c in crops)
     assert crops[0].caption.startswith(f"{top[0].well} f{top[0].field + 1}")
 
 
-def test_feature_view_gathers_all_layers(world):
-    from plate_concepts.viewer._feature_layers import feature_view, top_well
+def test_bars_show_the_controls_once(world):
+    """DMSO wells are the controls: their bar is the controls' bar. Controls spread over the
+    batches: each batch, then the controls. Control wells: each in grey, then all controls."""
+    from plate_concepts.viewer._feature_layers import label_value_bars
+
+    explorer = world[3]
+    reference = explorer.label_value_activation(4, "treatment").set_index("value")
+    bars = label_value_bars(explorer, 4, "treatment")
+    assert bars.labels == ["drug", "DMSO (controls)"] and bars.is_control == [False, True]
+    assert bars.values == pytest.approx(
+        [reference.loc["drug", "mean_activation"], reference.loc["controls", "mean_activation"]]
+    )
+    assert reference.loc["DMSO", "mean_activation"] == pytest.approx(
+        reference.loc["controls", "mean_activation"]
+    )  # the same tokens
+
+    bars = label_value_bars(explorer, 4, "batch")
+    assert sorted(bars.labels[:2]) == ["b1", "b2"] and bars.labels[2:] == ["controls"]
+    assert bars.is_control == [False, False, True] and bars.values[0] >= bars.values[1]
+
+    bars = label_value_bars(explorer, 4, "well", kind="fraction")
+    assert sorted(bars.labels[:2]) == ["A02", "B02"]  # the treated wells
+    assert bars.labels[2:] == ["A01", "A03", "B01", "B03", "controls"]
+    assert bars.is_control == [False, False, True, True, True, True, True]
+    fractions = explorer.label_value_activation(4, "well").set_index("value")["fraction_active"]
+    assert bars.values == pytest.approx([fractions[label] for label in bars.labels])
+
+
+def test_a_selection_is_resolved_once_and_drawn_as_resolved(world):
+    from dataclasses import replace
+
+    from plate_concepts.viewer._feature_layers import (
+        activation_map_layer_data,
+        cells_layer_data,
+        top_well,
+    )
 
     _plate, mosaic, _store, explorer = world
+    selection = _selection(explorer, 1, n_crops=4)
+    assert selection.well == top_well(explorer, 1, "mean") and selection.fields == (0, 1)
+    assert selection.label_name == "cells" and selection.label_fields == (0, 1)
+    assert list(selection.top_crops) == explorer.top_crops(1, 4, on_plate=True)
+    assert selection.label_column == explorer.label_column == "treatment"
+    nuclei = _selection(explorer, 1, "b3", label_name="nuclei", n_crops=0)
+    assert nuclei.well == "B03" and nuclei.label_name == "nuclei" and nuclei.top_crops == ()
+
+    # The layers draw the fields the selection names, and nothing else.
+    only_second = replace(selection, fields=(1,), label_fields=(1,))
+    data, kwargs, _ = activation_map_layer_data(explorer, mosaic, only_second, downsample=1)
+    y0, x0, _, _ = mosaic.field_grid_box(selection.well)
+    first = [mosaic.field_origin(selection.well, f) for f in (0, 1)]
+    assert np.isnan(data[first[0][0] - y0, first[0][1] - x0 : first[0][1] - x0 + FIELD]).all()
+    assert np.isfinite(data[first[1][0] - y0, first[1][1] - x0 : first[1][1] - x0 + FIELD]).all()
+    assert kwargs["metadata"]["plate_concepts"]["fields"] == [1]
+    _, kwargs, _ = cells_layer_data(explorer, mosaic, only_second)
+    assert set(kwargs["features"]["field"]) == {2}  # 1-based
+    assert cells_layer_data(explorer, mosaic, replace(selection, label_fields=())) is None
+
+
+def test_feature_view_gathers_all_layers(world):
+    from plate_concepts.viewer._feature_layers import feature_view
+
+    _plate, mosaic, _store, explorer = world
+    selection = _selection(explorer, 1, kind="mean", label_column="treatment", n_crops=4)
     view = feature_view(
         explorer,
         mosaic,
-        1,
-        kind="mean",
-        label_column="treatment",
+        selection,
         channel_limits=[(0, 1000), (0, 300)],
         channel_colors=[(0, 0, 1), (0, 1, 0)],
-        n_crops=4,
     )
-    assert view.well == top_well(explorer, 1, "mean")
+    assert view.well == selection.well
     names = [kwargs["name"] for _, kwargs, _ in view.layers]
     assert names == [
         "feature 1: mean activation per well",
         "feature 1: activation map",
         "feature 1: cells",
     ]
-    assert view.bars is not None and len(view.crops) <= 4
-    chosen = feature_view(explorer, mosaic, 1, well="A01", n_crops=0)
+    assert view.bars is not None and [c.crop for c in view.crops] == list(selection.top_crops)
+    chosen = feature_view(explorer, mosaic, _selection(explorer, 1, "A01", n_crops=0))
     assert chosen.well == "A01" and chosen.crops == []
     assert chosen.layers[1][1]["metadata"]["plate_concepts"]["well"] == "A01"
+    assert feature_view(explorer, None, selection).layers == []  # no plate shown: no layers

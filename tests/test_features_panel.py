@@ -6,40 +6,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
+from conftest import FEATURE_FIELD as FIELD
 from qtpy.QtCore import Qt
-from test_feature_layers import FIELD, make_world
 
 pytestmark = pytest.mark.gui
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    torch.set_num_threads(1)
-    return make_world(tmp_path_factory.mktemp("world"))
-
-
-def _show(make_napari_viewer, plate, store, explorer):
-    """A viewer with the plate, its store, dictionary and explorer, and the panel docked."""
-    from plate_concepts.viewer.app import show_plate
-    from plate_concepts.viewer.features_panel import FeaturesPanel
-    from plate_concepts.viewer.state import get_state
-
-    viewer = make_napari_viewer()
-    mosaic = show_plate(viewer, plate)
-    state = get_state(viewer)
-    state.set_store(store)
-    state.set_dictionary(explorer.estimator)
-    panel = FeaturesPanel(viewer)
-    viewer.window.add_dock_widget(panel, name="Features")
-    state.set_explorer(explorer)
-    return viewer, state, panel, mosaic, explorer
+def world(feature_world):
+    return feature_world
 
 
 @pytest.fixture
-def shown(make_napari_viewer, world):
+def shown(features_viewer, world):
+    """(viewer, state, panel, mosaic, explorer): the world's plate shown, the panel docked."""
     plate, _mosaic, store, explorer = world
-    return _show(make_napari_viewer, plate, store, explorer)
+    return (*features_viewer(plate, store, explorer), explorer)
 
 
 def _feature_layers(viewer):
@@ -135,7 +117,28 @@ def test_selecting_a_feature_shows_aligned_layers(shown, qtbot):
     ys, _xs = np.nonzero(cells.data == brightest)
     assert len(ys) and cells.colormap.map(np.array([brightest]))[0][3] > 0
 
-    assert panel.bars.labels[-1] == "controls" and len(panel.bars.values) == 3
+    # Results: the objects cannot be painted by accident; every layer shows its value range
+    # (napari's colour bar for the images, the panel's scale for the objects).
+    assert not cells.editable and cells.mode == "pan_zoom"
+    assert heatmap.colorbar.visible and activation.colorbar.visible
+    assert tuple(activation.contrast_limits) == pytest.approx(
+        (min(0.0, np.nanmin(activation.data)), np.nanmax(activation.data))
+    )
+    low, high = cells.metadata["plate_concepts"]["limits"]
+    assert low <= cells.features["mean activation"].min() and high == pytest.approx(
+        cells.features["mean activation"].max()
+    )
+    assert panel.scales.rows == [
+        ("wells: mean activation", *heatmap.contrast_limits),
+        ("activation map: cosine", *activation.contrast_limits),
+        ("cells: mean activation", low, high),
+    ]
+    heatmap.contrast_limits = (0.0, 0.5)  # the user's contrast: the scale follows
+    assert panel.scales.rows[0] == ("wells: mean activation", 0.0, 0.5)
+    assert panel.scales.tooltip_at(1) == "wells: mean activation: 0 to 0.5"
+
+    # DMSO wells are the controls: one bar for them.
+    assert panel.bars.labels == ["drug", "DMSO (controls)"]
     visible = [b for b in panel.crop_buttons if not b.isHidden()]
     top = explorer.top_crops(feature, 12)
     assert len(visible) == len(top) and visible[0].text().startswith(
@@ -189,12 +192,13 @@ def test_arrow_keys_kind_and_well_update_the_same_layers(shown, qtbot):
 def test_the_plate_panels_well_is_followed(shown, qtbot):
     from plate_concepts.viewer.app import show_well
 
-    viewer, _state, panel, _mosaic, _explorer = shown
+    viewer, state, panel, _mosaic, _explorer = shown
     with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
         panel.select_feature(2)
-    assert panel.chosen_well() is None  # nothing chosen: the feature's top well
+    assert state.well is None and panel.chosen_well() is None  # the feature's top well
     with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
-        show_well(viewer, "B01")  # as the Plate panel does
+        show_well(viewer, "b1")  # as the Plate panel does
+    assert state.well == "B01" and panel.chosen_well() == "B01"
     layers = _feature_layers(viewer)
     assert layers["feature-map"].metadata["plate_concepts"]["well"] == "B01"
     assert set(layers["feature-cells"].features["well"]) == {"B01"}
@@ -225,20 +229,9 @@ def test_a_new_dictionary_clears_the_old_features(shown, qtbot):
     qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
 
 
-def test_feature_layers_render(make_napari_viewer, world, qtbot):
-    from plate_concepts.viewer.app import show_plate
-    from plate_concepts.viewer.features_panel import FeaturesPanel
-    from plate_concepts.viewer.state import get_state
-
+def test_feature_layers_render(features_viewer, world, qtbot):
     plate, _mosaic, store, explorer = world
-    viewer = make_napari_viewer(show=True)
-    show_plate(viewer, plate)
-    state = get_state(viewer)
-    panel = FeaturesPanel(viewer)
-    viewer.window.add_dock_widget(panel, name="Features")
-    state.set_store(store)
-    state.set_dictionary(explorer.estimator)
-    state.set_explorer(explorer)
+    viewer, _state, panel, _mosaic = features_viewer(plate, store, explorer, show=True)
     with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
         panel.select_feature(1)
     for layer in viewer.layers:  # the feature layers alone
@@ -252,14 +245,14 @@ def test_feature_layers_render(make_napari_viewer, world, qtbot):
     qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
 
 
-def test_preloaded_features_are_shown_at_once_and_in_place(make_napari_viewer, world, qtbot):
+def test_preloaded_features_are_shown_at_once_and_in_place(features_viewer, world, qtbot):
     """After preload the panel computes a selection on the GUI thread (no worker) and writes
     the new values into the same layers' arrays; without it, a worker does the reading."""
     from plate_concepts.analysis.explorer import FeatureExplorer
 
     plate, _mosaic, store, world_explorer = world
     explorer = FeatureExplorer(store, world_explorer.estimator, plate=plate).prepare()
-    viewer, _state, panel, mosaic, _ = _show(make_napari_viewer, plate, store, explorer)
+    viewer, _state, panel, mosaic = features_viewer(plate, store, explorer)
     panel.well.setCurrentText("A02")
     shown = []
     panel.feature_shown.connect(shown.append)
@@ -359,7 +352,7 @@ def test_the_objects_coloured_can_be_nuclei(shown, qtbot):
     qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
 
 
-def test_a_new_plate_with_the_same_layout_redraws_its_objects(make_napari_viewer, world, qtbot):
+def test_a_new_plate_with_the_same_layout_redraws_its_objects(features_viewer, world, qtbot):
     """Same wells, fields and label name, another plate: the objects layer shows the new
     plate's objects, not the old ones recoloured."""
     import dask.array as da
@@ -368,7 +361,7 @@ def test_a_new_plate_with_the_same_layout_redraws_its_objects(make_napari_viewer
     from plate_concepts.plates.model import Plate
 
     plate, _mosaic, store, explorer = world
-    viewer, state, panel, _mosaic, _ = _show(make_napari_viewer, plate, store, explorer)
+    viewer, state, panel, _mosaic = features_viewer(plate, store, explorer)
     panel.well.setCurrentText("A02")
     with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
         panel.select_feature(1)
@@ -387,11 +380,38 @@ def test_a_new_plate_with_the_same_layout_redraws_its_objects(make_napari_viewer
     other = FeatureExplorer(store, explorer.estimator, plate=moved).prepare()
     with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
         state.set_explorer(other)
-    from plate_concepts.viewer._feature_layers import cells_layer_data
+    from plate_concepts.viewer._feature_layers import cells_layer_data, resolve_selection
 
     assert panel.well.currentText() == "A02"  # the user's choice outlives the explorer
     after = _feature_layers(viewer)["feature-cells"].data
-    expected, _, _ = cells_layer_data(other, state.mosaic, 1, "A02")
+    expected, _, _ = cells_layer_data(other, state.mosaic, resolve_selection(other, 1, well="A02"))
     np.testing.assert_array_equal(after, expected)
     assert (after > 0).sum() == (before > 0).sum() and not np.array_equal(after > 0, before > 0)
     qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
+
+
+def test_cut_short_text_shows_in_full_as_a_tooltip(shown, qtbot):
+    from plate_concepts.viewer._table_tooltips import elided_text
+
+    _viewer, _state, panel, _mosaic, _explorer = shown
+    panel.label_column.setCurrentText("well")  # any obs column: its values name wells
+    column = panel.model.shown.index("most selective for")
+    row = next(r for r in range(panel.proxy.rowCount()) if panel.proxy.index(r, column).data())
+    index = panel.proxy.index(row, column)
+    header = panel.table.horizontalHeader()
+    header.resizeSection(column, 200)
+    assert elided_text(panel.table, index) is None  # it fits
+    header.resizeSection(column, 12)
+    assert elided_text(panel.table, index) == index.data()
+    assert elided_text(panel.table, panel.proxy.index(row, 0)) is None  # numbers fit
+
+    # The bar chart's labels are cut short too: each bar's tooltip has its label and value.
+    panel.bars.set_data(
+        "t", ["a very long label value indeed", "controls"], [0.5, 0.25], [False, True]
+    )
+    row_height = panel.bars.fontMetrics().height() + 3
+    assert panel.bars.tooltip_at(row_height + 2 + row_height / 2) == (
+        "a very long label value indeed: 0.5"
+    )
+    assert panel.bars.tooltip_at(row_height + 2 + 1.5 * row_height) == "controls: 0.25"
+    assert panel.bars.tooltip_at(1) is None

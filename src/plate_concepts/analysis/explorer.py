@@ -559,9 +559,10 @@ class FeatureExplorer:
         return [(int(rows[i]), float(values[i])) for i in order]
 
     def label_value_activation(self, feature: int, label_column: str | None = None) -> pd.DataFrame:
-        """Per value of a label column: n_tokens, mean_activation (mean code, inactive = 0) and
-        fraction_active of ``feature``; plus a last row ``group == "control"`` (value
-        ``"controls"``) over the control tokens, for plotting each value against controls."""
+        """Per value of a label column: n_tokens, n_control (how many of them are control
+        tokens), mean_activation (mean code, inactive = 0) and fraction_active of ``feature``;
+        plus a last row ``group == "control"`` (value ``"controls"``) over the control tokens,
+        for plotting each value against controls."""
         column = self._column(label_column)
         values = self.feature_values(feature)
 
@@ -573,21 +574,26 @@ class FeatureExplorer:
             active = np.bincount(
                 codes[labelled], weights=values[labelled] != 0, minlength=len(uniques)
             )
+            has_controls = self.control_column in self.obs.columns
+            control = self._control_mask() if has_controls else np.zeros(len(codes), bool)
             columns = {
                 "value": list(uniques),
                 "group": ["label"] * len(uniques),
                 "n_tokens": list(counts),
+                "n_control": list(
+                    np.bincount(codes[labelled & control], minlength=len(uniques))
+                ),
                 "mean_activation": list(sums / np.maximum(counts, 1)),
                 "fraction_active": list(active / np.maximum(counts, 1)),
             }
-            if self.control_column in self.obs.columns:
-                control = self._control_mask()
+            if has_controls:
                 n_control = int(control.sum())
                 shown = values[control]
                 for name, value in (
                     ("value", CONTROL_GROUP),
                     ("group", "control"),
                     ("n_tokens", n_control),
+                    ("n_control", n_control),
                     ("mean_activation", float(shown.mean()) if n_control else np.nan),
                     ("fraction_active", float((shown != 0).mean()) if n_control else np.nan),
                 ):
@@ -609,6 +615,11 @@ class FeatureExplorer:
         return self._small.get(("factorized", column), build)
 
     # ------------------------------------------------------------------ fields and cells
+    def well_fields(self, well: str) -> list[int]:
+        """The fields of ``well`` (of the explorer's plate) that have crops in the store, in order."""
+        well = canonical_well(well)
+        return sorted(field for name, field in self._prepared.field_rows if name == well)
+
     def field_rows(self, well: str, field: int) -> np.ndarray:
         """Store rows of the crops of one field of the explorer's plate."""
         key = (canonical_well(well), int(field))
@@ -853,7 +864,7 @@ class FeatureExplorer:
         and the pixels of the crops of ``crop_rows`` are all cached: answering needs no disk
         read (after :meth:`preload`, within its budget)."""
         well = canonical_well(well)
-        fields = [key[1] for key in self._prepared.field_rows if key[0] == well]
+        fields = self.well_fields(well)
         keys: list[Hashable] = [("crop", int(row), int(thumbnail_size)) for row in crop_rows]
         for field in fields:
             if self.store.patch_grid is not None:

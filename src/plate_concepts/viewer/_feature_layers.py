@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from plate_concepts.analysis.explorer import THUMBNAIL_SIZE, TOP_CROPS, cell_label_name
+from plate_concepts.plates.geometry import canonical_well
 
 if TYPE_CHECKING:
     from plate_concepts.analysis.explorer import FeatureExplorer, TopCrop
@@ -101,31 +102,81 @@ def heatmap_layer_data(
     )
 
 
-# ---------------------------------------------------------------------- fields of one well
+# ---------------------------------------------------------------------- what a selection shows
 @dataclass(frozen=True)
-class WellGrid:
-    """Where a well's fields lie in the mosaic: the field grid's origin and size (level 0)."""
+class FeatureSelection:
+    """What selecting a feature shows, decided once (:func:`resolve_selection`) and read by
+    :func:`computed_quickly`, :func:`feature_view` and the layer functions."""
 
-    well: str
-    origin: tuple[int, int]
-    shape: tuple[int, int]
+    feature: int
+    kind: Kind
+    mode: Mode
+    #: Whose fields get the activation map and the object colours (None: no well has tokens).
+    well: str | None
+    #: Fields of ``well`` that have crops in the store.
+    fields: tuple[int, ...]
+    #: The label image whose objects are coloured (None: the plate has none, or no plate).
+    label_name: str | None
+    #: Fields of ``well`` that have crops and the label image ``label_name``.
+    label_fields: tuple[int, ...]
+    #: The feature's most active crops of the explorer's plate (none without the plate).
+    top_crops: tuple[TopCrop, ...]
+    #: The label column of the per-value bars (None: no bars).
+    label_column: str | None
 
-    @classmethod
-    def of(cls, mosaic: PlateMosaic, well: str) -> WellGrid:
-        y0, x0, _, _ = mosaic.well_box(well)
-        shape = (
-            mosaic.field_grid[0] * mosaic.tile_shape[0],
-            mosaic.field_grid[1] * mosaic.tile_shape[1],
-        )
-        return cls(well, (y0, x0), shape)
+
+def resolve_selection(
+    explorer: FeatureExplorer,
+    feature: int,
+    *,
+    kind: Kind = "mean",
+    mode: Mode = "cosine",
+    well: str | None = None,
+    label_name: str | None = None,
+    label_column: str | None = None,
+    n_crops: int = N_CROPS,
+) -> FeatureSelection:
+    """Decide what ``feature`` shows: ``well`` (default: the feature's top well), its fields,
+    ``label_name`` (default :func:`~plate_concepts.analysis.explorer.cell_label_name`), the
+    fields that have it, the ``n_crops`` top crops and the bars' ``label_column`` (default the
+    explorer's). Milliseconds: everything it reads is in memory after ``prepare``."""
+    feature = int(feature)
+    well = canonical_well(well) if well else top_well(explorer, feature, kind)
+    fields = tuple(explorer.well_fields(well)) if well is not None else ()
+    plate = explorer.plate
+    if plate is not None:
+        label_name = label_name or cell_label_name(plate.label_names)
+    else:
+        label_name = None
+    label_fields = (
+        tuple(f for f in fields if label_name in plate.field_labels(well, f))
+        if plate is not None and label_name is not None and well is not None
+        else ()
+    )
+    top_crops = (
+        tuple(explorer.top_crops(feature, n_crops, on_plate=True))
+        if plate is not None and n_crops
+        else ()
+    )
+    return FeatureSelection(
+        feature=feature,
+        kind=kind,
+        mode=mode,
+        well=well,
+        fields=fields,
+        label_name=label_name,
+        label_fields=label_fields,
+        top_crops=top_crops,
+        label_column=label_column or explorer.label_column,
+    )
 
 
+# ---------------------------------------------------------------------- fields of one well
 def map_downsample(mosaic: PlateMosaic, max_side: int = MAP_MAX_SIDE) -> int:
     """The power-of-two factor a well's activation map is computed at: small enough that the
     well stays under ``max_side`` pixels, and dividing the field and tile sizes so that every
     map pixel sits exactly on the mosaic's pixel grid."""
-    grid = WellGrid.of(mosaic, mosaic.plate.wells[0])
-    wanted = max(1, math.ceil(max(grid.shape) / max_side))
+    wanted = max(1, math.ceil(max(mosaic.field_grid_shape) / max_side))
     factor = 1
     sizes = (*mosaic.plate.image_shape, *mosaic.tile_shape)
     while factor * 2 <= 2 ** math.ceil(math.log2(wanted)) and all(
@@ -135,31 +186,17 @@ def map_downsample(mosaic: PlateMosaic, max_side: int = MAP_MAX_SIDE) -> int:
     return factor
 
 
-def field_keys(explorer: FeatureExplorer, well: str) -> list[int]:
-    """The fields of ``well`` that have crops in the explorer's store, in order."""
-    fields = []
-    for field_index in explorer.plate.fields(well) if explorer.plate is not None else range(64):
-        try:
-            explorer.field_rows(well, field_index)
-        except KeyError:
-            continue
-        fields.append(int(field_index))
-    return fields
-
-
 def activation_map_layer_data(
     explorer: FeatureExplorer,
     mosaic: PlateMosaic,
-    feature: int,
-    well: str,
-    mode: Mode = "cosine",
+    selection: FeatureSelection,
     downsample: int | None = None,
 ) -> LayerData | None:
-    """The feature's activation over every field of ``well`` as one image spanning the well's
-    field grid (NaN between fields), ``downsample`` x coarser than the mosaic; None when the
-    well has no crops."""
-    fields = field_keys(explorer, well)
-    if not fields:
+    """The selected feature's activation over every field of the selection's well as one
+    image spanning the well's field grid (NaN between fields), ``downsample`` x coarser than
+    the mosaic; None when the well has no crops."""
+    feature, well, mode = selection.feature, selection.well, selection.mode
+    if well is None or not selection.fields:
         return None
     factor = map_downsample(mosaic) if downsample is None else int(downsample)
     sizes = (*mosaic.plate.image_shape, *mosaic.tile_shape)
@@ -168,12 +205,12 @@ def activation_map_layer_data(
             f"downsample {factor} does not divide the field and tile sizes {sizes}: the map would not line "
             "up with the plate (use map_downsample)"
         )
-    grid = WellGrid.of(mosaic, well)
-    canvas = np.full((grid.shape[0] // factor, grid.shape[1] // factor), np.nan, dtype=np.float32)
-    for field_index in fields:
+    y0, x0, y1, x1 = mosaic.field_grid_box(well)
+    canvas = np.full(((y1 - y0) // factor, (x1 - x0) // factor), np.nan, dtype=np.float32)
+    for field_index in selection.fields:
         values = explorer.field_map(feature, well, field_index, mode=mode, downsample=factor)
         oy, ox = mosaic.field_origin(well, field_index)
-        top, left = (oy - grid.origin[0]) // factor, (ox - grid.origin[1]) // factor
+        top, left = (oy - y0) // factor, (ox - x0) // factor
         h, w = (
             min(values.shape[0], canvas.shape[0] - top),
             min(values.shape[1], canvas.shape[1] - left),
@@ -185,16 +222,16 @@ def activation_map_layer_data(
         {
             "name": layer_name(feature, "activation map"),
             "scale": (float(factor), float(factor)),
-            "translate": (grid.origin[0] + half, grid.origin[1] + half),
+            "translate": (y0 + half, x0 + half),
             "colormap": COLORMAP,
             "contrast_limits": value_limits(canvas),
             "opacity": 0.55,
             "blending": "translucent",
             "metadata": _role_metadata(
                 ROLE_MAP,
-                feature=int(feature),
+                feature=feature,
                 well=well,
-                fields=fields,
+                fields=list(selection.fields),
                 mode=mode,
                 downsample=factor,
             ),
@@ -206,42 +243,35 @@ def activation_map_layer_data(
 def cells_layer_data(
     explorer: FeatureExplorer,
     mosaic: PlateMosaic,
-    feature: int,
-    well: str,
-    mode: Mode = "cosine",
-    label_name: str | None = None,
+    selection: FeatureSelection,
     max_side: int = CELLS_MAX_SIDE,
 ) -> LayerData | None:
-    """The labelled cells of ``well``'s fields, each coloured by its mean activation.
+    """The objects of the selection's label image in its well's fields, each coloured by its
+    mean activation.
 
     Label ids are renumbered so that they are unique across the fields (``layer.features``
-    keeps each object's field and original label); None when the plate has no label image.
+    keeps each object's field and original label); None when there are no such objects.
     """
-    plate = explorer.plate
-    if plate is None:
+    plate, well, label_name = explorer.plate, selection.well, selection.label_name
+    if plate is None or well is None or label_name is None or not selection.label_fields:
         return None
-    label_name = label_name or cell_label_name(plate.label_names)
-    if label_name is None:
-        return None
-    fields = [f for f in field_keys(explorer, well) if label_name in plate.field_labels(well, f)]
-    if not fields:
-        return None
-    grid = WellGrid.of(mosaic, well)
+    feature, fields = selection.feature, selection.label_fields
+    y0, x0, y1, x1 = mosaic.field_grid_box(well)
     factor = 1  # big wells: every 2nd/4th... label pixel, as the mosaic's coarser levels do
-    while max(grid.shape) // factor > max_side and all(
+    while max(y1 - y0, x1 - x0) // factor > max_side and all(
         s % (factor * 2) == 0 for s in (*plate.image_shape, *mosaic.tile_shape)
     ):
         factor *= 2
-    canvas = np.zeros((grid.shape[0] // factor, grid.shape[1] // factor), dtype=np.int32)
+    canvas = np.zeros(((y1 - y0) // factor, (x1 - x0) // factor), dtype=np.int32)
     tables, offset = [], 0
     for field_index in fields:
-        values = explorer.cell_values(feature, well, field_index, label_name, mode=mode)
+        values = explorer.cell_values(feature, well, field_index, label_name, mode=selection.mode)
         ids = values["label"].to_numpy()  # increasing: every object of the field
         labels = explorer.label_image(well, field_index, label_name)[::factor, ::factor]
         # Objects renumbered 1..n after the previous fields' (any ids, never overflowing).
         renumbered = np.where(labels > 0, np.searchsorted(ids, labels) + 1 + offset, 0)
         oy, ox = mosaic.field_origin(well, field_index)
-        top, left = (oy - grid.origin[0]) // factor, (ox - grid.origin[1]) // factor
+        top, left = (oy - y0) // factor, (ox - x0) // factor
         h, w = (
             min(labels.shape[0], canvas.shape[0] - top),
             min(labels.shape[1], canvas.shape[1] - left),
@@ -268,7 +298,7 @@ def cells_layer_data(
         {
             "name": layer_name(feature, label_name),
             "scale": (float(factor), float(factor)),
-            "translate": (grid.origin[0] + half, grid.origin[1] + half),
+            "translate": (y0 + half, x0 + half),
             "features": features,
             "colormap": label_colormap(
                 features["index"].to_numpy(), features["mean activation"].to_numpy(), limits
@@ -277,9 +307,9 @@ def cells_layer_data(
             "blending": "translucent",
             "metadata": _role_metadata(
                 ROLE_CELLS,
-                feature=int(feature),
+                feature=feature,
                 well=well,
-                fields=fields,
+                fields=list(fields),
                 label_name=label_name,
                 limits=limits,
             ),
@@ -310,6 +340,13 @@ def label_colors(
     }
     colors.update({int(i): color for i, color in zip(ids, rgba)})
     return colors
+
+
+def colormap_colors(colormap: str = COLORMAP, n: int = 32) -> np.ndarray:
+    """(n, 4) RGBA of ``colormap`` from its low end to its high end (for a colour scale)."""
+    from napari.utils.colormaps import ensure_colormap
+
+    return ensure_colormap(colormap).map(np.linspace(0.0, 1.0, n))
 
 
 def label_colormap(ids: Any, values: Any, limits: tuple[float, float]) -> Any:
@@ -359,16 +396,14 @@ def composite_rgb(
 
 def top_crop_thumbnails(
     explorer: FeatureExplorer,
-    feature: int,
-    n: int,
+    crops: Sequence[TopCrop],
     limits: Sequence[tuple[float, float]],
     colors: Sequence[Sequence[float]],
-    size: int = 96,
+    size: int = THUMBNAIL_SIZE,
 ) -> list[CropThumbnail]:
-    """The ``n`` most active crops of ``feature`` as RGB thumbnails (empty without a plate)."""
-    if explorer.plate is None:
+    """RGB thumbnails of ``crops`` (of the explorer's plate, e.g. a selection's top crops)."""
+    if not crops:
         return []
-    crops = explorer.top_crops(feature, n, on_plate=True)
     pixels = explorer.crop_pixels([c.row for c in crops], size)
     return [
         CropThumbnail(composite_rgb(image, limits, colors, size), crop)
@@ -393,22 +428,34 @@ def label_value_bars(
     max_values: int = 16,
     kind: Kind = "mean",
 ) -> Bars:
-    """The values with the highest activation (at most ``max_values``) and the controls."""
+    """The values with the highest activation (at most ``max_values``), then the controls,
+    each shown once: a value whose tokens are all controls is drawn as a control, and the
+    pooled controls row is left out when it is exactly one such value (``"DMSO (controls)"``)."""
     table = explorer.label_value_activation(feature, label_column)
     measure = "mean_activation" if kind == "mean" else "fraction_active"
-    controls = table[table["group"] == "control"]
-    values = table[table["group"] != "control"].sort_values(measure, ascending=False, kind="stable")
+    pooled = table[table["group"] == "control"]
+    labelled = table[table["group"] != "control"]
+    all_controls = (labelled["n_control"] == labelled["n_tokens"]) & (labelled["n_tokens"] > 0)
+    control_values = labelled[all_controls]
+    values = labelled[~all_controls].sort_values(measure, ascending=False, kind="stable")
     shown = values.head(max_values)
+    names = [str(v) for v in control_values["value"]]
+    if (
+        len(control_values) == 1
+        and len(pooled)
+        and (control_values["n_tokens"].iat[0] == pooled["n_tokens"].iat[0])
+    ):
+        pooled, names = pooled.iloc[:0], [f"{names[0]} (controls)"]
     what = "mean activation" if kind == "mean" else "fraction of active crops"
     title = f"{what} per {label_column}"
     if len(values) > len(shown):
         title += f" (top {len(shown)} of {len(values)})"
-    rows = pd.concat([shown, controls])
+    controls = pd.concat([control_values, pooled])
     return Bars(
         title=title,
-        labels=[str(v) for v in rows["value"]],
-        values=[float(v) for v in rows[measure]],
-        is_control=[g == "control" for g in rows["group"]],
+        labels=[str(v) for v in shown["value"]] + names + [str(v) for v in pooled["value"]],
+        values=[float(v) for v in pd.concat([shown, controls])[measure]],
+        is_control=[False] * len(shown) + [True] * len(controls),
     )
 
 
@@ -433,76 +480,55 @@ def top_well(explorer: FeatureExplorer, feature: int, kind: Kind = "mean") -> st
 def feature_view(
     explorer: FeatureExplorer,
     mosaic: PlateMosaic | None,
-    feature: int,
+    selection: FeatureSelection,
     *,
-    kind: Kind = "mean",
-    mode: Mode = "cosine",
-    well: str | None = None,
-    label_column: str | None = None,
-    n_crops: int = N_CROPS,
     channel_limits: Sequence[tuple[float, float]] | None = None,
     channel_colors: Sequence[Sequence[float]] | None = None,
     thumbnail_size: int = THUMBNAIL_SIZE,
-    label_name: str | None = None,
 ) -> FeatureView:
-    """Layers, crops and bars of one feature. ``well``: whose fields get the activation map and
-    the object colours (default: the feature's top well); ``label_name``: whose objects are
-    coloured (default :func:`~plate_concepts.analysis.explorer.cell_label_name`)."""
-    well = well or top_well(explorer, feature, kind)
-    view = FeatureView(feature=int(feature), well=well)
+    """Layers, crops and bars of a selection (crop thumbnails need the channels' contrast
+    limits and colours)."""
+    feature, well = selection.feature, selection.well
+    view = FeatureView(feature=feature, well=well)
     if mosaic is not None:
-        view.layers.append(heatmap_layer_data(explorer, mosaic, feature, kind))
-        if well is not None:
-            for layer in (
-                activation_map_layer_data(explorer, mosaic, feature, well, mode),
-                cells_layer_data(explorer, mosaic, feature, well, mode, label_name),
-            ):
-                if layer is not None:
-                    view.layers.append(layer)
-    if (
-        n_crops
-        and explorer.plate is not None
-        and channel_limits is not None
-        and channel_colors is not None
-    ):
+        view.layers.append(heatmap_layer_data(explorer, mosaic, feature, selection.kind))
+        for layer in (
+            activation_map_layer_data(explorer, mosaic, selection),
+            cells_layer_data(explorer, mosaic, selection),
+        ):
+            if layer is not None:
+                view.layers.append(layer)
+    if channel_limits is not None and channel_colors is not None:
         view.crops = top_crop_thumbnails(
-            explorer, feature, n_crops, channel_limits, channel_colors, thumbnail_size
+            explorer, selection.top_crops, channel_limits, channel_colors, thumbnail_size
         )
-    column = label_column or explorer.label_column
-    if column is not None:
-        view.bars = label_value_bars(explorer, feature, column, kind=kind)
+    if selection.label_column is not None:
+        view.bars = label_value_bars(explorer, feature, selection.label_column, kind=selection.kind)
     return view
 
 
 def computed_quickly(
     explorer: FeatureExplorer,
     mosaic: PlateMosaic | None,
-    feature: int,
+    selection: FeatureSelection,
     *,
-    kind: Kind = "mean",
-    mode: Mode = "cosine",
-    well: str | None = None,
-    n_crops: int = N_CROPS,
     thumbnail_size: int = THUMBNAIL_SIZE,
-    label_name: str | None = None,
     max_pixels: int = QUICK_MAX_PIXELS,
 ) -> bool:
-    """Whether :func:`feature_view` with these arguments reads nothing from disk and maps at
-    most ``max_pixels`` field pixels: quick enough (tens of ms) to run on the GUI thread."""
-    well = well or top_well(explorer, feature, kind)
-    if mosaic is None or well is None:
+    """Whether :func:`feature_view` of ``selection`` reads nothing from disk and maps at most
+    ``max_pixels`` field pixels: quick enough (tens of ms) to run on the GUI thread."""
+    if mosaic is None or selection.well is None:
         return True
     plate = explorer.plate
-    fields = field_keys(explorer, well)
-    if plate is not None and len(fields) * plate.image_shape[0] * plate.image_shape[1] > max_pixels:
-        return False
+    if plate is not None:
+        height, width = plate.image_shape
+        if len(selection.fields) * height * width > max_pixels:
+            return False
     return explorer.in_memory(
-        well,
-        mode=mode,
-        label_name=None if plate is None else label_name or cell_label_name(plate.label_names),
-        crop_rows=[c.row for c in explorer.top_crops(feature, n_crops, on_plate=True)]
-        if plate is not None
-        else [],
+        selection.well,
+        mode=selection.mode,
+        label_name=selection.label_name,
+        crop_rows=[crop.row for crop in selection.top_crops],
         thumbnail_size=thumbnail_size,
     )
 

@@ -1,14 +1,15 @@
-"""Two small plots drawn with QPainter (no plotting library needed): a training curve and a
-horizontal bar chart. They follow the palette of the widget they sit in (napari's theme)."""
+"""Small plots drawn with QPainter (no plotting library needed): a training curve, a
+horizontal bar chart and colour scales. They follow the palette of the widget they sit in
+(napari's theme)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from qtpy.QtCore import QPointF, QRectF, Qt
-from qtpy.QtGui import QColor, QFontMetrics, QPainter, QPainterPath, QPen
-from qtpy.QtWidgets import QSizePolicy, QWidget
+from qtpy.QtCore import QEvent, QPointF, QRectF, Qt
+from qtpy.QtGui import QColor, QFontMetrics, QLinearGradient, QPainter, QPainterPath, QPen
+from qtpy.QtWidgets import QSizePolicy, QToolTip, QWidget
 
 ACCENT = QColor(255, 140, 40)  # inferno's orange: the feature's colour across the panels
 CONTROL = QColor(150, 150, 150)
@@ -96,7 +97,26 @@ class LossCurve(QWidget):
         )
 
 
-class BarChart(QWidget):
+class _RowTooltips(QWidget):
+    """A plot of rows whose text may be cut short: the row under the mouse has its full text
+    as a tooltip (``tooltip_at``)."""
+
+    def tooltip_at(self, y: float) -> str | None:
+        raise NotImplementedError
+
+    def event(self, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.ToolTip:
+            text = self.tooltip_at(event.pos().y())
+            if text is None:
+                QToolTip.hideText()
+                event.ignore()
+            else:
+                QToolTip.showText(event.globalPos(), text, self)
+            return True
+        return super().event(event)
+
+
+class BarChart(_RowTooltips):
     """Horizontal bars, one per label value; controls in grey, a dashed line at their mean."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -124,12 +144,28 @@ class BarChart(QWidget):
         self.updateGeometry()
         self.update()
 
+    def _row_height(self) -> int:
+        return QFontMetrics(self.font()).height() + 3
+
+    def row_at(self, y: float) -> int | None:
+        """The bar drawn at height ``y`` (widget pixels), if any."""
+        row = self._row_height()
+        index = math.floor((y - row - 2) / row)
+        return index if 0 <= index < len(self.labels) else None
+
+    def tooltip_at(self, y: float) -> str | None:
+        """The full label and value of the bar at height ``y`` (labels may be elided)."""
+        index = self.row_at(y)
+        if index is None:
+            return None
+        return f"{self.labels[index]}: {_format(self.values[index])}"
+
     def paintEvent(self, event: object) -> None:
         painter = QPainter(self)
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         text = self.palette().text().color()
         metrics = QFontMetrics(self.font())
-        row = metrics.height() + 3
+        row = self._row_height()
         painter.setPen(text)
         painter.drawText(QPointF(2, metrics.ascent() + 1), self.title)
         finite = [v for v in self.values if math.isfinite(v)]
@@ -176,4 +212,73 @@ class BarChart(QWidget):
             painter.setPen(pen)
             painter.drawLine(
                 QPointF(x_of(mean), top - 2), QPointF(x_of(mean), top + len(self.labels) * row + 2)
+            )
+
+
+class ColorScales(_RowTooltips):
+    """Colour scales of a few layers, one row each: the layer's name, then its low value, the
+    colormap's gradient and its high value. napari's colour bars on the canvas carry no name;
+    these tell which is which, and cover labels coloured by value, which have none."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.colors: list[QColor] = []
+        self.rows: list[tuple[str, float, float]] = []
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setFixedHeight(0)
+
+    def _row_height(self) -> int:
+        return QFontMetrics(self.font()).height() + 4
+
+    def set_scales(
+        self, colors: Sequence[Sequence[float]], rows: Sequence[tuple[str, float, float]]
+    ) -> None:
+        """``colors``: RGB(A) in 0..1, evenly spaced from low to high; ``rows``: (name, low,
+        high) of each layer."""
+        self.colors = [QColor.fromRgbF(*(float(c) for c in color[:3])) for color in colors]
+        self.rows = [(str(name), float(low), float(high)) for name, low, high in rows]
+        self.setFixedHeight(self._row_height() * len(self.rows))
+        self.update()
+
+    def tooltip_at(self, y: float) -> str | None:
+        index = math.floor(y / self._row_height())
+        if not 0 <= index < len(self.rows):
+            return None
+        name, low, high = self.rows[index]
+        return f"{name}: {_format(low)} to {_format(high)}"
+
+    def paintEvent(self, event: object) -> None:
+        if not self.colors or not self.rows:
+            return
+        painter = QPainter(self)
+        painter.setPen(self.palette().text().color())
+        metrics = QFontMetrics(self.font())
+        row = self._row_height()
+        name_width = int(self.width() * 0.42)
+        value_width = max(
+            metrics.horizontalAdvance(_format(v)) for _, low, high in self.rows for v in (low, high)
+        )
+        bar_left = name_width + value_width + 8
+        bar_width = max(self.width() - bar_left - value_width - 8, 10)
+        for index, (name, low, high) in enumerate(self.rows):
+            top = index * row
+            painter.drawText(
+                QRectF(0, top, name_width - 4, row),
+                Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
+                metrics.elidedText(name, Qt.TextElideMode.ElideRight, name_width - 4),
+            )
+            painter.drawText(
+                QRectF(name_width, top, value_width + 4, row),
+                Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
+                _format(low),
+            )
+            bar = QRectF(bar_left, top + 3, bar_width, row - 6)
+            gradient = QLinearGradient(bar.topLeft(), bar.topRight())
+            for step, color in enumerate(self.colors):
+                gradient.setColorAt(step / max(len(self.colors) - 1, 1), color)
+            painter.fillRect(bar, gradient)
+            painter.drawText(
+                QRectF(bar.right() + 4, top, value_width + 4, row),
+                Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
+                _format(high),
             )

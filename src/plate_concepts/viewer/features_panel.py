@@ -9,31 +9,23 @@ most selective for. Selecting one (click or arrow keys) shows, over the plate:
 - ``feature N: cells``: that well's cells coloured by their mean activation;
 
 and, in the panel, its top-activating crops and its activation per label value against the
-controls. What a selection needs is computed on the GUI thread when it is all in memory and
-small (tens of ms, after the explorer's preload), else in a thread worker; the panel only turns
-results into layers, updated in place.
+controls. The well is this panel's choice, else the viewer's selected well (the Plate panel's),
+else the feature's top well. What a selection shows is decided once (:func:`resolve_selection`)
+and computed on the GUI thread when it is all in memory and small (tens of ms, after the
+explorer's preload), else in a background job; the panel only turns results into layers,
+updated in place. The layers are results: not editable, each with its colour scale (napari's
+colour bars for the images; the panel's scales name each, and the objects' too).
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from napari.layers import Image, Labels, Layer
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
-from qtpy.QtCore import (
-    QAbstractTableModel,
-    QModelIndex,
-    QSize,
-    QSortFilterProxyModel,
-    Qt,
-    QTimer,
-    Signal,
-)
-from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
+from qtpy.QtCore import QModelIndex, QSize, Qt, Signal
+from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -56,15 +48,21 @@ from plate_concepts.viewer._feature_layers import (
     METADATA_KEY,
     N_CROPS,
     ROLE_CELLS,
+    ROLE_HEATMAP,
     ROLE_MAP,
     THUMBNAIL_SIZE,
     CropThumbnail,
     FeatureView,
+    colormap_colors,
     computed_quickly,
     feature_table,
     feature_view,
+    resolve_selection,
 )
-from plate_concepts.viewer._plots import BarChart
+from plate_concepts.viewer._feature_table import FeatureFilter, FeatureTableModel
+from plate_concepts.viewer._jobs import Job, start_job
+from plate_concepts.viewer._plots import BarChart, ColorScales
+from plate_concepts.viewer._table_tooltips import show_full_text_tooltips
 from plate_concepts.viewer.state import get_state
 
 if TYPE_CHECKING:
@@ -78,98 +76,14 @@ WELL_FIELD_ROLE = "well-field"  # the Plate panel's full-resolution layers of on
 LABEL_COLUMN_WIDTH = 110
 GALLERY_COLUMNS = 6  # two rows of thumbnails leave the table and plot room in a docked panel
 PANEL_MIN_WIDTH = 460  # the five table columns side by side
-#: Two-line headers keep the table narrow enough for a docked panel.
-HEADERS = {
-    "frequency": "freq.",
-    "most selective for": "most\nselective for",
-    "max selectivity": "max\nselect.",
-    "avg selectivity": "avg\nselect.",
+#: The name of each feature layer's colour scale, from its metadata.
+SCALE_NAMES = {
+    ROLE_HEATMAP: lambda info: (
+        "wells: " + {"mean": "mean activation", "fraction": "fraction active"}[info["kind"]]
+    ),
+    ROLE_MAP: lambda info: f"activation map: {info['mode']}",
+    ROLE_CELLS: lambda info: f"{info['label_name']}: mean activation",
 }
-
-
-class FeatureTableModel(QAbstractTableModel):
-    """A pandas table for a QTableView: text for display, raw values for sorting."""
-
-    def __init__(self, table: pd.DataFrame | None = None, parent: Any = None) -> None:
-        super().__init__(parent)
-        self.table = pd.DataFrame() if table is None else table.reset_index(drop=True)
-        self.shown = [c for c in self.table.columns if c != "dead"]
-
-    def rowCount(self, parent: QModelIndex = QModelIndex()) -> int:  # noqa: B008 - Qt's API
-        return 0 if parent.isValid() else len(self.table)
-
-    def columnCount(self, parent: QModelIndex = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(self.shown)
-
-    def data(self, index: QModelIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
-        if not index.isValid():
-            return None
-        column = self.shown[index.column()]
-        value = self.table[column].iat[index.row()]
-        if role == Qt.ItemDataRole.UserRole:
-            return value.item() if isinstance(value, np.generic) else value
-        if role == Qt.ItemDataRole.DisplayRole:
-            if column == "feature":
-                return str(int(value))
-            if isinstance(value, (float, np.floating)):
-                return "" if math.isnan(value) else f"{value:.3f}"
-            return str(value)
-        if role == Qt.ItemDataRole.TextAlignmentRole and column != "most selective for":
-            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-        if role == Qt.ItemDataRole.ForegroundRole and bool(self.table["dead"].iat[index.row()]):
-            return QColor(128, 128, 128)
-        return None
-
-    def headerData(
-        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
-    ) -> Any:
-        if role == Qt.ItemDataRole.DisplayRole and orientation == Qt.Orientation.Horizontal:
-            return HEADERS.get(self.shown[section], self.shown[section])
-        if role == Qt.ItemDataRole.ToolTipRole and orientation == Qt.Orientation.Horizontal:
-            return {
-                "feature": "Feature number (dictionary column)",
-                "frequency": "Fraction of crops where the feature is active",
-                "most selective for": "The label value the feature is most selective for",
-                "max selectivity": "P(active | value) minus the largest P(active | other value)",
-                "avg selectivity": "P(active | value) minus P(active | any other value)",
-            }.get(self.shown[section])
-        return None
-
-    def feature_at(self, row: int) -> int:
-        return int(self.table["feature"].iat[row])
-
-    def row_of(self, feature: int) -> int | None:
-        rows = np.flatnonzero(self.table["feature"].to_numpy() == feature)
-        return int(rows[0]) if len(rows) else None
-
-
-class FeatureFilter(QSortFilterProxyModel):
-    """Sorts by raw values; keeps rows whose label value contains the search text, and hides
-    dead features on request."""
-
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self.search = ""
-        self.hide_dead = True
-        self.setSortRole(Qt.ItemDataRole.UserRole)
-
-    def set_search(self, text: str) -> None:
-        self.search = text.strip().lower()
-        self.invalidateFilter()
-
-    def set_hide_dead(self, hide: bool) -> None:
-        self.hide_dead = bool(hide)
-        self.invalidateFilter()
-
-    def filterAcceptsRow(self, row: int, parent: QModelIndex) -> bool:
-        model = self.sourceModel()
-        if not isinstance(model, FeatureTableModel) or model.table.empty:
-            return True
-        if self.hide_dead and bool(model.table["dead"].iat[row]):
-            return False
-        if self.search:
-            return self.search in str(model.table["most selective for"].iat[row]).lower()
-        return True
 
 
 def _camera(viewer: Any) -> Any:
@@ -197,8 +111,8 @@ class FeaturesPanel(QWidget):
         super().__init__(parent)
         self.viewer = viewer
         self.state = get_state(viewer)
-        self._worker: Any = None
-        self._pending: tuple[dict[str, Any], int] | None = None
+        self._job: Job | None = None
+        self._pending: tuple[Any, ...] | None = None  # the arguments of _start
         self._requests = 0  # numbers the requests: only the latest one's view is shown
         self._objects_of: Any = None  # the explorer whose objects the objects layer shows
         self._view: FeatureView | None = None
@@ -214,19 +128,11 @@ class FeaturesPanel(QWidget):
             (self.state.explorer_changed, self._on_explorer_changed),
             (self.state.dictionary_changed, self._on_dictionary_changed),
             (self.state.feature_selected, self._on_feature_selected),
+            (self.state.well_selected, self._on_well_selected),
         ]
         for signal, slot in connections:
             signal.connect(slot)
         self.destroyed.connect(lambda *_: [signal.disconnect(slot) for signal, slot in connections])
-        # The Plate panel shows a well by adding its field layers: follow it (once per batch).
-        self._follow_timer = QTimer(self)
-        self._follow_timer.setSingleShot(True)
-        self._follow_timer.setInterval(50)
-        self._follow_timer.timeout.connect(self._follow_plate_well)
-        viewer.layers.events.inserted.connect(self._on_layer_inserted)
-        self.destroyed.connect(
-            lambda *_: viewer.layers.events.inserted.disconnect(self._on_layer_inserted)
-        )
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -293,6 +199,7 @@ class FeaturesPanel(QWidget):
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.setWordWrap(False)
         self.table.setMinimumHeight(180)
+        show_full_text_tooltips(self.table)  # long label values are cut short
         self.table.selectionModel().currentRowChanged.connect(self._on_row_changed)
         layout.addWidget(self.search)
         layout.addWidget(self.hide_dead)
@@ -301,6 +208,10 @@ class FeaturesPanel(QWidget):
         self.title = QLabel(" ")
         self.title.setWordWrap(True)
         layout.addWidget(self.title)
+        # napari's colour bars on the canvas have no names, and labels have none: here they are.
+        self.scales = ColorScales()
+        self.scales.setToolTip("Colour scales of the feature's layers")
+        layout.addWidget(self.scales)
         self.bars = BarChart()
         layout.addWidget(self.bars)
         self.gallery_title = QLabel("Top-activating crops")
@@ -320,17 +231,18 @@ class FeaturesPanel(QWidget):
         layout.addLayout(self.gallery)
 
     # ------------------------------------------------------------------ explorer and table
-    def _on_layer_inserted(self, event: Any) -> None:
-        if event.value.metadata.get(METADATA_KEY, {}).get("role") == WELL_FIELD_ROLE:
-            self._follow_timer.start()
-
-    def _follow_plate_well(self) -> None:
+    def _on_well_selected(self, _well: str | None) -> None:
+        """The viewer's well changed (e.g. the Plate panel shows its fields): follow it when
+        no well is chosen here, and keep the feature layers above its field layers."""
+        well = self.state.well
         if (
             self.well.currentText() == AUTO_WELL
-            and self._view is not None
-            and self.chosen_well() != self._view.well
+            and well is not None
+            and (self._view is None or self._view.well != well)
         ):
             self.refresh()
+        else:
+            self._raise_above_well_fields()
 
     def _on_dictionary_changed(self, _dictionary: Any) -> None:
         # The old dictionary's layers would mislead: they go until the new features are ready.
@@ -343,6 +255,7 @@ class FeaturesPanel(QWidget):
             self.viewer.layers.remove(layer)
         self._show_crops([])
         self.bars.set_data("", [], [])
+        self.scales.set_scales([], [])
         self.title.setText(" ")
         if self.state.explorer is None:
             self._on_explorer_changed(None)
@@ -471,82 +384,74 @@ class FeaturesPanel(QWidget):
 
     def refresh(self) -> None:
         """Recompute the selected feature's layers and plots: at once when everything is in
-        memory and small (:func:`computed_quickly`), else in a worker."""
+        memory and small (:func:`computed_quickly`), else in a background job."""
         explorer, feature = self.state.explorer, self.state.feature
         if explorer is None or feature is None or not 0 <= feature < explorer.n_features:
             return
         self._requests += 1
         number = self._requests
+        try:
+            selection = resolve_selection(
+                explorer,
+                feature,
+                kind=KINDS[self.kind.currentText()],
+                mode=MODES[self.mode.currentText()],
+                well=self.chosen_well(),
+                label_name=self.objects.currentText() or None,
+                label_column=self.label_column.currentText() or None,
+                n_crops=N_CROPS,
+            )
+        except Exception as error:  # noqa: BLE001 - as a job's errors: a notification
+            show_error(f"Could not show feature {feature}: {error}")
+            return
         limits, colors = self._channel_display()
-        request = {
-            "explorer": explorer,
-            "mosaic": self.state.mosaic,
-            "feature": feature,
-            "kind": KINDS[self.kind.currentText()],
-            "mode": MODES[self.mode.currentText()],
-            "well": self.chosen_well(),
-            "label_column": self.label_column.currentText() or None,
-            "n_crops": N_CROPS,
-            "channel_limits": limits,
-            "channel_colors": colors,
-            "thumbnail_size": THUMBNAIL_SIZE,
-            "label_name": self.objects.currentText() or None,
-        }
-        quick_arguments = {
-            k: request[k]
-            for k in ("kind", "mode", "well", "n_crops", "thumbnail_size", "label_name")
-        }
-        if computed_quickly(explorer, request["mosaic"], feature, **quick_arguments):
-            self._pending = None  # any worker still running was for an older selection
+        mosaic = self.state.mosaic
+
+        def compute(_job: Any = None) -> FeatureView:
+            return feature_view(
+                explorer,
+                mosaic,
+                selection,
+                channel_limits=limits,
+                channel_colors=colors,
+                thumbnail_size=THUMBNAIL_SIZE,
+            )
+
+        if computed_quickly(explorer, mosaic, selection, thumbnail_size=THUMBNAIL_SIZE):
+            self._pending = None  # any job still running was for an older selection
             try:
-                view = feature_view(**request)
-            except Exception as error:  # as the worker's errors: a notification, not a crash
+                view = compute()
+            except Exception as error:  # noqa: BLE001 - as a job's errors: a notification
                 show_error(f"Could not show feature {feature}: {error}")
                 return
             self._apply(view, explorer, number)
             return
         self.title.setText(f"Feature {feature}: computing…")
-        if self._worker is not None:
-            self._pending = (request, number)  # only the latest matters (arrow keys held down)
+        if self._job is not None:  # only the latest matters (arrow keys held down)
+            self._pending = (compute, explorer, feature, number)
             return
-        self._start(request, number)
+        self._start(compute, explorer, feature, number)
 
-    def _start(self, request: dict[str, Any], number: int) -> None:
-        worker = create_worker(feature_view, _start_thread=False, _ignore_errors=True, **request)
-        worker.returned.connect(
-            lambda view, explorer=request["explorer"]: self._apply(view, explorer, number)
+    def _start(self, compute: Any, explorer: Any, feature: int, number: int) -> None:
+        self._job = start_job(
+            compute,
+            returned=lambda view: self._apply(view, explorer, number),
+            errored=lambda error: show_error(f"Could not show feature {feature}: {error}"),
+            finished=self._on_job_finished,
         )
-        worker.errored.connect(
-            lambda error: show_error(f"Could not show feature {request['feature']}: {error}")
-        )
-        worker.finished.connect(self._on_worker_finished)
-        self._worker = worker
-        worker.start()
 
-    def _on_worker_finished(self) -> None:
-        self._worker = None
+    def _on_job_finished(self) -> None:
+        self._job = None
         if self._pending is not None:
-            (request, number), self._pending = self._pending, None
-            self._start(request, number)
+            pending, self._pending = self._pending, None
+            self._start(*pending)
 
     def chosen_well(self) -> str | None:
-        """The well whose fields are shown: this panel's choice, else the Plate panel's (its
-        state or its field layers), else None (the feature's most active well)."""
+        """The well whose fields are shown: this panel's choice, else the viewer's selected
+        well (the Plate panel's), else None (the feature's most active well)."""
         if self.well.currentText() and self.well.currentText() != AUTO_WELL:
             return self.well.currentText()
-        for name in ("well", "selected_well", "current_well"):
-            well = getattr(self.state, name, None)
-            if isinstance(well, str) and well:
-                return well
-        for layer in reversed(list(self.viewer.layers)):
-            info = layer.metadata.get(METADATA_KEY, {})
-            if (
-                info.get("role") not in FEATURE_ROLES
-                and isinstance(info.get("well"), str)
-                and layer.visible
-            ):
-                return info["well"]
-        return None
+        return self.state.well
 
     def _channel_display(
         self,
@@ -594,6 +499,7 @@ class FeaturesPanel(QWidget):
                 self.viewer.layers.remove(layer)
         self._raise_above_well_fields()
         self._show_title(view)
+        self._show_scales()
         if view.bars is not None:
             self.bars.set_data(
                 view.bars.title, view.bars.labels, view.bars.values, view.bars.is_control
@@ -630,9 +536,13 @@ class FeaturesPanel(QWidget):
         if layer is None:
             # The layer owns a copy: its array is overwritten in place by the next feature,
             # and ``data`` may be held by the explorer's caches.
-            self.viewer.add_layer(Layer.create(data.copy(), kwargs, layer_type))
+            layer = self.viewer.add_layer(Layer.create(data.copy(), kwargs, layer_type))
             if layer_type == "labels":
                 self._objects_of = self.state.explorer
+                layer.editable = False  # a result: no paint brush (and pan/zoom mode)
+            else:
+                layer.colorbar.visible = True
+                layer.events.contrast_limits.connect(self._show_scales)
             return
         previous = layer.metadata.get(METADATA_KEY, {})
         layer.metadata = kwargs["metadata"]
@@ -668,6 +578,7 @@ class FeaturesPanel(QWidget):
             layer.features = kwargs["features"]
             if not same_shape:
                 layer.data = data.copy()
+                layer.editable = False  # napari makes a labels layer editable with new data
             layer.colormap = kwargs["colormap"]  # redraws the labels
             return
         low, high = kwargs["contrast_limits"]
@@ -692,6 +603,23 @@ class FeaturesPanel(QWidget):
         if view.well:
             text += f". Fields of well {view.well} shown."
         self.title.setText(text)
+
+    def _show_scales(self, _event: Any = None) -> None:
+        """One colour scale per feature layer: the images' contrast limits (as their colour
+        bars show them, also after the user changes them), the objects' value range."""
+        rows = []
+        for layer in self.viewer.layers:
+            info = layer.metadata.get(METADATA_KEY, {})
+            role = info.get("role")
+            if role in (ROLE_HEATMAP, ROLE_MAP):
+                low, high = layer.contrast_limits
+            elif role == ROLE_CELLS:
+                low, high = info["limits"]
+            else:
+                continue
+            rows.append((FEATURE_ROLES.index(role), SCALE_NAMES[role](info), low, high))
+        # Wells, then the map, then the objects: as they nest.
+        self.scales.set_scales(colormap_colors(), [row[1:] for row in sorted(rows)])
 
     def _show_crops(self, crops: list[CropThumbnail]) -> None:
         self.gallery_title.setText(
@@ -731,4 +659,4 @@ class FeaturesPanel(QWidget):
 
     @property
     def is_busy(self) -> bool:
-        return self._worker is not None or self._pending is not None
+        return self._job is not None or self._pending is not None
