@@ -186,6 +186,19 @@ def map_downsample(mosaic: PlateMosaic, max_side: int = MAP_MAX_SIDE) -> int:
     return factor
 
 
+def _paste(
+    canvas: np.ndarray, image: np.ndarray, mosaic: PlateMosaic, well: str, field: int, factor: int
+) -> None:
+    """Put a field's ``image`` (``factor`` x coarser than the mosaic) at its place in a canvas
+    spanning ``well``'s field grid at the same scale."""
+    y0, x0, _, _ = mosaic.field_grid_box(well)
+    oy, ox = mosaic.field_origin(well, field)
+    top, left = (oy - y0) // factor, (ox - x0) // factor
+    h = min(image.shape[0], canvas.shape[0] - top)
+    w = min(image.shape[1], canvas.shape[1] - left)
+    canvas[top : top + h, left : left + w] = image[:h, :w]
+
+
 def activation_map_layer_data(
     explorer: FeatureExplorer,
     mosaic: PlateMosaic,
@@ -209,13 +222,7 @@ def activation_map_layer_data(
     canvas = np.full(((y1 - y0) // factor, (x1 - x0) // factor), np.nan, dtype=np.float32)
     for field_index in selection.fields:
         values = explorer.field_map(feature, well, field_index, mode=mode, downsample=factor)
-        oy, ox = mosaic.field_origin(well, field_index)
-        top, left = (oy - y0) // factor, (ox - x0) // factor
-        h, w = (
-            min(values.shape[0], canvas.shape[0] - top),
-            min(values.shape[1], canvas.shape[1] - left),
-        )
-        canvas[top : top + h, left : left + w] = values[:h, :w]
+        _paste(canvas, values, mosaic, well, field_index, factor)
     half = (factor - 1) / 2  # napari: data pixel i is centred at translate + i * scale
     return (
         canvas,
@@ -270,13 +277,7 @@ def cells_layer_data(
         labels = explorer.label_image(well, field_index, label_name)[::factor, ::factor]
         # Objects renumbered 1..n after the previous fields' (any ids, never overflowing).
         renumbered = np.where(labels > 0, np.searchsorted(ids, labels) + 1 + offset, 0)
-        oy, ox = mosaic.field_origin(well, field_index)
-        top, left = (oy - y0) // factor, (ox - x0) // factor
-        h, w = (
-            min(labels.shape[0], canvas.shape[0] - top),
-            min(labels.shape[1], canvas.shape[1] - left),
-        )
-        canvas[top : top + h, left : left + w] = renumbered[:h, :w]
+        _paste(canvas, renumbered, mosaic, well, field_index, factor)
         tables.append(
             pd.DataFrame(
                 {
