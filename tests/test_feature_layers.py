@@ -9,11 +9,6 @@ from conftest import FEATURE_CROP as CROP
 from conftest import FEATURE_FIELD as FIELD
 from conftest import direction, quarter_cells
 
-# test_dictionary_panel imports these builders from here (it should take conftest's fixtures).
-from conftest import make_feature_dictionary as make_dictionary  # noqa: F401
-from conftest import make_feature_plate as make_plate  # noqa: F401
-from conftest import make_feature_store as make_store  # noqa: F401
-
 from plate_concepts.plates.mosaic import PlateMosaic
 
 
