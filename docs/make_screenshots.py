@@ -143,11 +143,11 @@ def _dictionary_panel_on_demo(viewer: Any) -> tuple[Any, Any, Path]:
     panel = DictionaryPanel(viewer)
     viewer.window.add_dock_widget(panel, name="Dictionary", area="right")
     panel.set_controls(*DEMO_CONTROLS)
-    panel.n_features.setValue(256)
-    panel.n_rounds.setValue(4)
-    panel.per_round.setValue(4)
-    panel.steps.setValue(600)
-    panel.batch_size.setValue(256)
+    panel.fields["n_features"].value = "256"
+    panel.method_fields["icfl"]["n_rounds"].value = 4
+    panel.method_fields["icfl"]["per_round"].value = 4
+    panel.fields["steps"].value = "600"
+    panel.fields["batch_size"].value = "256"
     _settle(0.2)
     viewer.reset_view()  # the docked panel narrowed the canvas
     return panel, state, folder
@@ -159,15 +159,17 @@ def dictionary_panel(out_dir: Path) -> Path:
     viewer = _new_viewer()
     try:
         panel, _state, folder = _dictionary_panel_on_demo(viewer)
-        worker = panel.start_fit()
-        done: list[bool] = []
-        worker.finished.connect(lambda: done.append(True))
-        _wait_until(lambda: panel.progress.value() >= 450 or bool(done), what="the fit to progress")
+        panel.start_fit()
+
+        def done() -> bool:
+            return panel.fit_button.isEnabled()  # back when the fit has ended
+
+        _wait_until(lambda: panel.progress.value() >= 450 or done(), what="the fit to progress")
         _settle(0.5)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "dictionary-panel.png"
         viewer.screenshot(str(path), canvas_only=False, flash=False)
-        _wait_until(lambda: bool(done), what="the fit to finish")
+        _wait_until(done, what="the fit to finish")
         panel.save(folder / DEMO_DICTIONARY)
         _wait_until(lambda: not panel.is_busy, what="the feature explorer")
         return path
