@@ -219,6 +219,11 @@ def test_label_value_activation_against_controls(setup):
         assert table.loc[label, "fraction_active"] == pytest.approx((mine != 0).mean())
     assert table.loc[CONTROL_GROUP, "group"] == "control"
     assert table.loc[CONTROL_GROUP, "fraction_active"] == table.loc["DMSO", "fraction_active"]
+    # The controls are exactly the DMSO tokens.
+    assert table["n_control"].to_dict() == {
+        "DMSO": table.loc["DMSO", "n_tokens"], "drug": 0, "inert": 0,
+        CONTROL_GROUP: table.loc["DMSO", "n_tokens"],
+    }  # fmt: skip
     assert table.loc["drug", "fraction_active"] > 0.8
 
 
