@@ -191,7 +191,8 @@ class PlateStats:
     ``groups`` holds: ``"well"`` (keyed by well), ``"controls"`` (the control tokens, keyed by
     well), ``"label:<column>"`` for each label column (keyed by (well, value), so both per-well
     and per-value sums follow; with squares), and when the obs have them ``"field"`` (keyed by
-    field) and ``"foreground"`` (keyed by the decile of the crop's foreground fraction).
+    field) and ``"foreground"`` (keyed by the decile of the crop's foreground fraction), with
+    squares (the confound flags' variance fractions).
     """
 
     n_tokens: int
@@ -355,11 +356,11 @@ class ChunkStats:
                 excluded[column] = int(on_plate.sum() - (values >= 0).sum())
             if FIELD in obs.columns:
                 group, keys = _groups(obs[FIELD].to_numpy(), on_plate)
-                groups[FIELD] = GroupSums.of(group, keys, plate_pairs, M, squares=False)
+                groups[FIELD] = GroupSums.of(group, keys, plate_pairs, M, squares=True)
             if "foreground_fraction" in obs.columns:
                 decile = np.clip(np.floor(obs["foreground_fraction"].to_numpy(float) * 10), 0, 9)
                 group, keys = _groups(decile, on_plate)
-                groups[FOREGROUND] = GroupSums.of(group, keys, plate_pairs, M, squares=False)
+                groups[FOREGROUND] = GroupSums.of(group, keys, plate_pairs, M, squares=True)
             plates[str(plate)] = PlateStats(
                 int(on_plate.sum()), groups, TopTokens.of(plate_pairs, first_row, M, top_n), excluded
             )
