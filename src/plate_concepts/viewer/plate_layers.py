@@ -6,45 +6,16 @@ from typing import Any
 
 import numpy as np
 
+# Channel colours and contrast limits live in the core (reports use them too).
+from plate_concepts.plates.display import (  # noqa: F401
+    COLORMAP_CYCLE,
+    STAIN_COLORMAPS,
+    channel_colormaps,
+    contrast_limits,
+)
 from plate_concepts.plates.geometry import row_letters, well_name
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.mosaic import PlateMosaic
-
-# Cell Painting stains -> the colour a biologist expects; others cycle through COLORMAP_CYCLE.
-STAIN_COLORMAPS = {
-    "dapi": "blue", "hoechst": "blue", "dna": "blue", "nuclei": "blue",
-    "gfp": "green", "er": "green", "concanavalin": "green",
-    "rfp": "magenta", "mito": "red", "mitotracker": "red",
-    "rna": "yellow", "syto": "yellow",
-    "agp": "magenta", "phalloidin": "magenta", "actin": "magenta", "wga": "magenta",
-    "brightfield": "gray", "bf": "gray",
-}
-COLORMAP_CYCLE = ["blue", "green", "magenta", "yellow", "red", "cyan", "gray"]
-
-
-def channel_colormaps(channels: list[str]) -> list[str]:
-    """A colormap name per channel, by stain name where it is recognisable."""
-    maps = []
-    for index, name in enumerate(channels):
-        key = name.lower()
-        match = next((cmap for stain, cmap in STAIN_COLORMAPS.items() if stain in key), None)
-        maps.append(match or COLORMAP_CYCLE[index % len(COLORMAP_CYCLE)])
-    return maps
-
-
-def contrast_limits(plate: Plate, max_fields: int = 8, percentiles: tuple[float, float] = (1.0, 99.8)) -> list[tuple[float, float]]:
-    """Per-channel contrast limits from intensity percentiles of a few fields spread over the plate
-    (their coarsest stored level, strided to at most ~512 px), so opening stays fast."""
-    keys = sorted(plate.images)
-    picks = [keys[i] for i in np.linspace(0, len(keys) - 1, min(max_fields, len(keys))).astype(int)]
-    samples = []
-    for key in picks:
-        image = plate.images[key][-1]
-        stride = max(1, max(image.shape[1:]) // 512)
-        samples.append(np.asarray(image[:, ::stride, ::stride]).reshape(image.shape[0], -1))
-    pixels = np.concatenate(samples, axis=1).astype(np.float64)
-    low, high = np.percentile(pixels, percentiles, axis=1)
-    return [(float(lo), float(hi if hi > lo else lo + 1)) for lo, hi in zip(low, high)]
 
 
 def plate_layer_data(plate: Plate, mosaic: PlateMosaic | None = None) -> list[tuple[Any, dict, str]]:
