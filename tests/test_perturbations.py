@@ -1,0 +1,229 @@
+"""Perturbation profiles and confound flags on a pass of planted codes: z-scores equal a hand
+computation, planted perturbations top their own feature with full replicate agreement and a
+high mAP (noise does not), and planted plate, batch, edge and field effects are flagged by name
+while the perturbation features are not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from plate_concepts.analysis.activation_pass import pass_of_codes, plan_pass, run_pass
+from plate_concepts.analysis.confounds import confound_scores, epsilon_squared, gradient_fraction
+from plate_concepts.analysis.perturbations import (
+    MAD_SCALE,
+    perturbation_profiles,
+    robust_z,
+    well_profiles,
+)
+from plate_concepts.dictionary import ICFL
+from plate_concepts.dictionary.codes import SparseCodes
+from plate_concepts.embeddings.store import EmbeddingStore
+from plate_concepts.plates.geometry import well_name
+
+M = 12
+PLANTED = {"A": 0, "B": 1, "C": 2}  # value -> its feature
+BATCH_FEATURE, PLATE_FEATURE, EDGE_FEATURE, FIELD_FEATURE = 3, 4, 5, 6
+NOISE_FEATURES = range(7, M)
+
+
+def planted_codes(seed: int = 0, tokens_per_well: int = 6) -> tuple[pd.DataFrame, np.ndarray]:
+    """Two 24-well plates (4 x 6). Per plate and batch (rows A-B: b1, C-D: b2): 4 DMSO wells and
+    2 wells each of A, B, C and "noise", shuffled. Features: 0-2 fire on A, B, C (80 % of their
+    tokens); 3 on batch b2, 4 on plate P2, 5 on edge wells, 6 on field 1; every feature also
+    fires weakly on 10 % of all tokens."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for plate in ("P1", "P2"):
+        for batch, well_rows in (("b1", (0, 1)), ("b2", (2, 3))):
+            wells = [well_name(r, c) for r in well_rows for c in range(6)]
+            labels = ["DMSO"] * 4 + [t for t in ("A", "B", "C", "noise") for _ in range(2)]
+            rng.shuffle(labels)
+            for well, label in zip(wells, labels, strict=True):
+                for t in range(tokens_per_well):
+                    rows.append({"plate": plate, "well": well, "field": t % 2, "crop_y": 0, "crop_x": 32 * t,
+                                 "crop_size": 32, "treatment": label, "batch": batch,
+                                 "is_control": label == "DMSO"})
+    obs = pd.DataFrame(rows)
+    n = len(obs)
+    dense = np.zeros((n, M))
+
+    def fire(feature: int, where: np.ndarray, p: float, scale: float = 1.0) -> None:
+        on = where & (rng.random(n) < p)
+        dense[on, feature] = scale * (1 + rng.exponential(0.3, on.sum()))
+
+    for value, feature in PLANTED.items():
+        fire(feature, (obs["treatment"] == value).to_numpy(), 0.8)
+    fire(BATCH_FEATURE, (obs["batch"] == "b2").to_numpy(), 0.7)
+    fire(PLATE_FEATURE, (obs["plate"] == "P2").to_numpy(), 0.7)
+    row, column = obs["well"].str[0].map("ABCD".index), obs["well"].str[1:].astype(int) - 1
+    fire(EDGE_FEATURE, ((row == 0) | (row == 3) | (column == 0) | (column == 5)).to_numpy(), 0.7)
+    fire(FIELD_FEATURE, (obs["field"] == 1).to_numpy(), 0.8)
+    for feature in range(M):
+        fire(feature, np.ones(n, bool), 0.1, 0.5)
+    return obs, dense
+
+
+def sparse_codes(dense: np.ndarray) -> SparseCodes:
+    k = int((dense != 0).sum(axis=1).max())
+    slots = np.argsort(-(dense != 0).astype(int), axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(dense, slots, axis=1)
+    return SparseCodes(torch.from_numpy(slots.astype(np.int64)), torch.from_numpy(values.astype(np.float32)), M)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    obs, dense = planted_codes()
+    x = dense.astype(np.float32)
+    activation_pass = pass_of_codes(sparse_codes(dense), x, x, obs, labels=["treatment", "batch"])
+    return obs, dense.astype(np.float32).astype(np.float64), activation_pass
+
+
+@pytest.fixture(scope="module")
+def profiles(planted):
+    return perturbation_profiles(planted[2], "treatment", null_size=2000)
+
+
+def test_robust_z_known_answer():
+    controls = np.array([[1.0], [2.0], [3.0], [4.0], [100.0]])  # median 3, MAD 1
+    np.testing.assert_allclose(robust_z(np.array([[3.0], [6.0]]), controls), [[0.0], [3 / MAD_SCALE]])
+    # A floor replaces a MAD of 0; a scale of 0 gives z = 0, not inf.
+    flat = np.zeros((4, 2))
+    np.testing.assert_allclose(robust_z(np.array([[0.5, 0.5]]), flat, np.array([0.25, 0.0])), [[2.0, 0.0]])
+
+
+def test_well_z_scores_equal_a_hand_computation(planted):
+    obs, dense, activation_pass = planted
+    wells = well_profiles(activation_pass, "treatment")
+    for plate in ("P1", "P2"):
+        on = (obs["plate"] == plate).to_numpy()
+        control = on & obs["is_control"].to_numpy()
+        control_wells = sorted(set(obs.loc[control, "well"]))
+        means = np.array([dense[control & (obs["well"] == w).to_numpy()].mean(axis=0) for w in control_wells])
+        median = np.median(means, axis=0)
+        mad = MAD_SCALE * np.median(np.abs(means - median), axis=0)
+        sd = dense[control].std(axis=0)  # population sd of the control tokens
+        floor = sd / np.sqrt(6)  # every control well has 6 tokens
+        scale = np.maximum(mad, floor)
+        for well in sorted(set(obs.loc[on, "well"])):
+            tokens = on & (obs["well"] == well).to_numpy()
+            expected = (dense[tokens].mean(axis=0) - median) / scale
+            row = np.flatnonzero((wells.meta["plate"] == plate) & (wells.meta["well"] == well))
+            assert len(row) == 1
+            np.testing.assert_allclose(wells.z[row[0]], expected, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(wells.fraction[row[0]], (dense[tokens] != 0).mean(axis=0), atol=1e-6)
+            assert wells.meta["is_control"].iloc[row[0]] == (obs.loc[tokens, "treatment"].iloc[0] == "DMSO")
+
+
+def test_planted_values_top_their_feature_with_agreeing_replicates(planted, profiles):
+    obs, dense, _ = planted
+    assert set(profiles.values) == {"A", "B", "C", "noise"} and profiles.control_values == ["DMSO"]
+    for value, feature in PLANTED.items():
+        profile = profiles.values[value]
+        assert profile.n_wells == 8 and profile.n_plates == 2
+        top = profile.top(3)
+        assert top["feature"].iloc[0] == feature
+        assert top["replicate_fraction"].iloc[0] == 1.0
+        # Combined across plates = the mean of the replicate wells' own z-scores.
+        rows = (profiles.wells.meta["value"] == value).to_numpy()
+        np.testing.assert_allclose(profile.z, profiles.wells.z[rows].mean(axis=0), rtol=1e-5)
+        tokens = (obs["treatment"] == value).to_numpy()
+        np.testing.assert_allclose(profile.mean, dense[tokens].mean(axis=0), rtol=1e-5)
+    assert profiles.values["noise"].z.max() < 3
+
+
+def test_map_separates_planted_replicates_from_noise(profiles):
+    for value in PLANTED:
+        assert profiles.values[value].map > 0.9 and profiles.values[value].map_p_value < 0.01
+    noise = profiles.values["noise"]
+    assert noise.map < 0.6 and noise.map_p_value > 0.05
+
+
+def test_json_record_has_the_documented_keys(profiles, planted):
+    flags = confound_scores(planted[2], ["treatment"], "batch").flags
+    record = profiles.to_json(top=5, confounds=flags)
+    assert set(record) == {"label", "values", "confounds"} and record["label"] == "treatment"
+    entry = record["values"]["A"]
+    assert set(entry) == {"n_wells", "map", "features"} and len(entry["features"]) == 5
+    assert set(entry["features"][0]) == {"feature", "z", "replicate_fraction", "mean"}
+    zs = [f["z"] for f in entry["features"]]
+    assert zs == sorted(zs, reverse=True)
+    assert record["confounds"][str(BATCH_FEATURE)] == {"by": "batch", "score": pytest.approx(flags[BATCH_FEATURE].score)}
+
+
+def test_epsilon_squared_and_gradient_known_answers():
+    values = np.array([[1.0], [1.0], [3.0], [3.0]])
+    np.testing.assert_allclose(epsilon_squared(values, np.array(["a", "a", "b", "b"])), [1.0])
+    # SS_between = 4, SS_total = 8, MS_within = 4 / 2 -> (4 - 1 * 2) / 8.
+    noisy = np.array([[0.0], [2.0], [2.0], [4.0]])
+    np.testing.assert_allclose(epsilon_squared(noisy, np.array(["a", "a", "b", "b"])), [0.25])
+    assert np.isnan(epsilon_squared(values, np.array(["a", "b", "c", "d"]))[0])  # one row per group
+    line = np.arange(6, dtype=float)[:, None]
+    np.testing.assert_allclose(gradient_fraction(line, np.arange(6), np.zeros(6)), [1.0])
+
+
+def test_planted_nuisances_are_flagged_by_name_and_perturbations_are_not(planted):
+    scores = confound_scores(planted[2], batch="batch")
+    flags = scores.flags
+    assert {f: flag.by for f, flag in flags.items()} == {
+        BATCH_FEATURE: "batch", PLATE_FEATURE: "plate", EDGE_FEATURE: "edge", FIELD_FEATURE: "field",
+    }
+    assert flags[BATCH_FEATURE].score > 0.6 and flags[BATCH_FEATURE].label == "treatment"
+    assert "batch" in flags[BATCH_FEATURE].why()
+    for feature in PLANTED.values():
+        assert scores.labels.loc[feature, "treatment"] > 0.6
+    assert list(scores.labels.columns) == ["treatment"]  # the batch column is no label here
+    # Without the batch column the batch feature's wells are only a row gradient.
+    without = confound_scores(planted[2], labels=["treatment"])
+    assert without.flags[BATCH_FEATURE].by == "row"
+
+
+# ---------------------------------------------------------------------- the demo's claims, small
+def screen_with_batch(root, seed: int = 0) -> tuple[EmbeddingStore, object]:
+    """One 96-well plate of 16-d tokens, 8 per well: per batch (rows A-D: b1, E-H: b2) 16 DMSO
+    wells, 8 wells each of perturbations A, B, C (80 % of their tokens shifted by 4 along their
+    own direction) and 8 "noise" wells, shuffled; every b2 token is shifted by 4 along a fourth
+    direction (the intensity batch). A 32-feature ICFL dictionary on control-whitened tokens."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for batch, well_rows in (("b1", range(4)), ("b2", range(4, 8))):
+        wells = [well_name(r, c) for r in well_rows for c in range(12)]
+        labels = ["DMSO"] * 16 + [p for p in PLANTED for _ in range(8)] + ["noise"] * 8
+        rng.shuffle(labels)
+        for well, label in zip(wells, labels, strict=True):
+            for t in range(8):
+                rows.append({"plate": "S1", "well": well, "field": t // 4, "crop_y": 0, "crop_x": 32 * (t % 4),
+                             "crop_size": 32, "perturbation": label, "batch": batch, "is_control": label == "DMSO"})
+    obs = pd.DataFrame(rows)
+    directions = np.linalg.qr(rng.normal(size=(16, 16)))[0][:, :4].T
+    tokens = rng.normal(size=(len(obs), 16))
+    for i, value in enumerate(PLANTED):
+        tokens[(obs["perturbation"] == value).to_numpy() & (rng.random(len(obs)) < 0.8)] += 4 * directions[i]
+    tokens[(obs["batch"] == "b2").to_numpy()] += 4 * directions[3]
+    store = EmbeddingStore.create(root / "store", dim=16, chunk_rows=256)
+    store.append(tokens.astype(np.float32), obs)
+    estimator = ICFL(n_features=32, n_rounds=2, per_round=2, steps=60, batch_size=128, device="cpu", seed=seed)
+    estimator.fit(tokens, is_control=obs["is_control"].to_numpy())
+    return EmbeddingStore.open(root / "store"), estimator.save(root / "dict.safetensors")
+
+
+def test_demo_claims_on_a_small_screen_with_a_batch(tmp_path):
+    """The user guide's demo claims: each planted perturbation's profile ranks first its most
+    selective feature, with replicate fraction > 0.5; the batch is flagged (by batch) on at
+    least one feature; no most-selective feature is flagged."""
+    torch.set_num_threads(1)
+    store, dictionary = screen_with_batch(tmp_path)
+    activation_pass = run_pass(plan_pass(store, dictionary, None, labels=["perturbation", "batch"]))
+    profiles = perturbation_profiles(activation_pass, "perturbation", null_size=1000)
+    selectivity = activation_pass.selectivity("perturbation")
+    flags = confound_scores(activation_pass, ["perturbation"], "batch").flags
+    for value in PLANTED:
+        most_selective = int(selectivity.maximum[selectivity.values.index(value)].argmax())
+        top = profiles.values[value].top(1)
+        assert int(top["feature"].iloc[0]) == most_selective
+        assert top["replicate_fraction"].iloc[0] > 0.5
+        assert most_selective not in flags
+        assert profiles.values[value].map > 0.9
+    assert any(flag.by == "batch" for flag in flags.values())
