@@ -1,17 +1,23 @@
 """ICFLModule: pursuit equivalence and known answers, code invariants, learning planted atoms,
-redraws of near-duplicate features."""
+redraws of near-duplicate features, the offset model and files saved before it was recorded."""
 
 from __future__ import annotations
 
 import itertools
+import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from plate_concepts.dictionary import ICFL, ControlWhitening, load_dictionary, save_dictionary
 from plate_concepts.dictionary import icfl
 from plate_concepts.dictionary.codes import SparseCodes
 from plate_concepts.dictionary.icfl import ICFLModule
+from plate_concepts.dictionary.io import METADATA_KEY
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +92,9 @@ def test_more_rounds_reconstruct_better() -> None:
     assert errors[-1] < 0.5 * errors[0]
 
 
-def test_decode_is_the_dense_product_and_differentiable() -> None:
-    module = ICFLModule(50, 8, n_rounds=2, per_round=2, seed=8)
+@pytest.mark.parametrize("offset", ["zero", "learned"])
+def test_decode_is_the_dense_product_and_differentiable(offset: str) -> None:
+    module = ICFLModule(50, 8, n_rounds=2, per_round=2, seed=8, offset=offset)
     with torch.no_grad():
         module.bias.fill_(0.25)
     codes = module.encode(_tokens(20, 8, 9))
@@ -96,7 +103,10 @@ def test_decode_is_the_dense_product_and_differentiable() -> None:
     x_hat.sum().backward()
     used = torch.zeros(50, dtype=torch.bool)
     used[codes.indices[codes.active()]] = True
-    assert module.bias.grad is not None and torch.equal(module.bias.grad, torch.full((8,), 20.0))
+    if offset == "learned":
+        assert module.bias.grad is not None and torch.equal(module.bias.grad, torch.full((8,), 20.0))
+    else:  # a fixed offset is no trained parameter
+        assert module.bias.grad is None and not module.bias.requires_grad
     assert (module.decoder.grad[used].abs().sum(dim=1) > 0).all()
     assert (module.decoder.grad[~used] == 0).all()
 
@@ -180,18 +190,25 @@ def test_hyperparameters_rebuild_the_module() -> None:
         resample_threshold=0.8,
         use_gram=False,
         seed=4,
+        offset="learned",
     )
     rebuilt = ICFLModule(**module.hyperparameters())
     assert rebuilt.hyperparameters() == module.hyperparameters()
     assert torch.equal(rebuilt.decoder, module.decoder)
     assert set(module.state_tensors()) == {"decoder", "bias"}
+    assert rebuilt.offset == "learned" and rebuilt.bias.requires_grad
 
 
 def test_init_from_data_and_bad_input() -> None:
-    module = ICFLModule(30, 8)
     sample = torch.randn(100, 8)
+    module = ICFLModule(30, 8)
     module.init_from_data(sample)
-    torch.testing.assert_close(module.bias.detach(), sample.mean(dim=0))
+    assert torch.equal(module.bias.detach(), torch.zeros(8))  # the default offset stays at 0
+    learned = ICFLModule(30, 8, offset="learned")
+    learned.init_from_data(sample)
+    torch.testing.assert_close(learned.bias.detach(), sample.mean(dim=0))
+    with pytest.raises(ValueError, match="offset must be one of"):
+        ICFLModule(30, 8, offset="mean")
     with pytest.raises(ValueError, match=r"x must be \(n, 8\)"):
         module.encode(torch.zeros(5, 7))
     bad = torch.zeros(5, 8)
@@ -200,6 +217,49 @@ def test_init_from_data_and_bad_input() -> None:
         module.encode(bad)
     with pytest.raises(ValueError, match="per_round"):
         ICFLModule(4, 8, per_round=5)
+
+
+def test_a_dictionary_saved_before_the_offset_was_recorded_gives_the_codes_it_gave(tmp_path) -> None:
+    """The layout before issue 10: the same tensors (decoder, a learned non-zero bias, the
+    whitening) and metadata whose ICFL hyper-parameters have no "offset"."""
+    generator = torch.Generator().manual_seed(20)
+    raw = torch.randn(300, 16, generator=generator) + 0.5
+    whitening = ControlWhitening(method="pca").fit(raw.numpy(), np.ones(300, dtype=bool))
+    old = ICFLModule(40, 16, n_rounds=2, per_round=2, seed=21, offset="learned")
+    with torch.no_grad():
+        old.bias.copy_(0.3 * torch.randn(16, generator=generator))  # as a learned fit left it
+    x = whitening.transform_torch(raw)
+    expected = old.encode(x)
+    path = save_dictionary(tmp_path / "old.safetensors", old, whitening)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()[METADATA_KEY])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    assert metadata["hyperparameters"].pop("offset") == "learned"
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(metadata)})
+
+    model, loaded_whitening, _ = load_dictionary(path)
+    assert model.offset == "learned"
+    torch.testing.assert_close(model.bias, old.bias, rtol=0, atol=0)
+    codes = model.encode(loaded_whitening.transform_torch(raw))
+    assert torch.equal(codes.indices, expected.indices)
+    torch.testing.assert_close(codes.values, expected.values, rtol=0, atol=0)
+    estimator_codes = ICFL.load(path).transform(raw.numpy())
+    assert torch.equal(estimator_codes.indices, expected.indices)
+    torch.testing.assert_close(estimator_codes.values, expected.values, rtol=0, atol=0)
+    # The bias is what keeps those codes: read with today's default (b = 0) they would change.
+    with torch.no_grad():
+        model.bias.zero_()
+    assert not torch.equal(model.encode(x).indices, expected.indices)
+
+
+def test_new_files_record_the_zero_offset(tmp_path) -> None:
+    raw = torch.randn(200, 8, generator=torch.Generator().manual_seed(22))
+    whitening = ControlWhitening(method="none").fit(raw.numpy(), np.ones(200, dtype=bool))
+    module = ICFLModule(20, 8, n_rounds=1, per_round=2, seed=23)
+    path = save_dictionary(tmp_path / "new.safetensors", module, whitening)
+    model, _, metadata = load_dictionary(path)
+    assert metadata["hyperparameters"]["offset"] == "zero"
+    assert model.offset == "zero" and not model.bias.requires_grad and not model.bias.any()
 
 
 def test_empty_batch_and_codes_type() -> None:

@@ -7,7 +7,7 @@ the estimators apply :class:`~plate_concepts.dictionary.whitening.ControlWhiteni
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,6 +23,10 @@ class DictionaryModule(torch.nn.Module, ABC):
     """
 
     method: str  # "icfl" or "topk": the name written in dictionary files
+    #: Values of hyper-parameters added after files were first written, as those older files
+    #: (which do not record them) meant them; :func:`~plate_concepts.dictionary.io.load_dictionary`
+    #: fills them in.
+    legacy_hyperparameters: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, n_features: int, dim: int) -> None:
         super().__init__()

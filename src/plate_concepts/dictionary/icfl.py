@@ -26,7 +26,7 @@ a cluster of near-duplicates survives).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from plate_concepts.dictionary.base import DictionaryModule, reconstruction_stats
 from plate_concepts.dictionary.codes import SparseCodes
 
+#: Offset models: "zero" (b = 0, the control mean of the pre-processed space; the default) and
+#: "learned" (b learned with the decoder, as dictionaries saved before the offset was recorded).
+OFFSETS = ("zero", "learned")
 #: Added to the diagonal of the L x L least-squares systems (features are unit norm, diagonal 1).
 RIDGE = 1e-6
 #: The default Adam learning rate is ``LR_TURN / sqrt(dim)``, at most ``LR_MAX``. Why: Adam moves
@@ -74,9 +77,16 @@ class ICFLModule(DictionaryModule):
         Encode with the Gram-matrix pursuit (fast) rather than the plain one.
     seed
         Seeds the decoder initialisation and, when no generator is passed, the redraws.
+    offset
+        "zero": the bias stays 0, the origin of the pre-processed space (the control mean), and
+        is not trained. "learned": the bias starts at the sample mean and is trained with the
+        decoder; it drifts (see the module docstring) and is kept only so that dictionaries
+        saved before the offset was recorded give the codes they gave.
     """
 
     method = "icfl"
+    #: Files saved before ``offset`` existed learned their bias.
+    legacy_hyperparameters: ClassVar[dict[str, Any]] = {"offset": "learned"}
 
     def __init__(
         self,
@@ -88,6 +98,7 @@ class ICFLModule(DictionaryModule):
         resample_threshold: float = 0.9,
         use_gram: bool = True,
         seed: int = 0,
+        offset: str = "zero",
     ) -> None:
         super().__init__(n_features, dim)
         if n_rounds < 1 or per_round < 1:
@@ -98,19 +109,23 @@ class ICFLModule(DictionaryModule):
             raise ValueError(f"resample_every must be >= 0 (0 disables), got {resample_every}")
         if not -1.0 <= resample_threshold <= 1.0:
             raise ValueError(f"resample_threshold is a cosine in [-1, 1], got {resample_threshold}")
+        if offset not in OFFSETS:
+            raise ValueError(f"offset must be one of {list(OFFSETS)}, got {offset!r}")
         self.n_rounds = n_rounds
         self.per_round = per_round
         self.resample_every = resample_every
         self.resample_threshold = resample_threshold
         self.use_gram = use_gram
         self.seed = seed
+        self.offset = offset
         self._generator = torch.Generator().manual_seed(seed)
         # Standard linear-layer init (uniform +-1/sqrt(fan_in), fan_in = n_features for a
         # decoder Linear(n_features, dim)), then rows scaled to unit norm.
         bound = 1.0 / n_features**0.5
         decoder = torch.empty(n_features, dim).uniform_(-bound, bound, generator=self._generator)
         self.decoder = torch.nn.Parameter(F.normalize(decoder, dim=1))
-        self.bias = torch.nn.Parameter(torch.zeros(dim))
+        # A parameter either way (same file layout); trained only when learned.
+        self.bias = torch.nn.Parameter(torch.zeros(dim), requires_grad=offset == "learned")
         self._gram_cache: tuple[tuple[Any, ...], torch.Tensor] | None = None
         self._decoder_version = 0
         #: Indices of the features redrawn by the last :meth:`after_optimizer_step` (so a trainer
@@ -244,12 +259,14 @@ class ICFLModule(DictionaryModule):
 
     @torch.no_grad()
     def init_from_data(self, sample: torch.Tensor) -> None:
-        """Set the bias to the mean of a sample of pre-processed tokens (sample, dim)."""
+        """A learned offset starts at the mean of a sample of pre-processed tokens (sample, dim);
+        a zero offset stays 0."""
         if sample.ndim != 2 or sample.shape[1] != self.dim or len(sample) == 0:
             raise ValueError(
                 f"sample must be (n >= 1, {self.dim}), got shape {tuple(sample.shape)}"
             )
-        self.bias.copy_(sample.to(self.bias.device, self.bias.dtype).mean(dim=0))
+        if self.offset == "learned":
+            self.bias.copy_(sample.to(self.bias.device, self.bias.dtype).mean(dim=0))
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int, generator: torch.Generator | None = None) -> None:
@@ -311,6 +328,7 @@ class ICFLModule(DictionaryModule):
             "resample_threshold": self.resample_threshold,
             "use_gram": self.use_gram,
             "seed": self.seed,
+            "offset": self.offset,
         }
 
 

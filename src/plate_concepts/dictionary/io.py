@@ -6,6 +6,10 @@ The file holds the model's tensors (``decoder``, ``bias``; TopK also ``encoder``
 hyper-parameters, whitening metadata, training statistics, the store it was fitted on, the
 control spec, the package version — is one JSON document stored under the key
 ``plate_concepts`` of the safetensors header metadata (which only holds strings).
+
+A hyper-parameter added later is filled in, for a file that predates it, with the value the file
+was fitted with (``legacy_hyperparameters`` of the model class): an ICFL file without an
+``offset`` loads with the learned bias it was fitted with.
 """
 
 from __future__ import annotations
@@ -129,6 +133,8 @@ def load_dictionary(
     hyperparameters = metadata.get("hyperparameters")
     if not isinstance(hyperparameters, dict):
         raise ValueError(f"{path}: the metadata has no 'hyperparameters' object")
+    # A file that predates a hyper-parameter gets the value it was fitted with, not today's default.
+    hyperparameters = {**classes[method].legacy_hyperparameters, **hyperparameters}
     try:
         model = classes[method](**hyperparameters)
     except (TypeError, ValueError) as err:
