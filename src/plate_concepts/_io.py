@@ -54,11 +54,24 @@ def _is_dictionary_file(path: Path) -> bool:
     return True
 
 
+def _is_report(path: Path) -> bool:
+    from plate_concepts.analysis.report import is_report
+
+    return is_report(path)
+
+
+def _is_png(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 OUTPUT_KINDS: dict[str, tuple[str, bool, Callable[[Path], bool]]] = {
     "ome-zarr-plate": ("an OME-Zarr plate", True, _is_ome_zarr_plate),
     "embedding-store": ("an embedding store", True, _is_embedding_store),
     "demo-folder": ("a demo plate folder", True, _is_demo_folder),
     "dictionary": ("a dictionary file", False, _is_dictionary_file),
+    "report": ("an HTML report", False, _is_report),
+    "figure": ("a PNG image", False, _is_png),
 }
 """Output kind -> (what it is called, whether it is a folder, how to recognise one)."""
 

@@ -235,8 +235,9 @@ def confound_scores(
             activation_pass, lambda stats, c=c: stats.label_wells(c).regroup(lambda key: key[1])))
         for c in labels
     }
-    def frame(columns: dict[str, np.ndarray]) -> pd.DataFrame:
-        return pd.DataFrame({k: v for k, v in columns.items() if np.size(v)}, index=pd.RangeIndex(M, name="feature"))
+    def frame(columns: dict[str, np.ndarray]) -> pd.DataFrame:  # only what could be measured
+        measured = {k: v for k, v in columns.items() if np.size(v) and not np.all(np.isnan(v))}
+        return pd.DataFrame(measured, index=pd.RangeIndex(M, name="feature"))
 
     scores = ConfoundScores(frame(nuisance), frame(label_wells), frame(label_tokens), {}, min_score)
     scores.flags = _flags(scores)

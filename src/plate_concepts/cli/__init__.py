@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from plate_concepts.cli import demo, dictionary, embeddings, passes, plates
+from plate_concepts.cli import compare, demo, dictionary, embeddings, passes, plates, reports
 from plate_concepts.cli._common import CommandError, HelpFormatter
 
 #: The modules that add commands, in the order their commands are listed by ``--help``.
-COMMAND_MODULES = (plates, embeddings, dictionary, passes, demo)
+COMMAND_MODULES = (plates, embeddings, dictionary, compare, passes, reports, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,203 @@
+"""Names, tags and notes of a dictionary's features, kept in a small JSON file beside the
+dictionary (``DICT.safetensors`` -> ``DICT.names.json``), never inside the safetensors file, so
+naming a feature never rewrites the dictionary.
+
+The file::
+
+    {"format": "plate-concepts-feature-notes", "version": 1, "dictionary": "DICT.safetensors",
+     "n_features": 256,
+     "features": {"12": {"name": "enlarged nuclei", "tags": ["nucleus"], "note": "..."}}}
+
+Writes are atomic (a temporary sibling renamed into place); a file that cannot be read is
+reported with its path and left as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plate_concepts._io import atomic_path
+
+FORMAT_NAME = "plate-concepts-feature-notes"
+FORMAT_VERSION = 1
+SUFFIX = ".names.json"
+
+
+def notes_path(dictionary: str | os.PathLike) -> Path:
+    """The names file of a dictionary file: ``DICT.safetensors`` -> ``DICT.names.json``."""
+    path = Path(dictionary)
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return path.with_name(stem + SUFFIX)
+
+
+@dataclass
+class FeatureNote:
+    """What a user wrote about one feature."""
+
+    name: str = ""
+    tags: list[str] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.name or self.tags or self.note)
+
+    def matches(self, text: str) -> bool:
+        """Whether ``text`` (case-insensitive) is in the name, a tag or the note."""
+        text = text.casefold()
+        return any(text in part.casefold() for part in (self.name, self.note, *self.tags))
+
+
+class FeatureNotes:
+    """The names, tags and notes of one dictionary's features (0-based feature numbers).
+
+    ``FeatureNotes.load(DICT)`` reads them (none yet: empty); change them with :meth:`set`,
+    :meth:`tag`, :meth:`untag`, :meth:`clear`, then :meth:`save`.
+    """
+
+    def __init__(self, path: Path, dictionary: str, n_features: int | None, notes: dict[int, FeatureNote]) -> None:
+        self.path = path
+        self.dictionary = dictionary
+        self.n_features = n_features
+        self.notes = notes
+
+    @classmethod
+    def load(cls, dictionary: str | os.PathLike, n_features: int | None = None) -> FeatureNotes:
+        """The notes of a dictionary file (``n_features`` checks feature numbers; default: from
+        the file's metadata when it exists)."""
+        dictionary = Path(dictionary)
+        if n_features is None and dictionary.is_file():
+            from plate_concepts.dictionary.io import read_dictionary_metadata
+
+            n_features = int(read_dictionary_metadata(dictionary)["n_features"])
+        path = notes_path(dictionary)
+        notes = _read(path, n_features) if path.exists() else {}
+        return cls(path, dictionary.name, n_features, notes)
+
+    # ------------------------------------------------------------------ reading
+    def get(self, feature: int) -> FeatureNote:
+        return self.notes.get(self._check(feature), FeatureNote())
+
+    def name(self, feature: int) -> str:
+        return self.get(feature).name
+
+    def label(self, feature: int) -> str:
+        """'feature 12' or 'feature 12: enlarged nuclei' (layer names, tables, reports)."""
+        name = self.name(feature)
+        return f"feature {feature}: {name}" if name else f"feature {feature}"
+
+    def search(self, text: str) -> list[int]:
+        """Features whose name, tags or note contain ``text`` (case-insensitive), in order."""
+        return [f for f, note in sorted(self.notes.items()) if note.matches(text)]
+
+    @property
+    def named(self) -> dict[int, FeatureNote]:
+        """Every feature with a name, tag or note, in order."""
+        return dict(sorted(self.notes.items()))
+
+    def tags(self) -> list[str]:
+        """Every tag in use, sorted."""
+        return sorted({tag for note in self.notes.values() for tag in note.tags})
+
+    # ------------------------------------------------------------------ changing
+    def set(
+        self, feature: int, *, name: str | None = None, tags: list[str] | None = None, note: str | None = None
+    ) -> FeatureNote:
+        """Set the name, the tags (replacing them) or the note of a feature (None: unchanged)."""
+        feature = self._check(feature)
+        current = self.notes.get(feature, FeatureNote())
+        updated = FeatureNote(
+            current.name if name is None else _text(name, "name").strip(),
+            list(current.tags) if tags is None else _tags(tags),
+            current.note if note is None else _text(note, "note"),
+        )
+        self._store(feature, updated)
+        return updated
+
+    def tag(self, feature: int, *tags: str) -> FeatureNote:
+        current = self.get(feature)
+        return self.set(feature, tags=[*current.tags, *tags])
+
+    def untag(self, feature: int, *tags: str) -> FeatureNote:
+        remove = {t.strip() for t in tags}
+        return self.set(feature, tags=[t for t in self.get(feature).tags if t not in remove])
+
+    def clear(self, feature: int) -> None:
+        self.notes.pop(self._check(feature), None)
+
+    def save(self) -> Path:
+        """Write the file atomically (an empty set of notes still writes one)."""
+        record = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "dictionary": self.dictionary,
+            "n_features": self.n_features,
+            "features": {
+                str(f): {"name": n.name, "tags": n.tags, "note": n.note} for f, n in sorted(self.notes.items())
+            },
+        }
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return self.path
+
+    def _store(self, feature: int, note: FeatureNote) -> None:
+        if note.is_empty:
+            self.notes.pop(feature, None)
+        else:
+            self.notes[feature] = note
+
+    def _check(self, feature: Any) -> int:
+        if isinstance(feature, bool) or not hasattr(feature, "__index__"):
+            raise TypeError(f"feature must be a feature number, got {feature!r}")
+        number = feature.__index__()
+        if number < 0 or (self.n_features is not None and number >= self.n_features):
+            limit = f"0..{self.n_features - 1}" if self.n_features is not None else "0 or more"
+            raise ValueError(f"feature {number} is not a feature of {self.dictionary} ({limit})")
+        return number
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a feature's {what} must be text, got {value!r}")
+    return value
+
+
+def _tags(tags: list[str]) -> list[str]:
+    out: list[str] = []
+    for tag in tags:
+        tag = _text(tag, "tag").strip()
+        if tag and tag not in out:
+            out.append(tag)
+    return out
+
+
+def _read(path: Path, n_features: int | None) -> dict[int, FeatureNote]:
+    problem = f"{path} is not a readable feature-names file"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{problem} ({err}); fix it or move it away (it was left as it is)") from err
+    if not isinstance(record, dict) or record.get("format") != FORMAT_NAME:
+        raise ValueError(f"{problem} (no \"format\": \"{FORMAT_NAME}\"); move it away (it was left as it is)")
+    if not isinstance(record.get("version"), int) or record["version"] > FORMAT_VERSION:
+        raise ValueError(f"{path}: feature-names format version {record.get('version')!r} is newer than this plate_concepts reads")
+    features = record.get("features")
+    if not isinstance(features, dict):
+        raise ValueError(f"{problem} (\"features\" must be an object)")  # noqa: TRY004 - a bad file, not a bad call
+    notes: dict[int, FeatureNote] = {}
+    for key, entry in features.items():
+        try:
+            feature = int(key)
+            if feature < 0 or (n_features is not None and feature >= n_features):
+                raise ValueError(f"no feature {feature} in a dictionary of {n_features}")
+            if not isinstance(entry, dict):
+                raise TypeError("each entry must be an object with name, tags and note")
+            note = FeatureNote(_text(entry.get("name", ""), "name"), _tags(list(entry.get("tags", []))),
+                               _text(entry.get("note", ""), "note"))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{problem}: entry {key!r}: {err}") from err
+        if not note.is_empty:
+            notes[feature] = note
+    return notes

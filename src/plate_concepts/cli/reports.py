@@ -1,0 +1,189 @@
+"""Reading a screen: ``profiles`` (perturbation profiles and confound flags), ``report`` (the
+HTML report) and ``names`` (naming, tagging and annotating features)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from plate_concepts.cli._common import CommandError, progress_bar
+
+CODES_HELP = ("an activation pass of this dictionary over this store (plate-concepts encode) to "
+              "read instead of encoding here (default: encode here, in this process)")
+BATCH_HELP = "obs column of batches: flags features that follow it (must be a label of --codes)"
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "profiles",
+        help="perturbation profiles: per value of a label, each feature's z-score against the "
+        "controls of its plate, replicate agreement, mAP; and the features flagged as confounds",
+    )
+    p.add_argument("store", help="embedding store folder")
+    p.add_argument("dictionary", help="dictionary file (.safetensors)")
+    p.add_argument("--label", required=True, metavar="COLUMN", help="label column to profile (e.g. perturbation)")
+    p.add_argument("--batch", metavar="COLUMN", help=BATCH_HELP)
+    p.add_argument("--codes", metavar="PASS", help=CODES_HELP)
+    p.add_argument("--top", type=_positive_int, default=20, help="features shown per value, by z")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=profiles)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML file: the dictionary, perturbation profiles with top crops "
+        "and per-well maps, confound flags and named features",
+    )
+    p.add_argument("store", help="embedding store folder")
+    p.add_argument("dictionary", help="dictionary file (.safetensors)")
+    p.add_argument("out", help="the HTML file to write")
+    p.add_argument("--label", action="append", metavar="COLUMN",
+                   help="label column to profile (repeatable; default: every label column of the pass)")
+    p.add_argument("--batch", metavar="COLUMN", help=BATCH_HELP)
+    p.add_argument("--codes", metavar="PASS", help=CODES_HELP)
+    p.add_argument("--plate", metavar="PLATE",
+                   help="the plate's images for the top crops (default: the plate the store records)")
+    p.add_argument("--detail", type=int, default=24, metavar="N",
+                   help="label values shown in detail (best features, top crops, per-well maps), best mAP first")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a report")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=report)
+
+    p = sub.add_parser(
+        "names",
+        help="name, tag and annotate features (kept beside the dictionary in DICT.names.json); "
+        "without changes, list or search them",
+    )
+    p.add_argument("dictionary", help="dictionary file (.safetensors)")
+    p.add_argument("feature", nargs="?", type=int, help="the feature to change or show")
+    p.add_argument("--name", help="the feature's name ('' removes it)")
+    p.add_argument("--tag", action="append", default=[], metavar="TAG", help="add a tag (repeatable)")
+    p.add_argument("--untag", action="append", default=[], metavar="TAG", help="remove a tag (repeatable)")
+    p.add_argument("--note", help="the feature's note ('' removes it)")
+    p.add_argument("--clear", action="store_true", help="remove the feature's name, tags and note")
+    p.add_argument("--search", metavar="TEXT", help="list the features whose name, tags or note contain TEXT")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=names)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def load_pass(args: argparse.Namespace, labels: Sequence[str] | None) -> tuple[Any, Any]:
+    """(store, activation pass): --codes opened and checked, or a pass run here for ``labels``
+    (None: the store's label columns)."""
+    from plate_concepts.analysis.activation_pass import ActivationPass, plan_pass, run_pass
+    from plate_concepts.analysis.evaluation import check_pass_matches
+    from plate_concepts.embeddings.store import EmbeddingStore
+
+    store = EmbeddingStore.open(args.store)
+    if labels is not None:
+        labels = [store.resolve_column(c, "label column") for c in labels]
+    if args.codes:
+        activation_pass = ActivationPass.open(args.codes)
+        made_with = activation_pass.spec.dictionary
+        if made_with is None or Path(made_with).resolve() != Path(args.dictionary).resolve():
+            raise CommandError(f"the activation pass {args.codes} was made with dictionary {made_with}, "
+                               f"not {args.dictionary}")
+        check_pass_matches(activation_pass, store, labels or [])
+        return store, activation_pass
+    store.check_complete()
+    spec = plan_pass(store, args.dictionary, None, labels=labels)
+    with progress_bar(spec.n_tokens, "encode", "token", args.quiet) as bar:
+        return store, run_pass(spec, progress=bar)
+
+
+def profiles(args: argparse.Namespace) -> int:
+    from plate_concepts.analysis.confounds import confound_scores
+    from plate_concepts.analysis.feature_notes import FeatureNotes
+    from plate_concepts.analysis.perturbations import perturbation_profiles
+
+    store, activation_pass = load_pass(args, [args.label, *([args.batch] if args.batch else [])])
+    label = store.resolve_column(args.label, "label column")
+    batch = store.resolve_column(args.batch, "batch column") if args.batch else None
+    result = perturbation_profiles(activation_pass, label)
+    confounds = confound_scores(activation_pass, [label], batch)
+    if args.json:
+        print(json.dumps(result.to_json(args.top, confounds.flags), indent=1))
+        return 0
+    notes = FeatureNotes.load(args.dictionary, activation_pass.n_features)
+    print(f"{label}: {len(result.values)} value(s) profiled against the control wells "
+          f"({', '.join(map(str, result.control_values)) or 'controls'}) of "
+          f"{len(activation_pass.plates)} plate(s)")
+    order = sorted(result.values, key=lambda v: str(v))
+    for value in order:
+        profile = result.values[value]
+        mean_ap = "n/a" if profile.map != profile.map else f"{profile.map:.3f} (p {profile.map_p_value:.2g})"
+        print(f"\n{value}: {profile.n_wells} well(s), mAP {mean_ap}")
+        print(f"  {'feature':>7}  {'z':>8}  {'repl>2':>6}  {'mean':>9}  flag  name")
+        for row in profile.top(args.top).itertuples():
+            flag = confounds.flags.get(int(row.feature))
+            print(f"  {row.feature:>7}  {row.z:>8.2f}  {row.replicate_fraction:>6.2f}  {row.mean:>9.4g}  "
+                  f"{(flag.by if flag else ''):<4}  {notes.name(int(row.feature))}")
+    if confounds.flags:
+        print(f"\nflagged as confounds ({len(confounds.flags)}):")
+        for feature, flag in confounds.flags.items():
+            print(f"  feature {feature}: {flag.why()}")
+    else:
+        print("\nno feature is flagged as a confound")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from plate_concepts._io import replaceable_output
+    from plate_concepts.analysis.report import ReportSettings, write_report
+
+    replaceable_output(args.out, "report", overwrite=args.overwrite, sources=[args.dictionary])
+    labels = list(args.label or [])
+    store, activation_pass = load_pass(args, [*labels, *([args.batch] if args.batch else [])] if labels else None)
+    batch = store.resolve_column(args.batch, "batch column") if args.batch else None
+    if batch is not None and batch not in activation_pass.label_columns:
+        raise CommandError(f"the batch column {batch!r} is not a label column of the activation pass; "
+                           f"run encode with --label {batch}")
+    labels = [store.resolve_column(c, "label column") for c in labels]
+    with progress_bar(None, "report", "step", args.quiet) as bar:
+        path = write_report(args.out, activation_pass, args.dictionary, labels=labels, batch=batch,
+                            store=store, plate=args.plate, overwrite=args.overwrite, progress=bar,
+                            settings=ReportSettings(values_per_label=max(args.detail, 0)))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def names(args: argparse.Namespace) -> int:
+    from plate_concepts.analysis.feature_notes import FeatureNotes
+
+    notes = FeatureNotes.load(args.dictionary)
+    changes = args.name is not None or args.note is not None or args.tag or args.untag or args.clear
+    if changes:
+        if args.feature is None:
+            raise CommandError("name which feature? give its number: plate-concepts names DICT FEATURE --name ...")
+        if args.clear:
+            notes.clear(args.feature)
+        notes.set(args.feature, name=args.name, note=args.note)
+        if args.tag:
+            notes.tag(args.feature, *args.tag)
+        if args.untag:
+            notes.untag(args.feature, *args.untag)
+        notes.save()
+    if args.feature is not None:
+        shown = {args.feature: notes.get(args.feature)}
+    elif args.search is not None:
+        shown = {f: notes.get(f) for f in notes.search(args.search)}
+    else:
+        shown = notes.named
+    if args.json:
+        print(json.dumps({str(f): {"name": n.name, "tags": n.tags, "note": n.note} for f, n in shown.items()}, indent=1))
+        return 0
+    if not shown:
+        print("no named features" if args.search is None else f"no feature matches {args.search!r}")
+    for feature, note in shown.items():
+        tags = f" [{', '.join(note.tags)}]" if note.tags else ""
+        print(f"{feature}: {note.name or '(no name)'}{tags}{' - ' + note.note if note.note else ''}")
+    return 0
