@@ -149,7 +149,7 @@ def test_names_round_trip_search_and_errors(world, tmp_path):
 
 
 def test_profiles_report_and_names_commands(world, tmp_path, capsys):
-    root, plate_path, store, dictionary, _ = world
+    _, plate_path, store, dictionary, _ = world
     assert main(["profiles", str(store.path), str(dictionary), "--label", "perturbation", "--batch", "batch",
                  "--top", "4", "--json", "--quiet"]) == 0
     record = json.loads(capsys.readouterr().out)
