@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from plate_concepts.analysis.activation_pass import plan_pass, run_pass
+from plate_concepts.analysis.activations import Cancelled
 from plate_concepts.analysis.feature_notes import FeatureNotes, notes_path
 from plate_concepts.analysis.report import ReportSettings, is_report, write_report
 from plate_concepts.cli import main
@@ -114,6 +115,9 @@ def test_report_replaces_only_a_report_and_only_when_asked(world, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_report(out, activation_pass, dictionary)
     before = out.stat().st_mtime_ns
+    with pytest.raises(Cancelled):  # a cancelled report leaves the finished one as it was
+        write_report(out, activation_pass, dictionary, overwrite=True, cancel=lambda: True)
+    assert out.stat().st_mtime_ns == before and is_report(out)
     write_report(out, activation_pass, dictionary, labels=["perturbation"], overwrite=True,
                  settings=ReportSettings(values_per_label=0))
     assert out.stat().st_mtime_ns != before

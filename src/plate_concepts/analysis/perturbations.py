@@ -168,12 +168,10 @@ def _control_means(stats: PlateStats) -> tuple[np.ndarray, np.ndarray] | None:
     typical_well = float(np.median(counts))
     sd = _token_sd(counts.sum(), controls.sums[inside].sum(0), controls.sumsq[inside].sum(0))
     flat = sd == 0
-    if flat.any():  # never varies on the controls: the plate's labelled tokens give the scale
-        for name in stats.label_columns:
-            labelled = stats.label_wells(name)
-            plate_sd = _token_sd(labelled.counts.sum(), labelled.sums.sum(0), labelled.sumsq.sum(0))
-            sd = np.where(flat, plate_sd, sd)
-            break
+    if flat.any() and stats.label_columns:  # constant on the controls: the plate's labelled tokens
+        labelled = stats.label_wells(stats.label_columns[0])
+        plate_sd = _token_sd(labelled.counts.sum(), labelled.sums.sum(0), labelled.sumsq.sum(0))
+        sd = np.where(flat, plate_sd, sd)
     return means, sd / np.sqrt(typical_well)
 
 

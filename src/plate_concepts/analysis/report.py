@@ -25,6 +25,7 @@ import pandas as pd
 
 from plate_concepts.analysis import report_figures as figures
 from plate_concepts.analysis.activation_pass import ActivationPass
+from plate_concepts.analysis.activations import Cancelled, CancelLike, cancel_requested
 from plate_concepts.analysis.confounds import ConfoundScores, confound_scores
 from plate_concepts.analysis.feature_notes import FeatureNotes
 from plate_concepts.analysis.perturbations import PerturbationProfiles, perturbation_profiles
@@ -86,18 +87,21 @@ def write_report(
     settings: ReportSettings | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], Any] | None = None,
+    cancel: CancelLike | None = None,
 ) -> Path:
     """Write the report of ``activation_pass`` (of the dictionary file ``dictionary``) to
     ``out``. ``labels``: label columns to profile (default: the pass's, without ``batch``);
     ``batch``: the batch column for the confound flags; ``store``: the EmbeddingStore, for the
     top crops (whose images come from the plates its provenance records, or from ``plate``).
-    An existing ``out`` is replaced only if it is a report and ``overwrite``."""
+    An existing ``out`` is replaced only if it is a report and ``overwrite``. ``progress(done,
+    total)`` counts sections; ``cancel`` stops between them (:class:`Cancelled`), and nothing
+    is written then."""
     from plate_concepts._io import atomic_path, replaceable_output
 
     out = Path(out)
     replaceable_output(out, "report", overwrite=overwrite, sources=[dictionary])
     text = build_report(activation_pass, dictionary, labels=labels, batch=batch, store=store,
-                        plate=plate, settings=settings, progress=progress)
+                        plate=plate, settings=settings, progress=progress, cancel=cancel)
     with atomic_path(out, overwrite=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return out
@@ -113,6 +117,7 @@ def build_report(
     plate: str | os.PathLike | None = None,
     settings: ReportSettings | None = None,
     progress: Callable[[int, int], Any] | None = None,
+    cancel: CancelLike | None = None,
 ) -> str:
     """The report's HTML text (see :func:`write_report`)."""
     from plate_concepts.dictionary.io import read_dictionary_metadata
@@ -130,6 +135,8 @@ def build_report(
         done += 1
         if progress is not None:
             progress(done, steps)
+        if cancel_requested(cancel):
+            raise Cancelled("the report was cancelled; nothing was written")
 
     kwargs = {} if settings.min_confound_score is None else {"min_score": settings.min_confound_score}
     confounds = confound_scores(activation_pass, labels, batch, **kwargs)
