@@ -76,26 +76,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def load_pass(args: argparse.Namespace, labels: Sequence[str] | None) -> tuple[Any, Any]:
-    """(store, activation pass): --codes opened and checked, or a pass run here for ``labels``
-    (None: the store's label columns)."""
-    from plate_concepts.analysis.activation_pass import ActivationPass, plan_pass, run_pass
+def load_pass(args: argparse.Namespace, required: Sequence[str]) -> tuple[Any, Any]:
+    """(store, activation pass): --codes opened and checked (it must count the ``required``
+    label columns), or a pass run here over the store's label columns and ``required``."""
+    from plate_concepts.analysis.activation_pass import (
+        ActivationPass,
+        label_columns_of,
+        plan_pass,
+        run_pass,
+    )
     from plate_concepts.analysis.evaluation import check_pass_matches
     from plate_concepts.embeddings.store import EmbeddingStore
 
     store = EmbeddingStore.open(args.store)
-    if labels is not None:
-        labels = [store.resolve_column(c, "label column") for c in labels]
+    required = [store.resolve_column(c, "label column") for c in required]
     if args.codes:
         activation_pass = ActivationPass.open(args.codes)
         made_with = activation_pass.spec.dictionary
         if made_with is None or Path(made_with).resolve() != Path(args.dictionary).resolve():
             raise CommandError(f"the activation pass {args.codes} was made with dictionary {made_with}, "
                                f"not {args.dictionary}")
-        check_pass_matches(activation_pass, store, labels or [])
+        check_pass_matches(activation_pass, store, required)
         return store, activation_pass
     store.check_complete()
-    spec = plan_pass(store, args.dictionary, None, labels=labels)
+    labels = label_columns_of(store, exclude=("is_control",))
+    spec = plan_pass(store, args.dictionary, None, labels=[*labels, *(c for c in required if c not in labels)])
     with progress_bar(spec.n_tokens, "encode", "token", args.quiet) as bar:
         return store, run_pass(spec, progress=bar)
 
@@ -109,7 +114,7 @@ def profiles(args: argparse.Namespace) -> int:
     label = store.resolve_column(args.label, "label column")
     batch = store.resolve_column(args.batch, "batch column") if args.batch else None
     result = perturbation_profiles(activation_pass, label)
-    confounds = confound_scores(activation_pass, [label], batch)
+    confounds = confound_scores(activation_pass, None, batch)  # against every label of the pass
     if args.json:
         print(json.dumps(result.to_json(args.top, confounds.flags), indent=1))
         return 0
@@ -142,11 +147,8 @@ def report(args: argparse.Namespace) -> int:
 
     replaceable_output(args.out, "report", overwrite=args.overwrite, sources=[args.dictionary])
     labels = list(args.label or [])
-    store, activation_pass = load_pass(args, [*labels, *([args.batch] if args.batch else [])] if labels else None)
+    store, activation_pass = load_pass(args, [*labels, *([args.batch] if args.batch else [])])
     batch = store.resolve_column(args.batch, "batch column") if args.batch else None
-    if batch is not None and batch not in activation_pass.label_columns:
-        raise CommandError(f"the batch column {batch!r} is not a label column of the activation pass; "
-                           f"run encode with --label {batch}")
     labels = [store.resolve_column(c, "label column") for c in labels]
     with progress_bar(None, "report", "step", args.quiet) as bar:
         path = write_report(args.out, activation_pass, args.dictionary, labels=labels, batch=batch,
