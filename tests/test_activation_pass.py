@@ -69,7 +69,7 @@ def expected(estimator, store, obs):
 
 
 def test_label_columns_are_the_labels(screen):
-    _, store, _, _, obs = screen
+    store = screen[1]
     assert label_columns_of(store) == ["treatment", "batch", "dose"]
     assert label_columns_of(store, exclude=["batch"], max_values=2) == ["dose"]
 
@@ -126,7 +126,7 @@ def test_in_memory_pass_equals_direct_computations(screen):
         # Top tokens per plate and over the store: the largest codes, ties to the lower row.
         for feature in range(M):
             plate_values = np.where(np.isin(np.arange(len(obs)), rows), dense[:, feature], 0)
-            want = [int(r) for r in top_tokens(codes, feature, 100) if plate_values[r] != 0][: spec.top_n]
+            want = [int(r) for r in top_tokens(codes, feature, len(obs)) if plate_values[r] != 0][: spec.top_n]
             assert [r for r, _ in result.top_tokens(feature, plate=plate)] == want
     for feature in range(M):
         assert [r for r, _ in result.top_tokens(feature)] == top_tokens(codes, feature, spec.top_n).tolist()
@@ -249,3 +249,42 @@ def test_evaluate_from_the_pass_equals_evaluate(screen, tmp_path, capsys):
     # A pass lacking a label, or made with another dictionary, is refused in one line.
     assert main(["evaluate", str(root / "store"), str(dictionary), "--label", "dose", "--codes", str(tmp_path / "pass")]) == 2
     assert "no statistics for label column" in capsys.readouterr().err
+
+
+def test_explorer_from_a_written_pass_equals_one_prepared_in_memory(screen, tmp_path):
+    from plate_concepts.analysis.explorer import FeatureExplorer
+
+    _, store, dictionary, estimator, obs = screen
+    run_pass(plan_pass(store, dictionary, tmp_path / "pass", rows_per_task=40), workers=0)
+    opened = FeatureExplorer.from_pass(tmp_path / "pass", plate_name="P2").prepare()
+    in_memory = FeatureExplorer(store, estimator, plate_name="P2", encode_batch_size=40).prepare()
+    pd.testing.assert_frame_equal(opened.feature_table("treatment"), in_memory.feature_table("treatment"))
+    table = opened.feature_table("treatment")
+    assert {"n_plates", "top_plate"} <= set(table.columns)
+    _, codes = expected(estimator, store, obs)
+    dense = codes.dense().numpy()
+    on = {plate: (obs["plate"] == plate).to_numpy() for plate in PLATES}
+    np.testing.assert_array_equal(table["n_plates"], sum((dense[on[p]] != 0).any(axis=0) for p in PLATES))
+    feature = int(np.argmax(table["frequency"]))
+    assert opened.top_plate(feature) == max(PLATES, key=lambda p: (dense[on[p], feature] != 0).mean())
+    # The explorer holds its plate's codes only, and they are the plate's rows' codes.
+    rows = np.flatnonzero(on["P2"])
+    assert list(opened.plate_obs.index) == rows.tolist()
+    np.testing.assert_array_equal(opened.plate_codes.dense().numpy(), dense[rows])
+    np.testing.assert_array_equal(in_memory.plate_codes.dense().numpy(), dense[rows])
+    pd.testing.assert_series_equal(opened.well_values(feature), in_memory.well_values(feature))
+    assert [c.row for c in opened.top_crops(feature, 5, on_plate=True)] == [
+        c.row for c in in_memory.top_crops(feature, 5, on_plate=True)
+    ]
+    assert all(on["P2"][c.row] for c in opened.top_crops(feature, 5, on_plate=True))
+    # Another plate: its wells and codes, nothing of the others.
+    opened.set_plate("P3")
+    np.testing.assert_array_equal(opened.plate_codes.dense().numpy(), dense[on["P3"]])
+    wells = opened.well_values(feature, "fraction")
+    p3 = obs[on["P3"]]
+    np.testing.assert_allclose(
+        wells.to_numpy(), [(dense[p3.index[p3["well"] == w], feature] != 0).mean() for w in wells.index]
+    )
+    plates = opened.plate_table()
+    assert list(plates["plate"]) == list(PLATES) and plates["n_wells"].tolist() == [6, 6, 6]
+    assert plates["n_controls"].tolist() == [28, 28, 28]

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from skimage.transform import resize
 
 from plate_concepts.analysis.activations import (
-    Cancelled,
     cell_activations,
     crop_feature_values,
-    encode_store,
     field_activation_map,
     layer_transform,
     patch_feature_map,
@@ -22,7 +17,6 @@ from plate_concepts.analysis.activations import (
     well_aggregates,
 )
 from plate_concepts.dictionary import ICFL, SparseCodes
-from plate_concepts.embeddings.store import EmbeddingStore
 
 torch.set_num_threads(1)
 DIM, M = 12, 16
@@ -169,40 +163,6 @@ def test_cell_activations_give_exact_means():
     assert all_nan["mean_activation"].isna().all()
     with pytest.raises(ValueError, match="same"):
         cell_activations(values, labels[:5])
-
-
-def test_encode_store_streams_blocks_in_order(estimator, tmp_path):
-    rng = np.random.default_rng(5)
-    tokens = rng.normal(size=(130, DIM)).astype(np.float32)
-    obs = pd.DataFrame(
-        {
-            "plate": "P",
-            "well": "B02",
-            "field": 0,
-            "crop_y": np.arange(130),
-            "crop_x": 0,
-            "crop_size": 8,
-        }
-    )
-    store = EmbeddingStore.create(tmp_path / "s", dim=DIM, chunk_rows=16)
-    store.append(tokens, obs)
-    seen = []
-    codes = encode_store(
-        estimator, store, batch_size=40, progress=lambda done, total: seen.append((done, total))
-    )
-    # Same codes as one transform of all tokens (up to float rounding of the batched products).
-    torch.testing.assert_close(
-        codes.dense(), estimator.transform(tokens).dense(), atol=1e-5, rtol=1e-5
-    )
-    assert (
-        seen[-1] == (130, 130)
-        and [d for d, _ in seen] == sorted(d for d, _ in seen)
-        and len(seen) == 5
-    )
-    stop = threading.Event()
-    stop.set()
-    with pytest.raises(Cancelled):
-        encode_store(estimator, store, cancel=stop)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from plate_concepts.analysis.activations import Cancelled, field_activation_map
-from plate_concepts.analysis.explorer import _LRU, CONTROL_GROUP, FeatureExplorer
+from plate_concepts.analysis.explorer import CONTROL_GROUP, FeatureExplorer
+from plate_concepts.analysis.lru import LRU as _LRU
 from plate_concepts.dictionary import ICFL
 from plate_concepts.embeddings.store import EmbeddingStore
 from plate_concepts.plates.mosaic import PlateMosaic
@@ -112,7 +113,7 @@ def test_feature_table_finds_the_planted_drug_feature(setup):
     row = table.set_index("feature").loc[feature]
     assert row["max_selectivity"] > 0.7 and row["average_selectivity"] > 0.7
     # frequency is exact: the fraction of tokens with a non-zero code
-    codes = explorer.codes.dense().numpy()
+    codes = explorer.plate_codes.dense().numpy()
     np.testing.assert_allclose(table["frequency"], (codes != 0).mean(axis=0))
     assert (table["dead"] == (table["frequency"] == 0)).all()
 
@@ -126,8 +127,8 @@ def test_well_values_and_plate_heatmap(setup):
         drug = [w for w, label in WELLS.items() if label == "drug"]
         others = [w for w, label in WELLS.items() if label != "drug"]
         assert values[drug].min() > values[others].max()
-    codes = explorer.codes.dense().numpy()[:, feature]
-    wells = explorer.obs["well"].to_numpy()
+    codes = explorer.plate_codes.dense().numpy()[:, feature]
+    wells = explorer.plate_obs["well"].to_numpy()
     np.testing.assert_allclose(
         explorer.well_values(feature, "mean")["A06"], codes[wells == "A06"].mean(), rtol=1e-5
     )
@@ -211,7 +212,7 @@ def test_label_value_activation_against_controls(setup):
     feature = drug_feature(explorer)
     table = explorer.label_value_activation(feature).set_index("value")
     assert list(table.index) == ["DMSO", "drug", "inert", CONTROL_GROUP]
-    values = explorer.codes.dense().numpy()[:, feature]
+    values = explorer.plate_codes.dense().numpy()[:, feature]
     for label in ("DMSO", "drug", "inert"):
         mine = values[(obs["treatment"] == label).to_numpy()]
         assert table.loc[label, "n_tokens"] == len(mine)
@@ -234,7 +235,7 @@ def test_store_without_patch_tokens_fills_crops_with_their_codes(setup, tmp_path
     flat = FeatureExplorer(store, explorer.estimator).prepare()  # no plate: shape from the crops
     feature = drug_feature(explorer)
     rows = flat.field_rows("A05", 0)
-    values = flat.feature_values(feature)[rows]
+    values = flat.fields.token_values(feature, rows)
     crops = obs.iloc[rows]
     expected = field_activation_map(
         [
@@ -360,9 +361,10 @@ def test_top_crops_on_plate_leaves_other_plates_out(setup, tmp_path):
     two = FeatureExplorer(store, explorer.estimator, plate=plate, label_column="treatment")
     two.prepare()
     feature = drug_feature(explorer)
-    assert {two.obs["plate"].iat[c.row] for c in two.top_crops(feature, 8)} == {"P1", "P2"}
+    plate_of = store.obs["plate"]
+    assert {plate_of.iat[c.row] for c in two.top_crops(feature, 8)} == {"P1", "P2"}
     on_plate = two.top_crops(feature, 8, on_plate=True)
-    assert {two.obs["plate"].iat[c.row] for c in on_plate} == {"P1"}
+    assert {plate_of.iat[c.row] for c in on_plate} == {"P1"}
     assert [c.row for c in on_plate] == [c.row for c in explorer.top_crops(feature, 8)]
 
 

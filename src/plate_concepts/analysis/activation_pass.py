@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,13 +43,20 @@ import zarr
 
 from plate_concepts._io import atomic_path
 from plate_concepts.analysis.activations import (
-    CancelLike,
     Cancelled,
+    CancelLike,
     ProgressLike,
     WellAggregates,
     cancel_requested,
 )
-from plate_concepts.analysis.pass_stats import CONTROLS, ChunkStats, GroupSums, PlateStats, Totals
+from plate_concepts.analysis.pass_stats import (
+    CONTROL_LABEL,
+    CONTROLS,
+    ChunkStats,
+    GroupSums,
+    PlateStats,
+    Totals,
+)
 from plate_concepts.analysis.selectivity import SelectivityResult
 from plate_concepts.dictionary.codes import SparseCodes
 
@@ -209,6 +216,7 @@ class _Reducer:
         self.controls: GroupSums | None = None
         self.plate_active: dict[str, np.ndarray] = {}
         self.plate_tokens: dict[str, int] = {}
+        self.control_counts: dict[str, dict[Any, int]] = {}
 
     def add(self, chunk: int, stats: ChunkStats) -> None:
         for name, plate in stats.plates.items():
@@ -224,6 +232,10 @@ class _Reducer:
             flat = GroupSums(sums.keys, sums.counts, sums.active, sums.sums)
             self.labels[column] = self.labels[column].merge(flat) if column in self.labels else flat
             self.n_excluded[column] = self.n_excluded.get(column, 0) + plate.n_excluded.get(column, 0)
+            counts = self.control_counts.setdefault(column, {})
+            controls = plate.groups[CONTROL_LABEL + column]
+            for value, count in zip(controls.keys, controls.counts.tolist(), strict=True):
+                counts[value] = counts.get(value, 0) + count
         controls = plate.controls.regroup(lambda _: CONTROLS)
         flat = GroupSums(controls.keys, controls.counts, controls.active, controls.sums)
         self.controls = flat if self.controls is None else self.controls.merge(flat)
@@ -243,6 +255,7 @@ class _Reducer:
             total.top, self.labels, self.n_excluded, self.controls, self.plate_order,  # type: ignore[arg-type]
             np.array([self.plate_tokens[p] for p in self.plate_order], dtype=np.int64),
             np.stack([self.plate_active[p] for p in self.plate_order]),
+            self.control_counts,
         )
 
 

@@ -33,7 +33,6 @@ from scipy import sparse
 
 from plate_concepts.analysis.metrics import codes_matrix
 from plate_concepts.dictionary.codes import SparseCodes
-from plate_concepts.dictionary.controls import batch_values
 from plate_concepts.plates.geometry import parse_well
 
 ProgressLike = Callable[[int, int], Any]
@@ -61,43 +60,6 @@ def cancel_requested(cancel: CancelLike | None) -> bool:
 
 
 # ---------------------------------------------------------------------- tokens and wells
-def encode_store(
-    estimator: Any,
-    store: Any,
-    *,
-    batch_size: int = 4096,
-    batches: Any = None,
-    progress: ProgressLike | None = None,
-    cancel: CancelLike | None = None,
-) -> SparseCodes:
-    """Sparse codes of every token of an embedding store, in store order.
-
-    Tokens are read in consecutive row blocks of ``batch_size`` (rounded to whole store chunks
-    when larger than one), so memory beyond the codes is one block. ``batches``: per-token batch
-    labels or the name of an obs column, needed by dictionaries whitened with ``"pca-batch"``.
-    ``progress(done, total)`` is called after every block; ``cancel`` (Event or callable) is
-    checked before every block and raises :class:`Cancelled`.
-    """
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    n = len(store)
-    if n == 0:
-        raise ValueError(f"embedding store {store.path} holds no tokens to encode")
-    labels = batch_values(store, batches)  # raw: the whitening normalises them
-    chunk = int(getattr(store, "chunk_rows", 1))
-    step = max(chunk, int(batch_size) // chunk * chunk)  # whole chunks: each is read once
-    parts: list[SparseCodes] = []
-    for start in range(0, n, step):
-        if cancel_requested(cancel):
-            raise Cancelled(f"encoding of {store.path} cancelled after {start} of {n} tokens")
-        stop = min(start + step, n)
-        block = store.read(slice(start, stop))
-        parts.append(estimator.transform(block, None if labels is None else labels[start:stop]))
-        if progress is not None:
-            progress(stop, n)
-    return SparseCodes.cat(parts)
-
-
 @dataclass
 class WellAggregates:
     """Codes aggregated per well: ``mean_activation`` (mean code, inactive = 0) and

@@ -31,6 +31,7 @@ from plate_concepts.dictionary.codes import SparseCodes
 _HEADER_KEY = "plate_concepts_pass"
 #: Names of a plate's groupings (see :class:`PlateStats`).
 WELL, CONTROLS, LABEL, FIELD, FOREGROUND = "well", "controls", "label:", "field", "foreground"
+CONTROL_LABEL = "controls-label:"
 
 
 def json_label(value: Any) -> Any:
@@ -190,7 +191,8 @@ class PlateStats:
 
     ``groups`` holds: ``"well"`` (keyed by well), ``"controls"`` (the control tokens, keyed by
     well), ``"label:<column>"`` for each label column (keyed by (well, value), so both per-well
-    and per-value sums follow; with squares), and when the obs have them ``"field"`` (keyed by
+    and per-value sums follow; with squares), ``"controls-label:<column>"`` (the control tokens
+    per value), and when the obs have them ``"field"`` (keyed by
     field) and ``"foreground"`` (keyed by the decile of the crop's foreground fraction), with
     squares (the confound flags' variance fractions).
     """
@@ -353,6 +355,9 @@ class ChunkStats:
                 group, keys = _groups(pair, pair >= 0)
                 keys = [(well_keys[k // len(value_keys)], value_keys[k % len(value_keys)]) for k in keys]
                 groups[LABEL + column] = GroupSums.of(group, keys, plate_pairs, M, squares=True)
+                groups[CONTROL_LABEL + column] = GroupSums.of(
+                    np.where(controls, values, -1), value_keys, plate_pairs, M, squares=False
+                )
                 excluded[column] = int(on_plate.sum() - (values >= 0).sum())
             if FIELD in obs.columns:
                 group, keys = _groups(obs[FIELD].to_numpy(), on_plate)
@@ -505,6 +510,7 @@ class Totals:
     plates: list[str]
     plate_tokens: np.ndarray  # (P,)
     plate_active: np.ndarray  # (P, M)
+    control_counts: dict[str, dict[Any, int]] = field(default_factory=dict)  # per column and value
 
     def save(self, path: str | Path) -> Path:
         arrays = {
@@ -522,6 +528,7 @@ class Totals:
             "n_excluded": self.n_excluded,
             "reconstruction": {"n_tokens": rec.n_tokens, "sq_dev": rec.sq_dev, "sq_err": rec.sq_err,
                                "cos_sum": rec.cos_sum},
+            "control_counts": {c: list(map(list, counts.items())) for c, counts in self.control_counts.items()},
         }
         return write_arrays(path, header, arrays)
 
@@ -539,4 +546,6 @@ class Totals:
             header["n_excluded"],
             GroupSums.from_arrays([CONTROLS], arrays, "controls"),
             header["plates"], arrays["plate_tokens"], arrays["plate_active"],
+            {c: {(tuple(v) if isinstance(v, list) else v): n for v, n in pairs}
+             for c, pairs in header.get("control_counts", {}).items()},
         )
