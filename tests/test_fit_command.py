@@ -215,20 +215,29 @@ def test_defaults_fit_a_small_store_and_say_so_in_one_line(tmp_path, capsys):
     few = token_store(tmp_path / "few.store", n_controls=10)  # 10 controls in 16 dimensions
     out = tmp_path / "d.safetensors"
     assert main(["fit", str(few), str(out), "--steps", "4", "--device", "cpu", "--quiet"]) == 0
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    err = printed.err
     notes = [line for line in err.splitlines() if line.startswith("plate-concepts fit: note: ")]
     assert notes == [
         (
             "plate-concepts fit: note: small store (600 tokens): using 64 features, 128 tokens per "
             "step (--features, --batch-size to choose)"
         ),
-        (
-            "plate-concepts fit: note: the 10 control tokens (full rank needs at least 17) vary along "
-            "only 9 of the 16 embedding dimensions, so the other 7 directions (where no control "
-            "varies, and perturbations may) are dropped before the dictionary is fitted; to keep "
-            "them, use shrinkage 'auto' (--shrinkage auto)"
-        ),
     ], err
+    # The default whitening keeps every dimension with so few controls, and says why in one line.
+    assert printed.out.splitlines()[0] == (
+        "whitening: pca on 10 control tokens, Ledoit-Wolf shrunk covariance (weight "
+        f"{read_dictionary_metadata(out)['whitening']['shrinkage_coefficient']:.3g}) (auto: 10 controls < "
+        "10 x 16 dimensions); 16 of 16 dimensions kept"
+    )
+    # The exact covariance, as published, drops what the controls do not span, and says so.
+    assert main(["fit", str(few), str(tmp_path / "exact.safetensors"), *QUICK, "--shrinkage", "none"]) == 0
+    assert (
+        "plate-concepts fit: note: the 10 control tokens (full rank needs at least 17) vary along "
+        "only 9 of the 16 embedding dimensions, so the other 7 directions (where no control "
+        "varies, and perturbations may) are dropped before the dictionary is fitted; to keep "
+        "them, use shrinkage 'auto' (--shrinkage auto)"
+    ) in capsys.readouterr().err.splitlines()
     assert "Warning" not in err and "Traceback" not in err
     assert load_dictionary(out)[0].n_features == 64
     assert main(["fit", str(few), str(tmp_path / "big.safetensors"), *QUICK, "--features", "1000"]) == 2

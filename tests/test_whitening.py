@@ -158,17 +158,17 @@ def test_rank_deficient_controls_warn_with_the_effective_rank() -> None:
         RankDeficientWarning,
         match=r"the 5 control tokens \(full rank needs at least 9\) vary along only 4 of the 8",
     ):
-        few = ControlWhitening().fit(rng.normal(size=(5, 8)), np.ones(5, bool))
+        few = ControlWhitening(shrinkage=None).fit(rng.normal(size=(5, 8)), np.ones(5, bool))
     assert few.output_dim == 4
     # One line, saying which option keeps the dropped directions; warn=False only records it.
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        quiet = ControlWhitening().fit(rng.normal(size=(5, 8)), np.ones(5, bool), warn=False)
+        quiet = ControlWhitening(shrinkage=None).fit(rng.normal(size=(5, 8)), np.ones(5, bool), warn=False)
     assert "\n" not in quiet.rank_note_ and "--shrinkage auto" in quiet.rank_note_
     assert ControlWhitening().fit(X, np.ones(200, bool), warn=False).rank_note_.startswith("the 200")
-    assert ControlWhitening(shrinkage="auto").fit(X, np.ones(200, bool)).rank_note_ is None
+    assert ControlWhitening(shrinkage="ledoit-wolf").fit(X, np.ones(200, bool)).rank_note_ is None
 
 
 def test_batch_labels_are_normalised_once_from_raw_values() -> None:
@@ -304,12 +304,13 @@ def test_ledoit_wolf_shrinkage_matches_scikit_learn_and_keeps_every_dimension():
     perturbed[:, -1] += 8.0  # an effect along a direction the controls barely vary in
     X = np.vstack([controls, perturbed])
     is_control = np.arange(len(X)) < n_controls
-    shrunk = ControlWhitening(shrinkage="auto", unit_norm=False).fit(X, is_control)
+    shrunk = ControlWhitening(unit_norm=False).fit(X, is_control)  # few controls: auto shrinks
+    assert shrunk.covariance_ == "ledoit-wolf"
     expected = ledoit_wolf_shrinkage(controls - controls.mean(axis=0), assume_centered=True)
     assert shrunk.shrinkage_ == pytest.approx(expected, rel=1e-6)
     assert shrunk.output_dim == dim
     with pytest.warns(RankDeficientWarning, match="use shrinkage 'auto'"):
-        exact = ControlWhitening(unit_norm=False).fit(X, is_control)
+        exact = ControlWhitening(shrinkage=None, unit_norm=False).fit(X, is_control)
     assert exact.output_dim == n_controls - 1
     # the perturbation stays far from the controls with shrinkage
     z = shrunk.transform(X)
@@ -321,3 +322,96 @@ def test_ledoit_wolf_shrinkage_matches_scikit_learn_and_keeps_every_dimension():
     np.testing.assert_array_equal(again.transform(X), fixed.transform(X))
     with pytest.raises(ValueError, match="shrinkage"):
         ControlWhitening(shrinkage=1.5).fit(X, is_control)
+
+
+def test_auto_is_exact_with_plentiful_controls_and_shrinks_with_few() -> None:
+    from plate_concepts.dictionary.whitening import PLENTIFUL_CONTROLS
+
+    rng = np.random.default_rng(21)
+    dim = 12
+    mixing = rng.normal(size=(dim, dim)) * np.geomspace(4, 0.2, dim)
+    many = rng.normal(size=(PLENTIFUL_CONTROLS * dim, dim)) @ mixing.T
+    plentiful = ControlWhitening().fit(many, np.ones(len(many), bool))
+    exact = ControlWhitening(shrinkage=None).fit(many, np.ones(len(many), bool))
+    assert (plentiful.covariance_, plentiful.shrinkage_) == ("exact", 0.0)
+    np.testing.assert_array_equal(plentiful.whitening_, exact.whitening_)
+    assert "exact covariance (auto: 120 controls >= 10 x 12 dimensions)" in plentiful.describe()
+
+    few = many[: PLENTIFUL_CONTROLS * dim - 1]
+    shrunk = ControlWhitening().fit(few, np.ones(len(few), bool))
+    assert shrunk.covariance_ == "ledoit-wolf" and 0 < shrunk.shrinkage_ < 1
+    line = shrunk.describe()
+    assert "\n" not in line and "Ledoit-Wolf shrunk covariance" in line and "119 controls < 10 x 12" in line
+    assert shrunk.metadata()["covariance"] == "ledoit-wolf" and shrunk.metadata()["choice"] == line
+
+
+def test_oas_matches_scikit_learn() -> None:
+    from sklearn.covariance import oas
+
+    rng = np.random.default_rng(22)
+    controls = rng.normal(size=(30, 50)) * np.linspace(2, 0.5, 50) + 3.0
+    fitted = ControlWhitening(shrinkage="oas").fit(controls, np.ones(30, bool))
+    _, expected = oas(controls)
+    assert fitted.covariance_ == "oas" and fitted.shrinkage_ == pytest.approx(expected, rel=1e-9)
+    assert fitted.output_dim == 50
+    with pytest.raises(ValueError, match="shrinkage must be None, 'auto', 'ledoit-wolf', 'oas'"):
+        ControlWhitening(shrinkage="ridge").fit(controls, np.ones(30, bool))
+
+
+def test_file_from_before_the_choice_loads_with_the_same_transform() -> None:
+    """Old files recorded shrinkage "auto" (then always Ledoit-Wolf) or None, and no choice:
+    they load, transform as saved, and say what they did."""
+    rng = np.random.default_rng(23)
+    X = rng.normal(size=(40, 30))
+    is_control = np.arange(40) < 20
+    fitted = ControlWhitening(shrinkage="ledoit-wolf").fit(X, is_control)
+    old = {key: value for key, value in fitted.metadata().items()
+           if key not in ("covariance", "batch_shrinkage", "choice")} | {"shrinkage": "auto"}
+    restored = ControlWhitening.from_state(fitted.state_tensors(), old)
+    np.testing.assert_array_equal(restored.transform(X), fitted.transform(X))
+    assert restored.covariance_ == restored.shrinkage == "ledoit-wolf"
+    assert "Ledoit-Wolf shrunk covariance" in restored.describe()
+    exact_old = {**old, "shrinkage": None, "shrinkage_coefficient": 0.0}
+    assert ControlWhitening.from_state(fitted.state_tensors(), exact_old).covariance_ == "exact"
+
+
+def _few_controls_per_batch(rng: np.random.Generator, n_per_batch: int, dim: int = 40):
+    """Four batches, each with its own offset but the same scale, ``n_per_batch`` controls each."""
+    names = np.repeat(["a", "b", "c", "d"], n_per_batch)
+    offsets = {name: rng.normal(size=dim) * 3 for name in "abcd"}
+    X = rng.normal(size=(len(names), dim)) * np.linspace(2, 0.5, dim)
+    X += np.stack([offsets[name] for name in names])
+    return X, names
+
+
+def test_pca_batch_with_few_controls_per_batch_shrinks_its_estimates() -> None:
+    rng = np.random.default_rng(24)
+    X, names = _few_controls_per_batch(rng, 4)
+    is_control = np.ones(len(X), bool)
+    careful = ControlWhitening(method="pca-batch").fit(X, is_control, names)
+    published = ControlWhitening(method="pca-batch", shrinkage=None).fit(X, is_control, names)
+    # The batches differ by offset only: 3 degrees of freedom per variance carry no signal, so
+    # the per-component scales are shrunk all the way to the batch's average ...
+    assert careful.batch_shrinkage_.shape == (4, 2)
+    np.testing.assert_allclose(careful.batch_shrinkage_[:, 1], 0.0, atol=0.05)
+    for b in range(4):
+        spread = careful.batch_scale_[b].std() / careful.batch_scale_[b].mean()
+        assert spread < 0.05 < published.batch_scale_[b].std() / published.batch_scale_[b].mean()
+    # ... while the large offsets are kept (James-Stein keeps most of a mean far above its noise).
+    assert (careful.batch_shrinkage_[:, 0] > 0.5).all()
+    # The shrunk covariance keeps the 28 directions no control varies along; a batch's own
+    # standard deviation there is 0, which (floored at sqrt(eps)) would multiply them by 1000:
+    # they take the batch's average ratio instead.
+    assert careful.output_dim == 40 and published.output_dim == 12
+    assert careful.batch_scale_.min() > 0.1
+    # Plentiful controls per batch: the published estimates, exactly.
+    many, many_names = _few_controls_per_batch(rng, 500, dim=6)
+    a = ControlWhitening(method="pca-batch").fit(many, np.ones(len(many), bool), many_names)
+    b = ControlWhitening(method="pca-batch", shrinkage=None).fit(many, np.ones(len(many), bool), many_names)
+    np.testing.assert_allclose(a.batch_scale_, b.batch_scale_, rtol=1e-6)
+    np.testing.assert_array_equal(a.batch_mean_, b.batch_mean_)
+    np.testing.assert_array_equal(a.batch_shrinkage_, 1.0)
+    # The weights are saved and restored with the state.
+    again = ControlWhitening.from_state(careful.state_tensors(), json.loads(json.dumps(careful.metadata())))
+    np.testing.assert_array_equal(again.batch_shrinkage_, careful.batch_shrinkage_)
+    assert "per batch (4): 4 with few controls shrunk" in careful.describe()

@@ -154,7 +154,10 @@ def fit(args: argparse.Namespace) -> int:
 
     def progress(event: TrainingEvent | FitMessage) -> None:
         if isinstance(event, FitMessage):
-            tqdm.write(f"plate-concepts fit: note: {event.text}", file=sys.stderr)
+            if event.category is None:  # information (the whitening chosen): with the output
+                tqdm.write(event.text, file=sys.stdout)
+            else:
+                tqdm.write(f"plate-concepts fit: note: {event.text}", file=sys.stderr)
             return
         bar.set_postfix(loss=f"{event.loss:.4g}", fvu=f"{event.fvu:.3f}", l0=f"{event.l0:.1f}",
                         dead=f"{100 * event.dead_fraction:.1f}%", refresh=False)

@@ -224,6 +224,7 @@ class DictionaryEstimator(BaseEstimator):
             whitening = ControlWhitening(method=settings.whiten, eps=settings.eps, shrinkage=settings.shrinkage)
             fit_whitening(whitening, data, mask, raw_batches, max_tokens=settings.max_control_tokens,
                           seed=settings.seed, cancel=cancel, warn=False)
+            yield FitMessage(whitening.describe(), None)  # which covariance, and why
             if whitening.rank_note_ is not None:
                 yield FitMessage(whitening.rank_note_, RankDeficientWarning)
             if cancel_requested(cancel):

@@ -25,6 +25,7 @@ from plate_concepts.dictionary.base import DictionaryModule
 from plate_concepts.dictionary.icfl import ICFLModule
 from plate_concepts.dictionary.topk import TopKModule
 from plate_concepts.dictionary.whitening import METHODS as WHITEN_METHODS
+from plate_concepts.dictionary.whitening import SHRINKAGE_ESTIMATES
 
 #: Sizes for a store with plenty of tokens.
 FULL_FEATURES, FULL_BATCH, FULL_STEPS = 8192, 4096, 2000
@@ -85,18 +86,20 @@ def model_default(module_class: type[DictionaryModule], name: str) -> Any:
 
 
 def parse_shrinkage(text: str | float | None) -> float | str | None:
-    """"none", "auto" or a number in [0, 1] (command line and panel text)."""
+    """"none", "auto", "ledoit-wolf", "oas" or a number in [0, 1] (command line and panel text)."""
     if text is None or isinstance(text, float | int):
         return None if text is None else float(text)
     text = text.strip().lower()
-    if text in ("none", ""):
+    if text == "none":
         return None
-    if text == "auto":
-        return "auto"
+    if text in SHRINKAGE_ESTIMATES:
+        return text
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"shrinkage must be none, auto or a number in [0, 1], got {text!r}") from None
+        raise ValueError(
+            f"shrinkage must be none, {', '.join(SHRINKAGE_ESTIMATES)} or a number in [0, 1], got {text!r}"
+        ) from None
 
 
 def parse_value(f: dataclasses.Field, text: str) -> Any:
@@ -144,9 +147,11 @@ class FitSettings:
         choices=WHITEN_METHODS,
     )
     shrinkage: float | str | None = setting(
-        None, "Control covariance: none (exact, as published; with fewer controls than dimensions "
-        "the directions no control varies along are dropped), 'auto' (Ledoit-Wolf shrinkage, keeps "
-        "every dimension) or a weight in [0, 1].", "whitening", parse=parse_shrinkage,
+        "auto", "Control covariance: 'auto' (exact with at least 10 control tokens per dimension, "
+        "else Ledoit-Wolf shrinkage, which keeps every dimension), 'ledoit-wolf', 'oas', a "
+        "shrinkage weight in [0, 1], or none (exact, as published: with fewer controls than "
+        "dimensions the directions no control varies along are dropped).", "whitening",
+        parse=parse_shrinkage,
     )
     eps: float = setting(
         1e-6, "Whitening ridge, relative to the largest control eigenvalue.", "whitening",
@@ -297,13 +302,15 @@ def _check(f: dataclasses.Field, value: Any) -> None:
     """One readable error for a bad setting value."""
     info = setting_info(f)
     if value is None:
-        if info.auto is None and f.default is not None:
+        if info.auto is None and f.default is not None and f.name != "shrinkage":  # None: exact
             raise ValueError(f"{f.name} must be set, got None")
         return
     if f.name == "shrinkage":
         parsed = parse_shrinkage(value) if isinstance(value, str) else float(value)
         if isinstance(parsed, float) and not 0.0 <= parsed <= 1.0:
-            raise ValueError(f"shrinkage must be none, auto or a number in [0, 1], got {value!r}")
+            raise ValueError(
+                f"shrinkage must be none, {', '.join(SHRINKAGE_ESTIMATES)} or a number in [0, 1], got {value!r}"
+            )
         return
     kind = value_type(f)
     if kind is bool:

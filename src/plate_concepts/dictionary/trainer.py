@@ -77,10 +77,11 @@ class TrainingEvent:
 @dataclass(frozen=True)
 class FitMessage:
     """Something the user should know about the fit, in one line (a capped size, a
-    rank-deficient whitening, ...). ``category`` is the warning it is for Python users."""
+    rank-deficient whitening, ...). ``category`` is the warning it is for Python users; None:
+    information only (the whitening chosen), shown by the command line and the panel."""
 
     text: str
-    category: type[Warning] = UserWarning
+    category: type[Warning] | None = UserWarning
 
 
 class FitDiverged(ValueError, FloatingPointError):
@@ -396,7 +397,8 @@ def run_to_end(generator: Generator[Any, None, Any], callback: Callback | None =
         except StopIteration as stop:
             return stop.value
         if isinstance(event, FitMessage):
-            warnings.warn(event.text, event.category, stacklevel=3)
+            if event.category is not None:
+                warnings.warn(event.text, event.category, stacklevel=3)
         elif callback is not None:
             callback(event)
 

@@ -10,14 +10,31 @@ Choices where the publication is silent (ours):
 - ``eps`` is relative to the largest control eigenvalue: the ridge added to every eigenvalue is
   ``eps * lambda_max``, which bounds the gain of the weakest directions at
   ``1/sqrt(eps * lambda_max)``.
-- All components are kept unless the control covariance is rank-deficient; eigenvalues below
-  ``RANK_RTOL * lambda_max`` are dropped (numerically zero), and a :class:`RankDeficientWarning`
-  names the effective rank. Fewer than ``dim + 1`` controls always give a reduced rank (warned);
-  fewer than 2 controls (or, per batch, fewer than 2 in some batch for ``"pca-batch"``) is an error.
+- The control covariance (``shrinkage``). The publication used the exact covariance; with fewer
+  control tokens than dimensions it is singular and exact whitening keeps only the directions
+  the controls span, silently dropping the rest of the embedding space (where perturbations may
+  vary). The default, ``"auto"``, chooses from the data: the exact covariance when there are at
+  least ``PLENTIFUL_CONTROLS`` control tokens per dimension, else the Ledoit-Wolf shrinkage
+  estimate ``(1 - a) C + a tr(C)/d I`` (``a`` estimated from the controls), which keeps every
+  dimension and scales the directions no control varies along by the average control variance.
+  ``"ledoit-wolf"``, ``"oas"`` (Chen et al.'s oracle approximating shrinkage) or a fixed ``a``
+  force an estimate; ``None`` is the exact covariance, as published. The choice is recorded
+  (:meth:`ControlWhitening.describe`, one line, and in the metadata).
+- With the exact covariance, eigenvalues below ``RANK_RTOL * lambda_max`` are dropped
+  (numerically zero) and a :class:`RankDeficientWarning` names the effective rank. Fewer than
+  2 controls (or, per batch, fewer than 2 in some batch for ``"pca-batch"``) is an error.
 - ``"pca-batch"``: PCA on the pooled controls, each batch's controls centred on their own mean
   first (so batch offsets do not inflate the covariance); then each batch is centred and scaled
   per component with its own whitened controls' mean and standard deviation (floored at
-  ``sqrt(eps)`` so a component constant within one batch does not blow up).
+  ``sqrt(eps)`` so a component constant within one batch does not blow up). A batch with few
+  controls (fewer than ``PLENTIFUL_CONTROLS`` per component) estimates ``rank`` means and
+  ``rank`` variances from a handful of tokens; unless the covariance is exact by request
+  (``shrinkage=None``), its estimates are shrunk, with weights estimated from the data: its
+  mean towards the pooled control mean (positive-part James-Stein: only as far as the noise of
+  a mean of so few tokens explains it), its per-component variances, as ratios to the pooled
+  within-batch variance, towards their average over components (method of moments: by the part
+  of their spread that chi-square noise explains). A component the pooled controls do not vary
+  along keeps the batch's average ratio, so shrinkage's unseen directions are not blown up.
 - Batch labels are normalised here, and only here, from the raw values
   (:func:`batch_label_texts`): compared as text with
   :func:`~plate_concepts.plates.platemap.as_text`, so ``1``, ``1.0`` and ``"1"`` are the same
@@ -39,6 +56,13 @@ from sklearn.base import BaseEstimator
 from plate_concepts.plates.platemap import as_text
 
 METHODS = ("pca", "pca-batch", "none")
+#: Covariance estimates by name (``shrinkage``); None is the exact covariance.
+SHRINKAGE_ESTIMATES = ("auto", "ledoit-wolf", "oas")
+#: ``"auto"`` uses the exact covariance from this many control tokens per dimension on (and,
+#: for ``"pca-batch"``, a batch's exact mean and scales from this many per component on).
+PLENTIFUL_CONTROLS = 10
+#: The estimate ``"auto"`` uses when controls are few (chosen by ``benchmarks/bench_whitening.py``).
+AUTO_SHRINKAGE = "ledoit-wolf"
 #: Eigenvalues below this fraction of the largest are treated as exactly zero (rank-deficient).
 RANK_RTOL = 1e-10
 #: The rule batch names follow, recorded in the metadata (files without it stored ``str(value)``).
@@ -46,6 +70,8 @@ BATCH_LABELS = "as_text"
 #: Rows per chunk in the float64 numpy path, so big token arrays are not copied whole to float64.
 _CHUNK_ROWS = 65536
 _TINY = 1e-12
+#: A pooled whitened variance below this fraction of the largest: a direction no control varies along.
+_SEEN_RTOL = 1e-9
 
 
 class RankDeficientWarning(UserWarning):
@@ -64,13 +90,11 @@ class ControlWhitening(BaseEstimator):
     eps
         Ridge added to the eigenvalues, relative to the largest eigenvalue.
     shrinkage
-        None (default): the exact control covariance, as in the publication; with fewer controls
-        than dimensions it is rank-deficient and only the components the controls span are kept
-        (a warning says so). ``"auto"``: Ledoit-Wolf shrinkage towards a scaled identity,
-        ``(1 - a) C + a tr(C)/d I`` with ``a`` estimated from the controls (Ledoit & Wolf 2004),
-        which keeps every dimension — directions never seen among the controls (where
-        perturbations may live) are then scaled by the average control variance instead of being
-        dropped. A float in [0, 1] fixes ``a``.
+        The control covariance: ``"auto"`` (default; exact with plentiful controls, else
+        Ledoit-Wolf — see the module docstring), ``"ledoit-wolf"``, ``"oas"``, a fixed weight
+        ``a`` in [0, 1] of ``(1 - a) C + a tr(C)/d I``, or None (the exact covariance, as
+        published: with fewer controls than dimensions only the components the controls span are
+        kept, and a warning says so).
     unit_norm
         Normalise each transformed token to unit L2 norm (the last pre-processing step).
 
@@ -86,10 +110,14 @@ class ControlWhitening(BaseEstimator):
     rank_ : number of components kept (= :attr:`output_dim`).
     rank_note_ : one line explaining a rank-deficient control covariance, else None.
     n_controls_ : number of control tokens the transform was fitted on.
+    covariance_ : the covariance estimate used: "exact", "ledoit-wolf", "oas" or "fixed".
+    shrinkage_ : its shrinkage weight (0 for exact).
+    batch_shrinkage_ : ``"pca-batch"`` only: per batch, the weight kept of its own mean
+        (James-Stein) and of its own per-component scales (1, 1 when exact).
     """
 
     def __init__(
-        self, method: str = "pca", eps: float = 1e-6, unit_norm: bool = True, shrinkage: float | str | None = None
+        self, method: str = "pca", eps: float = 1e-6, unit_norm: bool = True, shrinkage: float | str | None = "auto"
     ) -> None:
         self.method = method
         self.eps = eps
@@ -142,8 +170,8 @@ class ControlWhitening(BaseEstimator):
         group_means = sums / counts[:, None]
         control_mean = sums.sum(axis=0) / n_controls
 
-        self.shrinkage_ = 0.0
         self.rank_note_: str | None = None
+        self.covariance_, self.shrinkage_ = "exact", 0.0
         if self.method == "none":
             whitening, eigenvalues = np.eye(dim), None
         else:
@@ -158,7 +186,9 @@ class ControlWhitening(BaseEstimator):
                 scatter += centred.T @ centred
                 fourth_moment += float(((centred**2).sum(axis=1) ** 2).sum())
             covariance = scatter / (n_controls - n_groups)
-            self.shrinkage_ = self._shrinkage_coefficient(scatter / n_controls, fourth_moment, n_controls)
+            self.covariance_, self.shrinkage_ = self._covariance_estimate(
+                scatter / n_controls, fourth_moment, n_controls
+            )
             if self.shrinkage_ > 0:
                 mean_variance = np.trace(covariance) / dim
                 covariance = (1 - self.shrinkage_) * covariance + self.shrinkage_ * mean_variance * np.eye(dim)
@@ -173,39 +203,99 @@ class ControlWhitening(BaseEstimator):
         self.n_controls_ = n_controls
         self.dim_ = dim
         self.batch_names_ = names
-        self.batch_mean_ = self.batch_scale_ = None
+        self.batch_mean_ = self.batch_scale_ = self.batch_shrinkage_ = None
         if self.method == "pca-batch":
-            # Per batch, the whitened controls' mean (linear in the batch mean) and std.
-            self.batch_mean_ = _float32_exact(
-                (group_means - self.control_mean_) @ self.whitening_.T
-            )
-            squares = np.zeros((n_groups, self.rank_))
-            for x, g in _control_chunks(X, mask, group):
-                squares += _one_hot(g, n_groups).T @ ((x - group_means[g]) @ self.whitening_.T) ** 2
-            scale = np.sqrt(squares / (counts[:, None] - 1))
-            # A component with (near) zero spread inside one batch must not blow up: floor it.
-            self.batch_scale_ = _float32_exact(np.maximum(scale, np.sqrt(max(self.eps, _TINY))))
+            self._fit_batches(X, mask, group, group_means, counts)
         self._reset_caches()
         return self
 
-    def _shrinkage_coefficient(self, scatter_mean: np.ndarray, fourth_moment: float, n: int) -> float:
-        """The shrinkage weight: fixed, or the Ledoit-Wolf estimate from the centred controls'
+    def _fit_batches(
+        self, X: np.ndarray, mask: np.ndarray, group: np.ndarray, group_means: np.ndarray,
+        counts: np.ndarray,
+    ) -> None:
+        """Per batch, the whitened controls' mean (linear in the batch mean) and per-component
+        standard deviation; shrunk for a batch with few controls (see the module docstring)."""
+        n_groups = len(counts)
+        means = (group_means - self.control_mean_) @ self.whitening_.T
+        squares = np.zeros((n_groups, self.rank_))
+        for x, g in _control_chunks(X, mask, group):
+            squares += _one_hot(g, n_groups).T @ ((x - group_means[g]) @ self.whitening_.T) ** 2
+        variances = squares / (counts[:, None] - 1)
+        # Each batch's variances as ratios to the pooled within-batch variance; a component the
+        # pooled controls do not vary along (shrinkage keeps it) takes the batch's average ratio.
+        pooled = squares.sum(axis=0) / (counts.sum() - n_groups)
+        seen = pooled > _SEEN_RTOL * pooled.max()
+        ratios = np.where(seen, variances / np.where(seen, pooled, 1.0), np.nan)
+        kept = np.ones((n_groups, 2))
+        if self.shrinkage is not None and not _is_none_text(self.shrinkage):
+            for b in np.flatnonzero(counts < PLENTIFUL_CONTROLS * self.rank_):
+                means[b], kept[b, 0] = _james_stein(means[b], variances[b] / counts[b])
+                ratios[b, seen], kept[b, 1] = _shrunk_ratios(ratios[b, seen], int(counts[b]))
+        ratios = np.where(seen, ratios, np.nanmean(ratios[:, seen], axis=1, keepdims=True))
+        # Exact covariance: each batch's controls end white (as published); a shrunk one: the
+        # batch is corrected only for how it differs from the pooled controls.
+        variances = ratios * (pooled if self.covariance_ == "exact" else 1.0)
+        self.batch_mean_ = _float32_exact(means)
+        # A component with (near) zero spread inside one batch must not blow up: floor it.
+        self.batch_scale_ = _float32_exact(np.maximum(np.sqrt(variances), np.sqrt(max(self.eps, _TINY))))
+        self.batch_shrinkage_ = kept
+
+    def _covariance_estimate(self, scatter_mean: np.ndarray, fourth_moment: float, n: int) -> tuple[str, float]:
+        """Which covariance estimate, and its shrinkage weight, from the centred controls'
         second moment S and sum of ||x||^4 (streamed, so no n x d copy is needed)."""
-        if self.shrinkage is None:
-            return 0.0
-        if isinstance(self.shrinkage, str):
-            if self.shrinkage != "auto":
-                raise ValueError(f"shrinkage must be None, 'auto' or a number in [0, 1], got {self.shrinkage!r}")
-            dim = scatter_mean.shape[0]
-            mu = np.trace(scatter_mean) / dim
-            delta = (np.linalg.norm(scatter_mean, "fro") ** 2 - 2 * mu * np.trace(scatter_mean) + dim * mu**2) / dim
-            # sum_k ||x_k x_k^T - S||_F^2 = sum_k ||x_k||^4 - n ||S||_F^2
-            beta = (fourth_moment - n * np.linalg.norm(scatter_mean, "fro") ** 2) / (n**2 * dim)
-            return float(min(max(beta, 0.0), delta) / delta) if delta > 0 else 1.0
-        value = float(self.shrinkage)
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"shrinkage must be in [0, 1], got {value}")
-        return value
+        choice = self.shrinkage
+        if choice is None or _is_none_text(choice):
+            return "exact", 0.0
+        if not isinstance(choice, str):
+            value = float(choice)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"shrinkage must be in [0, 1], got {value}")
+            return "fixed", value
+        choice = choice.strip().lower()
+        if choice not in SHRINKAGE_ESTIMATES:
+            raise ValueError(
+                f"shrinkage must be None, {', '.join(map(repr, SHRINKAGE_ESTIMATES))} or a number in "
+                f"[0, 1], got {self.shrinkage!r}"
+            )
+        dim = scatter_mean.shape[0]
+        if choice == "auto":
+            if n >= PLENTIFUL_CONTROLS * dim:
+                return "exact", 0.0
+            choice = AUTO_SHRINKAGE
+        mu = np.trace(scatter_mean) / dim
+        frobenius2 = float(np.linalg.norm(scatter_mean, "fro") ** 2)
+        if choice == "oas":  # Chen, Wiesel, Eldar & Hero (2010), as scikit-learn computes it
+            alpha = frobenius2 / dim**2
+            denominator = (n + 1) * (alpha - mu**2 / dim)
+            return "oas", float(min((alpha + mu**2) / denominator, 1.0)) if denominator > 0 else 1.0
+        # Ledoit & Wolf (2004): sum_k ||x_k x_k^T - S||_F^2 = sum_k ||x_k||^4 - n ||S||_F^2
+        delta = (frobenius2 - 2 * mu * np.trace(scatter_mean) + dim * mu**2) / dim
+        beta = (fourth_moment - n * frobenius2) / (n**2 * dim)
+        return "ledoit-wolf", float(min(max(beta, 0.0), delta) / delta) if delta > 0 else 1.0
+
+    def describe(self) -> str:
+        """One line: the pre-processing and why this covariance estimate (for logs and panels)."""
+        self._check_fitted()
+        if self.method == "none":
+            return f"whitening: none (centred on the mean of {self.n_controls_:,} control tokens)"
+        n, dim = self.n_controls_, self.dim_
+        name = {"exact": "exact", "ledoit-wolf": "Ledoit-Wolf shrunk", "oas": "OAS shrunk",
+                "fixed": "shrunk"}[self.covariance_]
+        coefficient = "" if self.covariance_ == "exact" else f" (weight {self.shrinkage_:.3g})"
+        if self.shrinkage is None or _is_none_text(self.shrinkage):
+            why = "as asked"
+        elif isinstance(self.shrinkage, str) and self.shrinkage.strip().lower() == "auto" and n:
+            relation = ">=" if self.covariance_ == "exact" else "<"
+            why = f"auto: {n:,} controls {relation} {PLENTIFUL_CONTROLS} x {dim:,} dimensions"
+        else:
+            why = "as asked"
+        kept = f"{self.rank_:,} of {dim:,} dimensions kept"
+        batches = ""
+        if self.batch_shrinkage_ is not None:
+            few = int((np.asarray(self.batch_shrinkage_) < 1).any(axis=1).sum())
+            batches = f"; per batch ({len(self.batch_names_ or [])}): {few} with few controls shrunk"
+        controls = f"{n:,} control tokens" if n else "the controls"
+        return f"whitening: {self.method} on {controls}, {name} covariance{coefficient} ({why}); {kept}{batches}"
 
     def _pca(self, covariance: np.ndarray, n_controls: int) -> tuple[np.ndarray, np.ndarray]:
         dim = covariance.shape[0]
@@ -362,7 +452,10 @@ class ControlWhitening(BaseEstimator):
             "eps": float(self.eps),
             "unit_norm": bool(self.unit_norm),
             "shrinkage": self.shrinkage,
-            "shrinkage_coefficient": float(getattr(self, "shrinkage_", 0.0)),
+            "covariance": self.covariance_,
+            "shrinkage_coefficient": float(self.shrinkage_),
+            "batch_shrinkage": None if self.batch_shrinkage_ is None else np.asarray(self.batch_shrinkage_).tolist(),
+            "choice": self.describe(),
             "dim": int(self.dim_),
             "rank": int(self.rank_),
             "n_controls": int(self.n_controls_),
@@ -378,9 +471,17 @@ class ControlWhitening(BaseEstimator):
         for key in ("method", "eps", "unit_norm"):
             if key not in metadata:
                 raise ValueError(f"whitening metadata lacks {key!r} (has {sorted(metadata)})")
+        shrinkage = metadata.get("shrinkage")
         self = cls(method=metadata["method"], eps=metadata["eps"], unit_norm=metadata["unit_norm"],
-                   shrinkage=metadata.get("shrinkage"))
+                   shrinkage=shrinkage)
         self.shrinkage_ = float(metadata.get("shrinkage_coefficient", 0.0))
+        self.covariance_ = metadata.get("covariance")
+        if self.covariance_ is None:  # a file from before the choice was recorded
+            self.covariance_ = "exact" if shrinkage is None else "fixed"
+            if shrinkage == "auto":  # "auto" then meant Ledoit-Wolf, whatever the controls
+                self.covariance_ = self.shrinkage = "ledoit-wolf"
+        batch_shrinkage = metadata.get("batch_shrinkage")
+        self.batch_shrinkage_ = None if batch_shrinkage is None else np.asarray(batch_shrinkage, dtype=np.float64)
         if self.method not in METHODS:
             raise ValueError(
                 f"unknown whitening method {self.method!r} in metadata; expected {METHODS}"
@@ -414,6 +515,8 @@ class ControlWhitening(BaseEstimator):
         self.batch_names_ = self.batch_mean_ = self.batch_scale_ = None
         if self.method == "pca-batch":
             names = metadata.get("batches")
+            if self.batch_shrinkage_ is None:
+                self.batch_shrinkage_ = np.ones((len(names or []), 2))
             self.batch_mean_, self.batch_scale_ = as64("batch_mean"), as64("batch_scale")
             expected = (len(names or []), self.rank_)
             if (
@@ -533,6 +636,32 @@ def batch_label_texts(batches: Any, n: int | None = None) -> np.ndarray:
         raise ValueError(f"token {int(np.argmax(codes < 0))} has no batch label (an empty cell)")
     texts = np.array([as_text(value) for value in uniques] + [""], dtype=object)
     return texts[codes]
+
+
+def _is_none_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "none"
+
+
+def _james_stein(mean: np.ndarray, noise_variance: np.ndarray) -> tuple[np.ndarray, float]:
+    """A batch's whitened control mean shrunk towards 0 (the pooled control mean) by the
+    positive-part James-Stein rule, given the variance of each component's estimate; returns it
+    and the weight kept."""
+    p = len(mean)
+    norm2 = float(mean @ mean)
+    noise = float(noise_variance.sum()) * max(p - 2, 0) / p
+    kept = max(0.0, 1.0 - noise / norm2) if norm2 > 0 else 0.0
+    return kept * mean, kept
+
+
+def _shrunk_ratios(ratios: np.ndarray, n: int) -> tuple[np.ndarray, float]:
+    """Per-component variance ratios of a batch of ``n`` controls shrunk towards their average:
+    the weight kept is the part of their spread over components that the chi-square noise of a
+    variance from ``n - 1`` degrees of freedom does not explain (method of moments)."""
+    average = float(ratios.mean())
+    noise = 2.0 * average**2 / max(n - 1, 1)
+    signal = max(float(ratios.var()) - noise, 0.0)
+    kept = signal / (signal + noise) if signal + noise > 0 else 0.0
+    return average + kept * (ratios - average), kept
 
 
 def _legacy_batch_name(name: str) -> str:
