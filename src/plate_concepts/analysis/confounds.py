@@ -42,8 +42,9 @@ FACTOR_TEXT = {
     "row": "a gradient along the plate's rows", "column": "a gradient along the plate's columns",
     FIELD: "the field's position in its well", FOREGROUND: "the crop's foreground fraction",
 }
-#: A nuisance must explain at least this variance fraction to flag a feature.
-MIN_SCORE = 0.2
+#: A nuisance must explain at least this variance fraction to flag a feature: a "large" effect
+#: by Cohen's convention for (eta) squared variance fractions (0.01 small, 0.06 medium, 0.14 large).
+MIN_SCORE = 0.14
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from plate_concepts.cli._common import CommandError, progress_bar
 CODES_HELP = ("an activation pass of this dictionary over this store (plate-concepts encode) to "
               "read instead of encoding here (default: encode here, in this process)")
 BATCH_HELP = "obs column of batches: flags features that follow it (must be a label of --codes)"
+MIN_SCORE_HELP = ("variance fraction (epsilon squared) a nuisance must explain to flag a feature "
+                  "(default: 0.14, a large effect)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +30,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", metavar="COLUMN", help=BATCH_HELP)
     p.add_argument("--codes", metavar="PASS", help=CODES_HELP)
     p.add_argument("--top", type=_positive_int, default=20, help="features shown per value, by z")
+    p.add_argument("--min-score", type=float, help=MIN_SCORE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=profiles)
@@ -46,6 +49,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codes", metavar="PASS", help=CODES_HELP)
     p.add_argument("--plate", metavar="PLATE",
                    help="the plate's images for the top crops (default: the plate the store records)")
+    p.add_argument("--min-score", type=float, help=MIN_SCORE_HELP)
     p.add_argument("--detail", type=int, default=24, metavar="N",
                    help="label values shown in detail (best features, top crops, per-well maps), best mAP first")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a report")
@@ -114,7 +118,8 @@ def profiles(args: argparse.Namespace) -> int:
     label = store.resolve_column(args.label, "label column")
     batch = store.resolve_column(args.batch, "batch column") if args.batch else None
     result = perturbation_profiles(activation_pass, label)
-    confounds = confound_scores(activation_pass, None, batch)  # against every label of the pass
+    floor = {} if args.min_score is None else {"min_score": args.min_score}
+    confounds = confound_scores(activation_pass, None, batch, **floor)  # against every label of the pass
     if args.json:
         print(json.dumps(result.to_json(args.top, confounds.flags), indent=1))
         return 0
@@ -153,7 +158,8 @@ def report(args: argparse.Namespace) -> int:
     with progress_bar(None, "report", "step", args.quiet) as bar:
         path = write_report(args.out, activation_pass, args.dictionary, labels=labels, batch=batch,
                             store=store, plate=args.plate, overwrite=args.overwrite, progress=bar,
-                            settings=ReportSettings(values_per_label=max(args.detail, 0)))
+                            settings=ReportSettings(values_per_label=max(args.detail, 0),
+                                                    min_confound_score=args.min_score))
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
