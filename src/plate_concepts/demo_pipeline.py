@@ -45,11 +45,13 @@ class DemoSettings:
     crop_size: int = 128
     patch_tokens: bool = True  # per-cell values from patch-level maps, not whole crops
     model: Any = "efficientnet-lite0:concat:blocks"  # an embedder spec, or an Embedder
-    n_features: int = 256
+    # None: sized from the store like any fit (256 features, 1024 tokens a step and 600 steps for
+    # the 96-well demo's 3,072 crops; smaller for fewer wells).
+    n_features: int | None = None
     n_rounds: int = 2
     per_round: int = 4
-    steps: int = 600
-    batch_size: int = 1024
+    steps: int | None = None
+    batch_size: int | None = None
     shrinkage: str | float | None = "auto"
     device: str = "auto"
 
