@@ -355,6 +355,21 @@ class ModelEmbedder:
 
     The module is put in eval mode and run without gradients; its output goes through
     :func:`to_patch_grid`. ``dim`` and the grid are learned from the first call.
+
+    How the stains reach the model (``channels``, see :data:`CHANNEL_MODES`):
+
+    - ``"native"``: the (B, C, H, W) crops as they are (a model trained on these C stains);
+    - ``"grey-rgb"``: each stain on its own, as a grey image repeated to RGB (a model trained on
+      RGB photographs, such as DINOv2): the model runs on B x C images and each stain gets its
+      own patch tokens;
+    - ``"tokens"``: a channel-wise ViT (one set of patch tokens per stain, as ChAda-ViT or
+      OpenPhenom make): the model returns (B, P + C N, d), the N patch tokens of stain 0 first.
+
+    With ``"grey-rgb"`` and ``"tokens"`` the per-stain patch tokens are joined by ``reduce``:
+    ``"concat"`` (d x C features, block c = stain c, so a feature can tell which stain changed)
+    or ``"mean"`` (d features whatever the number of stains). ``normalize="imagenet"`` scales the
+    model's 3-channel input with the ImageNet mean and standard deviation (what DINOv2 expects);
+    ``"none"`` gives it the [0, 1] crops.
     """
 
     def __init__(
@@ -363,13 +378,20 @@ class ModelEmbedder:
         name: str,
         layout: Literal["auto", "bhwd", "bdhw"] = "auto",
         n_prefix_tokens: int = 1,
+        channels: Literal["native", "grey-rgb", "tokens"] = "native",
+        reduce: Literal["concat", "mean"] = "concat",
+        normalize: Literal["none", "imagenet"] = "none",
     ) -> None:
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"{name}: expected a torch.nn.Module, got {type(module).__name__}")
+        _check_option("channels", channels, CHANNEL_MODES, name)
+        _check_option("reduce", reduce, REDUCES, name)
+        _check_option("normalize", normalize, NORMALIZATIONS, name)
         self.module = module.eval()
         self.name = name
         self.layout = layout
         self.tokens = ViTTokens(n_prefix_tokens)
+        self.channels, self.reduce, self.normalize = channels, reduce, normalize
         self.device = torch.device("cpu")
         self.dim: int | None = None
         self._grids: dict[int, tuple[int, int]] = {}
@@ -386,18 +408,86 @@ class ModelEmbedder:
     def __call__(self, crops: torch.Tensor) -> torch.Tensor:
         _check_crops(crops, self.name)
         crops = crops.to(self.device, torch.float32)
-        try:
-            output = self.module(crops)
-        except Exception as err:  # the model's own message, with what it was given
-            raise RuntimeError(f"{self.name} failed on crops of shape {tuple(crops.shape)}: {err}") from err
-        grid = to_patch_grid(output, self.layout, self.tokens, self.name)
-        if crops.shape[2] == crops.shape[3]:
-            self._grids[int(crops.shape[2])] = (int(grid.shape[1]), int(grid.shape[2]))
+        b, c, h, w = crops.shape
+        inputs = crops
+        if self.channels == "grey-rgb":  # every stain its own image
+            inputs = crops.reshape(b * c, 1, h, w).expand(-1, 3, -1, -1)
+        output = self._run(self._normalized(inputs), crops)
+        if self.channels == "native":
+            grid = to_patch_grid(output, self.layout, self.tokens, self.name)
+        elif self.channels == "grey-rgb":
+            grid = to_patch_grid(output, self.layout, self.tokens, self.name)
+            grid = self._join_stains(grid.reshape(b, c, *grid.shape[1:]))
+        else:
+            grid = self._join_stains(self._stain_grids(output, c))
+        if h == w:
+            self._grids[int(h)] = (int(grid.shape[1]), int(grid.shape[2]))
         self.dim = int(grid.shape[3])
         return grid.float()
 
+    def _run(self, inputs: torch.Tensor, crops: torch.Tensor) -> Any:
+        try:
+            return self.module(inputs)
+        except Exception as err:  # the model's own message, with what it was given
+            given = "" if inputs.shape == crops.shape else f" (given to the model as {tuple(inputs.shape)})"
+            raise RuntimeError(f"{self.name} failed on crops of shape {tuple(crops.shape)}{given}: {err}") from err
+
+    def _normalized(self, inputs: torch.Tensor) -> torch.Tensor:
+        stats = NORMALIZATIONS[self.normalize]
+        if stats is None:
+            return inputs
+        if inputs.shape[1] != 3:
+            raise ValueError(
+                f"{self.name}: normalize={self.normalize!r} is for 3-channel (RGB) input, but the model "
+                f"gets {inputs.shape[1]} channels; use channels='grey-rgb' (each stain as RGB) or normalize='none'"
+            )
+        mean, std = (torch.tensor(v, device=inputs.device).view(1, 3, 1, 1) for v in stats)
+        return (inputs - mean) / std
+
+    def _stain_grids(self, output: Any, n_stains: int) -> torch.Tensor:
+        """A channel-wise ViT's (B, P + C N, d) tokens -> (B, C, gh, gw, d)."""
+        if not isinstance(output, torch.Tensor) or output.ndim != 3:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(
+                f"{self.name} returned {shape}; channels='tokens' needs ViT tokens (B, P + C x N, d): "
+                "P prefix tokens, then the N patch tokens of each stain in turn"
+            )
+        b, n, d = output.shape
+        patches = n - self.tokens.n_prefix_tokens
+        if patches <= 0 or patches % n_stains:
+            raise ValueError(
+                f"{self.name} returned {n} tokens for {n_stains} stains: after {self.tokens.n_prefix_tokens} "
+                f"prefix token(s), {patches} is not a multiple of {n_stains} (channels='tokens' expects "
+                "N patch tokens per stain; set the prefix count to the model's CLS + register tokens)"
+            )
+        per_stain = output[:, self.tokens.n_prefix_tokens :].reshape(b * n_stains, patches // n_stains, d)
+        grid = ViTTokens(0)(per_stain)
+        return grid.reshape(b, n_stains, *grid.shape[1:])
+
+    def _join_stains(self, grids: torch.Tensor) -> torch.Tensor:
+        """(B, C, gh, gw, d) per-stain patch tokens -> (B, gh, gw, C d) or (B, gh, gw, d)."""
+        if self.reduce == "mean":
+            return grids.mean(dim=1)
+        return grids.permute(0, 2, 3, 1, 4).flatten(3)  # feature index = stain * d + feature
+
     def describe(self) -> dict[str, Any]:
-        return {"spec": self.name, "layout": self.layout, "n_prefix_tokens": self.tokens.n_prefix_tokens}
+        return {"spec": self.name, "layout": self.layout, "n_prefix_tokens": self.tokens.n_prefix_tokens,
+                "channels": self.channels, "reduce": self.reduce, "normalize": self.normalize}
+
+
+#: How a user's model gets the stains (see :class:`ModelEmbedder`).
+CHANNEL_MODES = ("native", "grey-rgb", "tokens")
+#: How per-stain patch tokens are joined.
+REDUCES = ("concat", "mean")
+#: Input scaling before the model: none, or the ImageNet RGB mean and standard deviation.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "none": None, "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def _check_option(what: str, value: Any, allowed: Any, name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: {what} must be one of {list(allowed)}, got {value!r}")
 
 
 class TorchScriptEmbedder(ModelEmbedder):
@@ -407,12 +497,7 @@ class TorchScriptEmbedder(ModelEmbedder):
     load. For new models prefer ``module:`` specs.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        layout: Literal["auto", "bhwd", "bdhw"] = "auto",
-        n_prefix_tokens: int = 1,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike, name: str | None = None, **options: Any) -> None:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"TorchScript model {path} does not exist")
@@ -423,7 +508,7 @@ class TorchScriptEmbedder(ModelEmbedder):
         except RuntimeError as err:
             raise ValueError(f"{path} is not a TorchScript model (saved with torch.jit.save): {err}") from err
         self.path = path
-        super().__init__(module, f"torchscript:{path}", layout, n_prefix_tokens)
+        super().__init__(module, name or f"torchscript:{path}", **options)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "file": self.path.name, "sha256": _sha256(self.path)}
@@ -432,18 +517,13 @@ class TorchScriptEmbedder(ModelEmbedder):
 class ModuleEmbedder(ModelEmbedder):
     """``"package.module:callable"``: the callable (no arguments) returns a ``torch.nn.Module``."""
 
-    def __init__(
-        self,
-        target: str,
-        layout: Literal["auto", "bhwd", "bdhw"] = "auto",
-        n_prefix_tokens: int = 1,
-    ) -> None:
+    def __init__(self, target: str, name: str | None = None, **options: Any) -> None:
         factory = _import_callable(target)
         module = factory()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"{target} returned a {type(module).__name__}; it must return a torch.nn.Module")
         self.target = target
-        super().__init__(module, f"module:{target}", layout, n_prefix_tokens)
+        super().__init__(module, name or f"module:{target}", **options)
 
 
 def _import_callable(target: str) -> Callable[[], Any]:
@@ -473,20 +553,49 @@ def load_embedder(spec: str, **options: Any) -> Embedder:
     - ``"torchscript:PATH"``
     - ``"module:package.module:callable"``
 
-    ``options`` go to the embedder's constructor (e.g. ``n_prefix_tokens=5``, ``layout="bdhw"``).
+    A user's model (``torchscript:`` or ``module:``) takes options after a ``?``, as in a URL:
+    ``module:pkg.dino:build?channels=grey-rgb&reduce=concat&normalize=imagenet&prefix=5`` —
+    ``channels`` (native, grey-rgb, tokens), ``reduce`` (concat, mean), ``normalize`` (none,
+    imagenet), ``prefix`` (CLS + register tokens, default 1) and ``layout`` (auto, bhwd, bdhw);
+    see :class:`ModelEmbedder`. The whole spec is the embedder's name, so a store records how
+    its tokens were made. ``options`` go to the embedder's constructor too.
     """
-    kind, _, rest = spec.partition(":")
-    if kind == EFFICIENTNET_SPEC:
+    base, _, query = spec.partition("?")
+    kind, _, rest = base.partition(":")
+    if kind == EFFICIENTNET_SPEC and not query:
         mode, _, layer = (rest or "concat").partition(":")
         return EfficientNetLite0Embedder(channel_mode=mode or "concat", layer=layer or "head", **options)  # type: ignore[arg-type]
-    if kind == "torchscript" and rest:
-        return TorchScriptEmbedder(rest, **options)
-    if kind == "module" and rest:
-        return ModuleEmbedder(rest, **options)
+    if kind in ("torchscript", "module") and rest:
+        options = {**_spec_options(spec, query), **options}
+        cls = TorchScriptEmbedder if kind == "torchscript" else ModuleEmbedder
+        return cls(rest, name=spec, **options)
     raise ValueError(
         f"unknown embedder spec {spec!r}; expected 'efficientnet-lite0[:concat|:mean][:blocks]', "
-        "'torchscript:PATH' or 'module:package.module:callable'"
+        "'torchscript:PATH' or 'module:package.module:callable' (a user's model may add "
+        "'?channels=...&reduce=...&normalize=...&prefix=N')"
     )
+
+
+#: Spec option -> (constructor keyword, parser).
+_SPEC_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "channels": ("channels", str), "reduce": ("reduce", str), "normalize": ("normalize", str),
+    "layout": ("layout", str), "prefix": ("n_prefix_tokens", int),
+}
+
+
+def _spec_options(spec: str, query: str) -> dict[str, Any]:
+    from urllib.parse import parse_qsl
+
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
+        if key not in _SPEC_OPTIONS:
+            raise ValueError(f"embedder spec {spec!r}: unknown option {key!r}; the options are {sorted(_SPEC_OPTIONS)}")
+        keyword, parse = _SPEC_OPTIONS[key]
+        try:
+            options[keyword] = parse(value)
+        except ValueError:
+            raise ValueError(f"embedder spec {spec!r}: option {key}={value!r} is not a whole number") from None
+    return options
 
 
 def describe_embedder(embedder: Embedder) -> dict[str, Any]:
