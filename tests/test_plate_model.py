@@ -23,9 +23,14 @@ def test_wells_are_canonical_and_sorted_by_position():
     assert plate.image_shape == (16, 16) and plate.dtype == np.uint16
 
 
-def test_fields_of_different_shape_are_refused_naming_the_well():
-    with pytest.raises(ValueError, match=r"well C03 field 0 .*\(2, 16, 20\)"):
+def test_fields_of_different_shape_are_refused_naming_the_odd_one():
+    with pytest.raises(ValueError, match=r"C03 field 0 .*\(2, 16, 20\)"):
         Plate("p", ["a", "b"], {("B02", 0): _field(), ("C03", 0): _field((2, 16, 20))}, reader="t")
+    # The odd field is named even when it comes first: the majority sets the plate's shape.
+    fields = {("A01", 0): _field((2, 16, 20)), **{("B02", f): _field() for f in range(3)}}
+    with pytest.raises(ValueError, match=r"1 field\(s\) .* differ from the other 3: A01 field 0 .*"
+                                         r"\(2, 16, 20\) uint16, the others \(2, 16, 16\)"):
+        Plate("p", ["a", "b"], fields, reader="t")
 
 
 def test_channel_count_must_match_the_names():

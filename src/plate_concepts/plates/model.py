@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -46,27 +47,33 @@ class Plate:
             raise ValueError(f"plate {self.source or self.name!r} has no images")
         self.images = {(canonical_well(w), int(f)): levels for (w, f), levels in self.images.items()}
         self.labels = {(canonical_well(w), int(f)): lab for (w, f), lab in self.labels.items()}
-        reference_key = min(self.images)
-        reference = self.images[reference_key][0]
-        if reference.ndim != 3:
+        # The most common layout is the plate's: an odd field is named, not the majority.
+        layouts = Counter((levels[0].shape, np.dtype(levels[0].dtype)) for levels in self.images.values())
+        (shape, dtype), _ = layouts.most_common(1)[0]
+        reference_key = min(k for k, levels in self.images.items() if levels[0].shape == shape)
+        if len(shape) != 3:
             raise ValueError(
-                f"field {reference_key} of {self.source or self.name!r} has shape {reference.shape}; "
+                f"field {reference_key} of {self.source or self.name!r} has shape {shape}; "
                 "expected (channels, y, x)"
             )
-        if reference.shape[0] != len(self.channels):
+        if shape[0] != len(self.channels):
             raise ValueError(
-                f"field {reference_key} of {self.source or self.name!r} has {reference.shape[0]} channels "
+                f"field {reference_key} of {self.source or self.name!r} has {shape[0]} channels "
                 f"but the plate names {len(self.channels)}: {self.channels}"
             )
-        for key, levels in self.images.items():
-            image = levels[0]
-            if image.shape != reference.shape or image.dtype != reference.dtype:
-                raise ValueError(
-                    f"well {key[0]} field {key[1]} of {self.source or self.name!r} is "
-                    f"{image.shape} {image.dtype}, but well {reference_key[0]} field "
-                    f"{reference_key[1]} is {reference.shape} {reference.dtype}; all fields of a "
-                    "plate must share channels, shape and dtype"
-                )
+        odd = sorted(
+            key for key, levels in self.images.items()
+            if levels[0].shape != shape or np.dtype(levels[0].dtype) != dtype
+        )
+        if odd:
+            first = self.images[odd[0]][0]
+            names = ", ".join(f"{w} field {f}" for w, f in odd[:5]) + (" ..." if len(odd) > 5 else "")
+            raise ValueError(
+                f"{len(odd)} field(s) of {self.source or self.name!r} differ from the other "
+                f"{len(self.images) - len(odd)}: {names} (well {odd[0][0]} field {odd[0][1]} is "
+                f"{first.shape} {first.dtype}, the others {shape} {dtype}); all fields of a plate "
+                "must share channels, shape and dtype"
+            )
         self.format_inferred = self.plate_format is None
         if self.plate_format is None:
             self.plate_format = PlateFormat.smallest_containing(self.wells)

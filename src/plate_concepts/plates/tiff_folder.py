@@ -25,7 +25,7 @@ headers are read to learn and check shapes.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,14 +266,17 @@ def check_tiff_headers(
 ) -> tuple[tuple[int, int], np.dtype]:
     """Check that all files share one plane shape and dtype (headers only); return them."""
     pages = list(pages) if pages is not None else [0] * len(paths)
-    expected_shape, expected_dtype = tiff_plane_header(paths[0], pages[0])
-    for path, page in zip(paths[1:], pages[1:], strict=True):
-        shape, dtype = tiff_plane_header(path, page)
-        if shape != expected_shape or dtype != expected_dtype:
-            raise ValueError(
-                f"{path} is {shape} {dtype} but the other images (e.g. {paths[0]}) are "
-                f"{expected_shape} {expected_dtype}"
-            )
+    headers = [tiff_plane_header(path, page) for path, page in zip(paths, pages, strict=True)]
+    (expected_shape, expected_dtype), _ = Counter(headers).most_common(1)[0]
+    odd = [(path, header) for path, header in zip(paths, headers, strict=True)
+           if header != (expected_shape, expected_dtype)]
+    if odd:
+        (path, (shape, dtype)), others = odd[0], len(paths) - len(odd)
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        raise ValueError(
+            f"{path}{more} is {shape} {dtype} but the other {others} images are "
+            f"{expected_shape} {expected_dtype}"
+        )
     return expected_shape, expected_dtype
 
 
