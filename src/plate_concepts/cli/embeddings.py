@@ -79,6 +79,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="also store each crop's patch-token grid (float16; needed for per-cell maps)",
     )
     p.add_argument(
+        "--objects",
+        metavar="LABEL_IMAGE",
+        help="one token per segmented object instead of the crop grid: a crop centred on each "
+        "object of this label image of the plate (cells, nuclei, ...); the object's label id, "
+        "centroid and area go into the index (default: tile the fields)",
+    )
+    p.add_argument(
+        "--object-size",
+        type=int,
+        metavar="PX",
+        help="with --objects: the side of each object's crop in pixels (default: 96)",
+    )
+    p.add_argument(
+        "--mask",
+        action="store_true",
+        help="with --objects: set the pixels outside the object to 0, so its token describes "
+        "the object alone (default: the crop as it is, neighbours included)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["float32", "float16"],
         default="float32",
@@ -161,6 +180,8 @@ def embed(args: argparse.Namespace) -> int:
     from plate_concepts.embeddings.embed import embed_plates, staging_path
     from plate_concepts.plates import open_plate
 
+    if (args.object_size is not None or args.mask) and not args.objects:
+        raise CommandError("--object-size and --mask go with --objects (the label image of the objects)")
     if args.replace_plate and not args.append:
         raise CommandError(
             "--replace-plate goes with --append (it replaces a plate the store holds)"
@@ -175,7 +196,8 @@ def embed(args: argparse.Namespace) -> int:
     # Ctrl-C stops after the current batch, once what is embedded is stored (resumable).
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     try:
-        with progress_bar(desc="crops", unit="crop", quiet=args.quiet) as bar:
+        unit = "field" if args.objects else "crop"  # objects are counted once a field is read
+        with progress_bar(desc=f"{unit}s", unit=unit, quiet=args.quiet) as bar:
             store = embed_plates(
                 plates, args.store, args.model, append=args.append, replace_plate=args.replace_plate,
                 overwrite=args.overwrite, crop_size=args.crop, stride=args.stride,
@@ -183,6 +205,7 @@ def embed(args: argparse.Namespace) -> int:
                 min_foreground=args.min_foreground, channels=_channels(args.channels),
                 patch_tokens=args.patch_tokens, control=args.control, device=args.device,
                 token_dtype=args.dtype, progress=bar, cancel=cancel,
+                objects=args.objects, object_size=args.object_size, mask=args.mask,
             )  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, previous)

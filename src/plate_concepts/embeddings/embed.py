@@ -55,6 +55,7 @@ from plate_concepts.embeddings.embedders import (
     load_embedder,
     output_shape,
 )
+from plate_concepts.embeddings.objects import DEFAULT_OBJECT_SIZE, prepare_objects, stored_objects
 from plate_concepts.embeddings.store import EmbeddingStore, check_replaceable
 from plate_concepts.embeddings.tiling import IntensityNormalizer
 from plate_concepts.plates.model import Plate
@@ -64,7 +65,7 @@ __all__ = ["RESERVED_COLUMNS", "embed_plate", "embed_plates", "staging_path"]
 
 CancelLike = threading.Event | Callable[[], bool]
 #: Provenance keys whose difference makes two plates' tokens incomparable.
-_STORE_SETTINGS = ("model", "crop_size", "channels", "patch_grid")
+_STORE_SETTINGS = ("model", "crop_size", "channels", "patch_grid", "objects")
 
 
 def embed_plate(
@@ -102,6 +103,9 @@ def embed_plates(
     channels: list[str] | None = None,
     normalizer: IntensityNormalizer | None = None,
     patch_tokens: bool = False,
+    objects: str | None = None,
+    object_size: int | None = None,
+    mask: bool = False,
     control: ControlSpec | str | None = None,
     device: str | torch.device = "auto",
     token_dtype: str = "float32",
@@ -138,6 +142,11 @@ def embed_plates(
         fitted on each plate when not fitted yet.
     patch_tokens
         Also store each crop's patch-token grid (float16).
+    objects, object_size, mask
+        One token per object of the label image ``objects`` (``"cells"``, ``"nuclei"``...)
+        instead of the crop grid: a crop of ``object_size`` px (default 96) centred on each
+        object, with ``mask`` the pixels outside the object set to 0
+        (:mod:`~plate_concepts.embeddings.objects`). Progress then counts fields.
     control
         Which wells are controls (``ControlSpec`` or ``"column=value[,value]"``): sets ``is_control``.
     device
@@ -157,6 +166,7 @@ def embed_plates(
         "min_foreground": min_foreground, "nuclear": nuclear, "channels": channels,
         "normalizer": normalizer, "patch_tokens": patch_tokens, "control": control,
         "device": device, "token_dtype": token_dtype, "group_size": group_size,
+        "objects": objects, "object_size": object_size, "mask": mask,
     }  # fmt: skip
     return _embed(
         plates, store_path, embedder, policy, replace_plate, overwrite, progress, cancel, settings
@@ -183,7 +193,7 @@ def _embed(
     defaults = {"crop_size": 256, "stride": None, "batch_size": 32, "drop_edge": False,
                 "min_foreground": None, "nuclear": None, "channels": None, "normalizer": None,
                 "patch_tokens": False, "control": None, "device": "auto", "token_dtype": "float32",
-                "group_size": 1024}  # fmt: skip
+                "group_size": 1024, "objects": None, "object_size": None, "mask": False}  # fmt: skip
     unknown = sorted(set(settings) - set(defaults))
     if unknown:
         raise TypeError(f"unknown embedding setting(s) {unknown}; expected {sorted(defaults)}")
@@ -205,7 +215,13 @@ def _embed(
         key: s[key] for key in ("crop_size", "stride", "drop_edge", "min_foreground", "nuclear")
     }
     channels = channels or list(plates[0].channels)
-    jobs = [prepare_plate(plate, channels=channels, control=control, **tiling) for plate in plates]
+    objects = s["objects"]
+    if objects is not None:  # one token per object instead of the crop grid
+        s["crop_size"] = s["object_size"] or DEFAULT_OBJECT_SIZE
+        jobs = [prepare_objects(plate, objects=objects, object_size=s["crop_size"], mask=s["mask"],
+                                channels=channels, control=control) for plate in plates]
+    else:
+        jobs = [prepare_plate(plate, channels=channels, control=control, **tiling) for plate in plates]
     if existing is not None:
         _check_policy(existing, [job.plate.name for job in jobs], policy, replace_plate)
     if isinstance(embedder, str):
@@ -213,6 +229,9 @@ def _embed(
     embedder = embedder.to(s["device"])
     shape = output_shape(embedder, len(jobs[0].channel_index), s["crop_size"])
     provenance = _store_provenance(embedder, s["crop_size"], shape, jobs[0])
+    if objects is not None:
+        provenance |= {"objects": {"label_image": objects, "mask": bool(s["mask"])},
+                       "token": f"mean of the patch tokens of a crop centred on each object of {objects!r}"}
     store = existing
     if store is None:
         store = EmbeddingStore.create(
@@ -229,13 +248,16 @@ def _embed(
     for job in jobs:
         if job.plate.name in records:
             _resume_plate(store, job, records[job.plate.name], s["normalizer"])
-        job.set_done({key[1:] for key in store.completed_keys(job.plate.name)})
+        if objects is not None:
+            job.set_done(stored_objects(store, job.plate.name))
+        else:
+            job.set_done({key[1:] for key in store.completed_keys(job.plate.name)})
     unfinished = [j.plate.name for j in jobs if not records.get(j.plate.name, {}).get("complete")]
     earlier = [] if policy == "resume" else store.provenance.get("pending_plates") or []
     store.update_provenance(pending_plates=list(dict.fromkeys([*earlier, *unfinished])))
 
     total = sum(job.total for job in jobs)
-    with progress_ticker(progress, total, "embedding", "crop") as tick:
+    with progress_ticker(progress, total, "embedding", "crop" if objects is None else "field") as tick:
         settled = total - sum(job.remaining for job in jobs)
         tick(settled)
 
@@ -244,21 +266,25 @@ def _embed(
         ) -> None:
             nonlocal settled
             store.append(tokens, pd.DataFrame(rows), patch_tokens=patches)
-            settled += len(rows)
-            tick(settled)
+            if objects is None:  # objects: progress counts fields read
+                settled += len(rows)
+                tick(settled)
 
         batcher = CropBatcher(
             embedder, shape, batch_size, group_size, s["patch_tokens"], commit, stop
         )
         for job in jobs:
             record = records.get(job.plate.name)
-            if record is not None and record.get("complete") and job.remaining == 0:
+            if record is not None and record.get("complete") and (job.remaining == 0 or objects):
                 continue
             if record is None:
                 job.normalizer = _fitted(s["normalizer"], job)
             _record_plate(store, job, complete=False)
-            for field_crops in FieldReader(job).iterate(lambda: batcher.cancelled or stop()):
-                settled += field_crops.skipped
+            reader = job.reader() if objects is not None else FieldReader(job)
+            for field_crops in reader.iterate(lambda: batcher.cancelled or stop()):
+                settled += field_crops.skipped if objects is None else 1
+                if objects is not None:
+                    tick(settled)
                 batcher.add(field_crops.crops, field_crops.rows)
                 if batcher.cancelled:
                     break
@@ -354,9 +380,9 @@ def _check_store(
 ) -> None:
     recorded = store.provenance
     mismatches = [
-        f"{key}: store {recorded.get(key)!r}, now {provenance[key]!r}"
+        f"{key}: store {recorded.get(key)!r}, now {provenance.get(key)!r}"
         for key in _STORE_SETTINGS
-        if recorded.get(key) != provenance[key]
+        if recorded.get(key) != provenance.get(key)
     ]
     if store.dim != dim:
         mismatches.append(f"token dimension: store {store.dim}, now {dim}")

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from plate_concepts.embeddings.embedders import Embedder, crop_tokens
-from plate_concepts.embeddings.obs_index import INDEX_COLUMNS
+from plate_concepts.embeddings.obs_index import INDEX_COLUMNS, OBJECT_COLUMNS
 from plate_concepts.embeddings.tiling import (
     CropGrid,
     IntensityNormalizer,
@@ -39,7 +39,7 @@ from plate_concepts.plates.platemap import (
     control_mask,
 )
 
-RESERVED_COLUMNS = (*INDEX_COLUMNS, "is_control", "foreground_fraction")
+RESERVED_COLUMNS = (*INDEX_COLUMNS, *OBJECT_COLUMNS, "is_control", "foreground_fraction")
 _POSITION_COLUMNS = {n.lower() for n in WELL_COLUMN_NAMES} | {
     n.lower() for p in ROW_COLUMN_PAIRS for n in p
 }
@@ -316,7 +316,7 @@ def metadata_digest(metadata: dict[str, dict[str, Any]]) -> str:
 def label_changes(stored: pd.DataFrame, metadata: dict[str, dict[str, Any]]) -> list[str]:
     """How the labels of the wells already embedded (``stored``: the plate's obs rows) differ
     from ``metadata``: one phrase per difference, at most a few."""
-    ignore = {*INDEX_COLUMNS, "foreground_fraction", "obs_name"}
+    ignore = {*INDEX_COLUMNS, *OBJECT_COLUMNS, "foreground_fraction", "obs_name"}
     old_columns = {c for c in stored.columns if c not in ignore and stored[c].notna().any()}
     changes = []
     new_columns = set(label_names(metadata))

@@ -17,8 +17,11 @@ from plate_concepts.plates.platemap import as_text
 INDEX_COLUMNS = ("plate", "well", "field", "crop_y", "crop_x", "crop_size")
 #: The columns that identify one crop; used to resume an interrupted embedding run.
 KEY_COLUMNS = ("plate", "well", "field", "crop_y", "crop_x")
+#: The obs columns of a token of one segmented object (:mod:`~plate_concepts.embeddings.objects`);
+#: ``field_objects`` counts the objects of its field (a resumed run knows a field is done).
+OBJECT_COLUMNS = ("object_label", "object_y", "object_x", "object_area", "field_objects")
 #: Columns that are neither index nor label: not counted in the label summaries.
-NOT_LABELS = (*INDEX_COLUMNS, "is_control", "foreground_fraction", "obs_name")
+NOT_LABELS = (*INDEX_COLUMNS, *OBJECT_COLUMNS, "is_control", "foreground_fraction", "obs_name")
 #: Distinct values of a label column counted per plate; a column with more is a measurement or
 #: an identifier, and its summary keeps only the number of missing values.
 MAX_SUMMARY_VALUES = 512
