@@ -128,3 +128,30 @@ def test_one_token_per_nucleus_of_real_cellprofiler_masks(tmp_path):
         assert sorted(rows["object_label"]) == expected["label"].tolist()
         assert (rows["field_objects"] == len(expected)).all()
     assert store.obs.groupby("genotype")["is_control"].all().to_dict() == {"Null": False, "WT": True}
+
+
+def test_the_explorer_gives_each_cell_its_own_tokens_value(tmp_path):
+    """Selectivity, the activation pass and the per-cell values of the Features panel read the
+    object tokens: a cell's value is its token's code; other label images use the maps."""
+    from plate_concepts.analysis.activation_pass import label_columns_of
+    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.dictionary.estimators import ICFL
+
+    plate = make_feature_plate(wells=["A01", "A02", "B01", "B02"])
+    store = embed_plate(plate, tmp_path / "cells.store", tiny(), objects="cells", object_size=32,
+                        control="treatment=DMSO", device="cpu")
+    assert sorted(label_columns_of(store)) == ["batch", "treatment"]  # object columns are no labels
+    torch.manual_seed(0)
+    dictionary = ICFL(n_features=4, n_rounds=1, per_round=2, steps=10, batch_size=16, device="cpu").fit(store)
+    explorer = FeatureExplorer(store, dictionary, plate=plate).prepare()
+    assert sorted(explorer.label_columns) == ["batch", "treatment"]
+    codes = dictionary.transform(store.read()).dense()
+    obs = store.obs
+    for feature in range(4):
+        values = explorer.cell_values(feature, "A02", 1, "cells")
+        rows = obs.index[(obs["well"] == "A02") & (obs["field"] == 1)]
+        expected = pd.Series(codes[rows, feature].numpy(), index=obs.loc[rows, "object_label"]).sort_index()
+        assert values["label"].tolist() == [5, 6, 7, 8] and (values["area"] == 576).all()
+        np.testing.assert_allclose(values["mean_activation"], expected.to_numpy(), rtol=1e-6)
+    nuclei = explorer.cell_values(0, "A02", 1, "nuclei")  # not the objects: from the field map
+    assert nuclei["label"].tolist() == [5, 6, 7, 8] and (nuclei["area"] < 576).all()

@@ -260,7 +260,8 @@ class FeatureExplorer:
 
     def _plate_fields(self, name: str, plate: Plate | None) -> PlateFields:
         rows = self.store.plate_rows(name)
-        columns = [c for c in (*INDEX_COLUMNS, self.batch_column) if c is not None]
+        objects = [c for c in ("object_label", "object_area") if c in self.store.obs_columns]  # a cell's own token
+        columns = [c for c in (*INDEX_COLUMNS, *objects, self.batch_column) if c is not None]
         obs = self.store.read_obs(rows, list(dict.fromkeys(columns)))
         if self._pass is not None and self._pass.folder is not None:
             codes = self._pass.codes(rows)

@@ -258,7 +258,11 @@ class PlateFields:
     ) -> pd.DataFrame:
         """Mean of the full-resolution field map inside every object of the plate's label image
         ``label_name``: columns label, mean_activation, area (see
-        :func:`~plate_concepts.analysis.activations.cell_activations`)."""
+        :func:`~plate_concepts.analysis.activations.cell_activations`). In a store of one token
+        per object of ``label_name`` (``embed --objects``), each object's value is its own
+        token's code instead (in either mode)."""
+        if self._objects_are(label_name):
+            return self._object_values(feature, well, field)
         label_image = self.label_image(well, field, label_name)
         if label_image.shape == self.field_shape(well, field):
             grids = self._field_grids(feature, well, field, mode)
@@ -271,6 +275,21 @@ class PlateFields:
                 f"the field is {activation.shape}"
             )
         return cell_activations(activation, label_image)
+
+    def _objects_are(self, label_name: str) -> bool:
+        """Whether the store holds one token per object of the label image ``label_name``."""
+        objects = self.store.provenance.get("objects") or {}
+        return objects.get("label_image") == label_name and "object_label" in self.obs.columns
+
+    def _object_values(self, feature: int, well: str, field: int) -> pd.DataFrame:
+        rows = self.field_rows(well, field)
+        objects = self.obs.loc[rows]
+        table = pd.DataFrame({
+            "label": objects["object_label"].to_numpy(np.int64),
+            "mean_activation": self.token_values(feature, rows).astype(np.float64),
+            "area": objects["object_area"].to_numpy(np.int64),
+        })
+        return table.sort_values("label", ignore_index=True)
 
     def label_image(self, well: str, field: int, label_name: str) -> np.ndarray:
         """The full-resolution label image ``label_name`` of one field (the smallest integer
