@@ -23,54 +23,59 @@ Your own model
 --------------
 - ``TorchScriptEmbedder(path)`` / spec ``"torchscript:PATH"``: a ``torch.jit.save``-d module.
 - ``ModuleEmbedder("pkg.mod:build")`` / spec ``"module:pkg.mod:build"``: ``build()`` (importable
-  from ``sys.path``) returns a ``torch.nn.Module``.
+  from ``sys.path``) returns a ``torch.nn.Module``, typically after loading your weights from a
+  file (``safetensors.torch.load_file``, or ``torch.load(..., weights_only=True)``).
 
-Either module gets the (B, C, H, W) [0, 1] crops on the embedder's device (any further input
-scaling is the module's business) and returns either a patch grid, (B, gh, gw, d) or
-(B, d, gh, gw) (``layout="auto"`` takes the larger of dims 1 and 3 as d), or ViT tokens
-(B, P + N, d) with P prefix (CLS/register) tokens: :class:`ViTTokens` drops the P prefix tokens and
-folds N into a square gh x gw grid (``n_prefix_tokens``, default 1).
+The module returns either a patch grid, (B, gh, gw, d) or (B, d, gh, gw) (``layout="auto"`` takes
+the larger of dims 1 and 3 as d), or ViT tokens (B, P + N, d): P prefix tokens (CLS, registers;
+``prefix``, default 1) dropped, N patch tokens folded into a square grid (:class:`ViTTokens`).
+A crop's token is the mean of its patch tokens, as for every model.
 
-Recipe: a locally stored DINOv2 (``pkg/dinov2_local.py``, then spec
-``module:pkg.dinov2_local:build``)::
+How the stains reach the model (spec options after ``?``, see :class:`ModelEmbedder`):
+
+- ``channels=native`` (default): the (B, C, H, W) crops in [0, 1], C = the stains embedded, in
+  the order of ``--channels`` (a model trained on exactly these stains);
+- ``channels=grey-rgb``: each stain alone as a grey image repeated to RGB, ``normalize=imagenet``
+  for the ImageNet mean/std (DINOv2 and other RGB models); the model sees B x C images;
+- ``channels=tokens``: a channel-wise microscopy ViT that tokenises each stain itself and returns
+  (B, P + C N, d), stain 0's N patch tokens first (ChAda-ViT, OpenPhenom);
+
+and with ``reduce=concat`` (default) the per-stain tokens are concatenated (d x C features, block
+c = stain c) or with ``reduce=mean`` averaged (d features, any number of stains).
+
+Recipe: a DINOv2 ViT-S/14 on disk (``dinov2_local.py`` on ``sys.path``; the facebookresearch/dinov2
+source tree and its weights, both placed there by you; crops a multiple of 14 px, e.g.
+``--crop 224`` or ``--object-size 112``), spec
+``module:dinov2_local:build?channels=grey-rgb&normalize=imagenet&reduce=concat&prefix=1``::
 
     import torch
 
-    class DinoV2Patches(torch.nn.Module):
+    class DinoV2Tokens(torch.nn.Module):
         def __init__(self, backbone):
             super().__init__()
             self.backbone = backbone
-            self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-            self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
 
-        def forward(self, crops):                      # (B, C, H, W) in [0, 1], H, W multiples of 14
-            b, c, h, w = crops.shape
-            rgb = crops.reshape(b * c, 1, h, w).expand(-1, 3, -1, -1)   # each stain as grey RGB
-            out = self.backbone.forward_features((rgb - self.mean) / self.std)
-            patches = out["x_norm_patchtokens"]        # (B*C, N, d): no CLS, no registers
-            grid = patches.reshape(b, c, h // 14, w // 14, -1)
-            return grid.permute(0, 2, 3, 1, 4).flatten(3)   # (B, gh, gw, C*d)
+        def forward(self, rgb):  # (B x C, 3, H, W): each stain as grey RGB, ImageNet-normalised
+            out = self.backbone.forward_features(rgb)
+            return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], dim=1)
 
     def build():
-        # the facebookresearch/dinov2 source tree and the .pth file, both already on disk
         backbone = torch.hub.load("/models/dinov2", "dinov2_vits14", source="local", pretrained=False)
         state = torch.load("/models/dinov2_vits14_pretrain.pth", map_location="cpu", weights_only=True)
         backbone.load_state_dict(state)
-        return DinoV2Patches(backbone)
+        return DinoV2Tokens(backbone)
 
-(With timm instead, ``timm.create_model("vit_small_patch14_dinov2", pretrained=False,
-checkpoint_path=...)`` and ``forward_features`` returns (B, 1 + N, d): return it as is and use
-``n_prefix_tokens=1``, or 5 for the models with 4 register tokens.)
+(With timm, ``timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False,
+checkpoint_path=...)``: ``forward_features`` returns (B, 1 + 4 + N, d), so ``prefix=5``.)
 
-Recipe: OpenPhenom (Recursion's channel-agnostic MAE ViT-S/16, d = 384), from a local copy of the
-``recursionpharma/OpenPhenom`` repository (its ``huggingface_mae.py`` on ``sys.path``, its weights
-in the same folder): ``build()`` returns a module whose ``forward`` does
-``MAEModel.from_pretrained("/models/OpenPhenom")`` -> ``(crops * 255).to(torch.uint8)`` (the model
-expects 0-255 input and standardises each image itself) -> the encoder's ViT backbone ->
-tokens (B, 1 + C N, 384), N = (H/16)^2 per channel -> drop the CLS token, reshape to
-(B, C, H/16, W/16, 384) and average (or concatenate) over C -> (B, gh, gw, d). ``MAEModel.predict``
-gives pooled (B, 384) embeddings only, which are not a grid. Check the attribute names against
-your copy of ``huggingface_mae.py``; ``from_pretrained`` on a local folder downloads nothing.
+Recipe: OpenPhenom (Recursion's channel-agnostic MAE ViT-S/16, d = 384) from a local copy of the
+``recursionpharma/OpenPhenom`` repository: ``build()`` returns a module whose ``forward(crops)``
+gives ``(crops * 255).to(torch.uint8)`` (the model expects 0-255 and standardises each image
+itself) to the encoder's ViT backbone and returns its tokens, (B, 1 + C N, 384), N = (H/16)^2
+per stain: spec ``module:openphenom_local:build?channels=tokens&prefix=1&reduce=mean``. Check the
+attribute names against your copy of ``huggingface_mae.py``; ``from_pretrained`` on a local folder
+downloads nothing. ``tests/test_vit_embedder.py`` runs both kinds, on small random ViTs whose
+weights are read from files, through embed, fit and the feature explorer.
 """
 
 from __future__ import annotations
