@@ -3,8 +3,33 @@
 Model x ~ decoder^T z + bias with unit-norm feature directions (the rows of ``decoder``) and no
 learned encoder: codes come from a batched pursuit. Each of J rounds selects, per token, the L
 features with the largest *signed* inner product with the residual, fits their coefficients by
-least squares, and subtracts the fit. The decoder and bias are learned by gradient steps on the
+least squares, and subtracts the fit. The decoder is learned by gradient steps on the
 reconstruction error with the codes held fixed.
+
+The offset (issue 10): the bias is fixed at 0, the origin of the pre-processed space, which is
+the control mean — a token like the average control has no features — and it is not trained
+(``offset="zero"``). With signed codes and an overcomplete decoder a learned bias is not
+identified (the codes can absorb any bias), and in training it wanders off; the pursuit then
+spends its atoms cancelling it. Measured on the issue's planted data
+(``benchmarks/bench_icfl_offset.py``: 20,000 tokens, d = 64, 96 atoms, M = 192, 3000 steps of
+1024 at lr 1e-3, no whitening), learned bias -> bias 0:
+
+- J = 2, L = 2: bias norm 2.0 (tokens have norm 1), FVU 0.30 -> 0.05, the worst class's best
+  max selectivity 0.01 -> 0.64;
+- J = 4, L = 1: bias norm 5.1, FVU 0.48 -> 0.02, 14 % -> 100 % of the atoms recovered,
+  selectivity 0.07 -> 0.84 (TopK, k = 4: FVU 0.02, 0.98).
+
+A bias set after every step to the batch's mean residual (its least-squares value for the codes)
+drifts too (norm 8-16, FVU 0.30-0.49). A bias frozen at the data mean is ~0 when every token is a
+control, and ties with 0 when 20 % of the tokens are controls (``--scenario controls``: FVU
+0.016 both, selectivity 0.97 vs 0.95 at J = 4, L = 1; 0.72 vs 0.78 at J = 2, L = 2). Only when
+every non-control token also carries a shared direction that no atom has (``--shift 1``) does it
+reconstruct better (FVU 0.020 vs 0.027, atoms recovered 100 % vs 92 %: b = 0 spends an atom on
+that direction), and there its selectivity is lower (0.94 vs 1.00; 0.72 vs 0.85) — so it is not
+offered. ``offset="learned"`` (bias started at the sample mean and trained by Adam) remains only
+so that dictionaries saved before the choice was recorded load with the codes they gave. On the
+demo plate (d = 1600, 600 steps) the learned bias barely moved (norm 0.03) and the two models
+found the planted perturbations about equally (docs/user-guide.md, section 6).
 
 Two pursuits give the same codes up to rounding:
 
@@ -16,11 +41,10 @@ Two pursuits give the same codes up to rounding:
   decoder changes. On the CPU, G and the scores are stored in column blocks so that the updates
   stream through cache-sized pieces of G; the top-L selection is a two-stage exact search.
 
-Choices (ours): loss = mean over tokens of the squared error summed over dimensions;
-:meth:`ICFLModule.init_from_data` sets the bias to the sample mean; a tiny ridge (``RIDGE``) keeps
-the L x L solves stable when selected features are nearly parallel; for each pair of features
-with cosine above the threshold, the one with the higher index is redrawn (so the lowest index of
-a cluster of near-duplicates survives).
+Choices (ours): loss = mean over tokens of the squared error summed over dimensions; a tiny
+ridge (``RIDGE``) keeps the L x L solves stable when selected features are nearly parallel; for
+each pair of features with cosine above the threshold, the one with the higher index is redrawn
+(so the lowest index of a cluster of near-duplicates survives).
 """
 
 from __future__ import annotations
