@@ -91,7 +91,9 @@ def test_fit_steps_yields_progress_and_returns_a_usable_estimator(tiny):
 
     plate, store = tiny
     events, estimator = _run(fit_steps(store, _settings(whiten="pca-batch", batch_column="batch"), plate=plate))
-    assert [e.step for e in events] == [5, 10, 15, 20]
+    whitening, *steps = events  # first the whitening chosen (one line), then the steps
+    assert whitening.text == estimator.whitening_.describe() and whitening.category is None
+    assert [e.step for e in steps] == [5, 10, 15, 20]
     assert isinstance(estimator, ICFL) and estimator.model_.n_features == 16
     assert estimator.whitening_.method == "pca-batch" and estimator.training_["steps"] == 20
     assert estimator.provenance_["control"] == {"spec": "treatment=DMSO", "n_controls": 128, "batch_column": "batch"}
@@ -330,3 +332,30 @@ def test_bad_settings_start_nothing_and_the_panel_renders(make_napari_viewer, qt
         shot.pixel(x, y) for x in range(0, shot.width(), 7) for y in range(0, shot.height(), 7)
     }
     assert len(colours) > 10  # text, boxes and buttons are drawn
+
+
+@pytest.mark.gui
+def test_compare_runs_the_grid_shows_the_table_and_keeps_a_row(make_napari_viewer, qtbot, tiny):
+    from plate_concepts.dictionary.estimators import TopKSAE
+
+    plate, store = tiny
+    _viewer, state, panel = _panel(make_napari_viewer, store, plate)
+    box = panel.compare_box
+    assert box.chosen_labels() == ["treatment"]  # a likely label, ticked for the user
+    assert "ICFL J = 2, L = 4" in box.sparsity.suffix()
+    panel.fields["steps"].value = "20"
+    box.sparsity.setValue(4)
+    box.whitens["none"].setChecked(False)
+    job = box.start()
+    assert job is not None and not panel.fit_button.isEnabled() and panel.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: box.job is None, timeout=60_000)
+    assert box.table.rowCount() == 2 and box.comparison is not None and not box.comparison.cancelled
+    headers = [box.table.horizontalHeaderItem(c).text() for c in range(box.table.columnCount())]
+    assert headers[:3] == ["method", "whiten", "sparsity"] and "treatment: mean best max" in headers
+    assert box.table.item(1, 2).text() == "k = 4" and box.table.item(0, 2).text() == "J = 2, L = 2"
+    assert panel.fit_button.isEnabled() and not box.keep_button.isEnabled()  # nothing selected yet
+    box.table.selectRow(1)
+    kept = box.keep_selected()
+    assert isinstance(kept, TopKSAE) and state.dictionary is kept and kept.model_.hyperparameters()["k"] == 4
+    assert "TopK SAE" in panel.dictionary_label.text()
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=30_000)

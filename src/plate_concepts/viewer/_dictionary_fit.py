@@ -18,6 +18,7 @@ from plate_concepts.dictionary.checkpoints import default_checkpoint_path
 from plate_concepts.dictionary.estimators import METHODS, DictionaryEstimator, method_class
 from plate_concepts.dictionary.settings import FitSettings
 from plate_concepts.dictionary.trainer import Cancel, FitMessage, TrainingEvent
+from plate_concepts.embeddings.obs_index import OBJECT_COLUMNS
 from plate_concepts.plates.platemap import ControlSpec, as_text
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from plate_concepts.plates.model import Plate
 
 #: obs columns that locate a token rather than label it; never offered as labels.
-POSITION_COLUMNS = ("field", "crop_y", "crop_x", "crop_size")
+POSITION_COLUMNS = ("field", "crop_y", "crop_x", "crop_size", *OBJECT_COLUMNS)
 #: A column with more distinct values than this is an identifier, not a label.
 MAX_LABEL_VALUES = 2000
 #: How the panel names the whitening methods (the ``whiten`` setting's values).
@@ -131,7 +132,8 @@ def fit_steps(
 
 
 def describe_dictionary(estimator: Any) -> str:
-    """One line about a dictionary: method, size, training outcome."""
+    """One line about a dictionary (method, size, training outcome), then one about its
+    whitening (which control covariance, and why)."""
     if estimator is None:
         return "No dictionary yet: fit one or load a file."
     hyper = estimator.model_.hyperparameters()
@@ -140,7 +142,6 @@ def describe_dictionary(estimator: Any) -> str:
         parts.append(f"J = {hyper['n_rounds']}, L = {hyper['per_round']}")
     if "k" in hyper:
         parts.append(f"k = {hyper['k']}")
-    parts.append(f"whitening {estimator.whitening_.method}")
     training = getattr(estimator, "training_", {}) or {}
     if training.get("steps") is not None:
         steps = f"{training['steps']} steps"
@@ -152,7 +153,7 @@ def describe_dictionary(estimator: Any) -> str:
         parts.append(f"FVU {final['fvu']:.3f}")
     if final.get("dead_fraction") is not None:
         parts.append(f"{100 * final['dead_fraction']:.1f} % dead")
-    return ", ".join(parts)
+    return ", ".join(parts) + "\n" + estimator.whitening_.describe()
 
 
 def describe_event(event: TrainingEvent) -> str:

@@ -1,5 +1,7 @@
 """The Dictionary panel: fit a sparse dictionary (ICFL or TopK) on the open embedding store in
-the background, watch it learn, cancel it, save it, or load one from a file.
+the background, watch it learn, cancel it, save it, or load one from a file; or compare the
+methods, whitened and not, at matched sparsity and keep the run that finds most
+(:class:`~plate_concepts.viewer._dictionary_compare.CompareBox`).
 
 A fitted or loaded dictionary becomes the viewer's dictionary (``state.set_dictionary``); the
 viewer's :class:`~plate_concepts.viewer._explorer_jobs.ExplorerPreparer` then encodes the store
@@ -32,10 +34,12 @@ from qtpy.QtWidgets import (
 )
 
 from plate_concepts._device import available_devices
+from plate_concepts.analysis.activation_pass import label_columns_of
 from plate_concepts.dictionary.checkpoints import default_checkpoint_path
 from plate_concepts.dictionary.estimators import ICFL, METHODS
 from plate_concepts.dictionary.settings import FitSettings, parse_value, setting_help, setting_info
 from plate_concepts.dictionary.trainer import FitMessage
+from plate_concepts.viewer._dictionary_compare import CompareBox
 from plate_concepts.viewer._dictionary_fit import (
     METHOD_CHOICES,
     WHITENING_LABELS,
@@ -47,7 +51,7 @@ from plate_concepts.viewer._dictionary_fit import (
     token_labels,
 )
 from plate_concepts.viewer._explorer_jobs import explorer_preparer
-from plate_concepts.viewer._jobs import Job, start_job
+from plate_concepts.viewer._jobs import Job, Progress, start_job
 from plate_concepts.viewer._plots import LossCurve
 from plate_concepts.viewer.state import get_state
 
@@ -204,6 +208,10 @@ class DictionaryPanel(QWidget):
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
 
+        self.compare_box = CompareBox(self._compare_request, self._keep_compared, self._on_compare_progress,
+                                      self._update_enabled)
+        layout.addWidget(self.compare_box)
+
         self.progress = QProgressBar()
         self.progress.setTextVisible(True)
         self.progress_label = QLabel(" ")
@@ -247,6 +255,9 @@ class DictionaryPanel(QWidget):
     # ------------------------------------------------------------------ labels from the store
     def _refresh_labels(self) -> None:
         store = self.state.store
+        self.compare_box.set_label_columns(
+            [] if store is None else [c for c in label_columns_of(store) if c != "is_control"]
+        )
         if store is None:
             self._labels = {}
             self.store_label.setText(
@@ -317,7 +328,7 @@ class DictionaryPanel(QWidget):
         return [*self.fields.values(), *(w for ws in self.method_fields.values() for w in ws.values())]
 
     def _update_enabled(self) -> None:
-        fitting = self._fit_job is not None
+        fitting = self._fit_job is not None or self.compare_box.job is not None
         has_store = self.state.store is not None
         for widget in (self.control_column, self.control_values, self.method, self.load_button):
             widget.setEnabled(not fitting)
@@ -325,6 +336,7 @@ class DictionaryPanel(QWidget):
             setting.enabled = not fitting
         self.batch_column.setEnabled(not fitting and self.fields["whiten"].value == "pca-batch")
         self.fit_button.setEnabled(has_store and not fitting)
+        self.compare_box.compare_button.setEnabled(has_store and not fitting)
         self.cancel_button.setEnabled(fitting)
         self.save_button.setEnabled(not fitting and self.state.dictionary is not None)
 
@@ -382,12 +394,17 @@ class DictionaryPanel(QWidget):
         if self._fit_job is not None:
             self._fit_job.cancel()
             self.progress_label.setText("cancelling after the current step…")
+        elif self.compare_box.cancel():
+            self.progress_label.setText("cancelling the comparison after the current step…")
         else:
             self.preparer.cancel()
 
     def _on_training_event(self, event: TrainingEvent | FitMessage) -> None:
         if isinstance(event, FitMessage):
-            show_info(event.text)
+            if event.category is None:  # information: the whitening chosen
+                self.progress_label.setText(event.text)
+            else:
+                show_info(event.text)
             return
         if self.loss_curve.total_steps != event.total_steps:
             self.loss_curve.clear(event.total_steps)
@@ -427,8 +444,28 @@ class DictionaryPanel(QWidget):
 
     @property
     def is_busy(self) -> bool:
-        """True while a fit or an explorer preparation runs."""
-        return self._fit_job is not None or self.preparer.is_busy
+        """True while a fit, a comparison or an explorer preparation runs."""
+        return self._fit_job is not None or self.compare_box.job is not None or self.preparer.is_busy
+
+    # ------------------------------------------------------------------ comparing
+    def _compare_request(self) -> tuple[PanelFit, Any, Any] | None:
+        """What the comparison runs with: the panel's controls and shared settings (raises
+        ValueError with a readable message)."""
+        store = self.state.store
+        if store is None:
+            show_info("Open or compute an embedding store first (Embeddings panel).")
+            return None
+        return self.settings(), store, token_labels(store, self.state.plate)
+
+    def _on_compare_progress(self, progress: Progress) -> None:
+        self.progress.setRange(0, max(progress.total, 1))
+        self.progress.setValue(progress.done)
+        self.progress.setFormat("%v / %m")
+        self.progress_label.setText(progress.what)
+
+    def _keep_compared(self, estimator: Any) -> None:
+        self.state.set_dictionary(estimator)
+        show_info(f"Kept {estimator.title} ({estimator.whitening_.method} whitening) as the dictionary.")
 
     # ------------------------------------------------------------------ files
     def _ask_save(self) -> None:
@@ -495,5 +532,6 @@ class DictionaryPanel(QWidget):
     def _teardown(self, connections: list[tuple[Any, Any]]) -> None:
         if self._fit_job is not None:
             self._fit_job.cancel()  # the explorer's job goes on: the Features panel may want it
+        self.compare_box.cancel()
         for signal, slot in connections:
             signal.disconnect(slot)
