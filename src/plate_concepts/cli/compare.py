@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from plate_concepts.cli._common import CommandError, progress_bar
+from plate_concepts.cli.dictionary import _positive_int
 
 COMPARE_HELP = """\
 Fits every method with every whitening at matched sparsity (ICFL J x L = TopK k = S; J is the
@@ -69,16 +70,6 @@ def _choices(allowed: list[str]):  # -> Callable[[str], list[str]]
         return list(dict.fromkeys(values))
 
     return parse
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
-    return value
 
 
 def run_compare(args: argparse.Namespace) -> int:

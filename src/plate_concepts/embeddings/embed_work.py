@@ -171,8 +171,12 @@ class FieldReader:
         crops = job.grid.cut(scaled, chosen)
         return FieldCrops(well, field_index, crops, rows, len(indices) - len(chosen))
 
+    def keys(self) -> list[tuple[str, int]]:
+        """The fields to read, in order."""
+        return [key for key, todo in self.job.pending.items() if todo]
+
     def iterate(self, stop: Callable[[], bool]) -> Iterator[FieldCrops]:
-        keys = [key for key, todo in self.job.pending.items() if todo]
+        keys = self.keys()
         if not keys:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plate-reader") as pool:

@@ -19,8 +19,6 @@ Progress counts fields (the number of objects is known only once a field's label
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +27,7 @@ import pandas as pd
 
 from plate_concepts.embeddings.embed_work import (
     FieldCrops,
+    FieldReader,
     PlateJob,
     channel_indices,
     well_metadata,
@@ -145,11 +144,13 @@ def prepare_objects(
     )
 
 
-class ObjectReader:
+class ObjectReader(FieldReader):
     """Read, scale and cut one field's objects at a time; the next field is read in a thread."""
 
-    def __init__(self, job: ObjectJob) -> None:
-        self.job = job
+    job: ObjectJob
+
+    def keys(self) -> list[tuple[str, int]]:
+        return list(self.job.pending)  # a field's objects are known once it is read
 
     def read(self, key: tuple[str, int]) -> FieldCrops:
         job, (well, field_index) = self.job, key
@@ -177,20 +178,6 @@ class ObjectReader:
             for (y, x), obj in zip(corners, table.itertuples(index=False), strict=True)
         ]
         return FieldCrops(well, field_index, crops, rows, skipped=0)
-
-    def iterate(self, stop: Callable[[], bool]) -> Iterator[FieldCrops]:
-        keys = list(self.job.pending)
-        if not keys:
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plate-reader") as pool:
-            future = pool.submit(self.read, keys[0])
-            for position in range(len(keys)):
-                current = future.result()
-                if position + 1 < len(keys) and not stop():
-                    future = pool.submit(self.read, keys[position + 1])
-                yield current
-                if stop():
-                    return
 
 
 def stored_objects(store: Any, plate: str) -> set[tuple[str, int, int, int]]:
