@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from plate_concepts.dictionary import ICFL, ControlWhitening, load_dictionary, save_dictionary
-from plate_concepts.dictionary import icfl
+from plate_concepts.dictionary import ICFL, ControlWhitening, icfl, load_dictionary, save_dictionary
 from plate_concepts.dictionary.codes import SparseCodes
 from plate_concepts.dictionary.icfl import ICFLModule
 from plate_concepts.dictionary.io import METADATA_KEY
