@@ -138,10 +138,10 @@ def test_a_numeric_batch_column_through_the_panel_path_opens_in_the_features_exp
     assert explorer.is_prepared
     text_batches = np.where(store.obs["batch"] == 1.0, "1", "2")
     np.testing.assert_array_equal(  # the raw 1.0 of the store reads as the fitted batch "1"
-        explorer.codes.dense().numpy(), estimator.transform(store.read(), text_batches).dense().numpy()
+        explorer.plate_codes.dense().numpy(), estimator.transform(store.read(), text_batches).dense().numpy()
     )
     well = str(store.obs["well"].iloc[0])
-    patches = explorer._field_patches(well, 0)  # what a field's activation map reads
+    patches = explorer.fields._field_patches(well, 0)  # what a field's activation map reads
     assert np.isfinite(patches).all() and patches.shape[-1] == estimator.model_.dim
 
 

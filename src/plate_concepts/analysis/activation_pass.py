@@ -119,6 +119,13 @@ def _store(path: str, stamp: tuple[int, int]) -> Any:
     return EmbeddingStore.open(path)
 
 
+def forget_open_files() -> None:
+    """Drop the cached store and dictionary handles, so a run re-checks the store's chunk
+    files (one deleted since the last run of a long-lived process fails, never reads as zeros)."""
+    _store.cache_clear()
+    _estimator.cache_clear()
+
+
 def _stamp(path: str | Path) -> tuple[int, int]:
     info = Path(path).stat()
     return info.st_mtime_ns, info.st_size
@@ -342,6 +349,7 @@ def run_pass(
     ``progress(done, total)`` counts tokens; ``cancel`` stops between tasks with
     :class:`~plate_concepts.analysis.activations.Cancelled` (finished tasks are kept).
     """
+    forget_open_files()
     if spec.out is None:
         if workers not in (None, 0) or scheduler is not None:
             raise ValueError("a pass on Dask workers needs an output folder (out=) they can write to")
@@ -442,6 +450,8 @@ def _run_on_dask(
         spec = PassSpec(**{**asdict(spec), "threads": spec.threads or max(1, (os.cpu_count() or 1) // n_workers)})
     client = Client(cluster if cluster is not None else scheduler)
     try:
+        if cluster is None:  # a user's cluster outlives runs: its workers may hold old handles
+            client.run(forget_open_files)
         token = hashlib.sha1(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:10]
         futures = [
             client.submit(run_chunk, spec, chunk, key=f"plate-concepts-pass-{token}-chunk-{chunk}", pure=False)

@@ -296,6 +296,8 @@ class ICFLModule(DictionaryModule):
     def after_optimizer_step(self, step: int, generator: torch.Generator | None = None) -> None:
         """Renormalise the decoder rows; every ``resample_every`` steps redraw near-duplicates."""
         norms = self.decoder.norm(dim=1, keepdim=True)
+        if not bool(torch.isfinite(norms).all()):  # dividing would zero the rows silently
+            raise FloatingPointError("the feature directions overflowed")
         self.decoder.div_(norms.clamp_min(1e-12))
         self.last_resampled = torch.empty(0, dtype=torch.long, device=self.decoder.device)
         if self.resample_every and step > 0 and step % self.resample_every == 0:

@@ -85,7 +85,16 @@ class FitMessage:
 
 
 class FitDiverged(ValueError, FloatingPointError):
-    """The training loss became inf or NaN (a learning rate too high, or bad tokens)."""
+    """The training loss or the parameters became inf or NaN (a learning rate too high, or
+    bad tokens)."""
+
+
+def _diverged(model: Any, step: int, lr: float, what: str) -> FitDiverged:
+    return FitDiverged(
+        f"the fit diverged at step {step + 1} ({what}): the learning rate {lr:g} is too high "
+        f"for these tokens; choose a smaller one (--lr), or leave it out for the method's "
+        f"default ({model.default_lr():.3g})"
+    )
 
 
 @dataclass
@@ -301,11 +310,7 @@ def iter_train(
             loss, _codes, stats = model.training_loss(x)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
-            raise FitDiverged(
-                f"the fit diverged at step {step + 1} (the training loss became {loss_value}): the "
-                f"learning rate {lr:g} is too high for these tokens; choose a smaller one (--lr), "
-                f"or leave it out for the method's default ({model.default_lr():.3g})"
-            )
+            raise _diverged(model, step, lr, f"the training loss became {loss_value}")
         loss.backward()
         comm.average_gradients(parameters)
         if before is not None:
@@ -313,7 +318,10 @@ def iter_train(
         model.before_optimizer_step()
         optimizer.step()
         step += 1
-        model.after_optimizer_step(step, generator)
+        try:
+            model.after_optimizer_step(step, generator)
+        except FloatingPointError as err:
+            raise _diverged(model, step - 1, lr, str(err)) from None
         _reset_redrawn(model, optimizer)
         tokens_seen += tokens_per_step
         session_tokens += tokens_per_step
