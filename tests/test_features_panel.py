@@ -60,10 +60,17 @@ def test_table_lists_sorts_and_filters_features(shown, qtbot):
     ]
     assert shown_freq == sorted(shown_freq)
 
+    # The search finds label values: most selective for, or raised most by (once profiled).
+    qtbot.waitUntil(lambda: "top values (z)" in panel.model.shown, timeout=20_000)
     panel.search.setText("dru")
     visible = _visible_features(panel)
-    expected = table.loc[table["best_value"] == "drug", "feature"].tolist()
+    top_values = panel.model.table.set_index("feature")["top values (z)"]
+    expected = [
+        f for f in table["feature"] if table.loc[f, "best_value"] == "drug" or "drug" in top_values[f]
+    ]
     assert sorted(visible) == sorted(expected) and 0 < len(visible) < explorer.n_features
+    panel.search.setText(str(expected[0]))  # a feature number
+    assert _visible_features(panel) == [expected[0]]
     panel.search.clear()
     assert panel.proxy.rowCount() == explorer.n_features
 

@@ -54,7 +54,7 @@ def test_show_results_docks_the_panels_and_selects_the_best_feature(make_napari_
     table = explorer.feature_table()
     live = table[~table["dead"]]
     assert table.loc[feature, "max_selectivity"] == live["max_selectivity"].max()
-    assert docked(viewer) == ["Dictionary", "Embeddings", "Features", "Plate"]
+    assert docked(viewer) == ["Dictionary", "Embeddings", "Features", "Perturbations", "Plate"]
     state = get_state(viewer)
     assert state.explorer is explorer and state.feature == feature
     qtbot.waitUntil(  # the Features panel draws the feature's layers

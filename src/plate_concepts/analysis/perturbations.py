@@ -37,6 +37,7 @@ p-value. Wells of the controls themselves form no profile: they are the referenc
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ REPLICATE_Z = 2.0
 CONTROL_WELL_FRACTION = 0.5
 #: Permutations of the mAP's null distribution (copairs' ``null_size``).
 MAP_NULL_SIZE = 10_000
+#: copairs matches pairs with duckdb's default connection, which one thread at a time may use
+#: (the viewer profiles in one worker while another writes a report).
+_COPAIRS = threading.Lock()
 
 
 def robust_z(values: np.ndarray, controls: np.ndarray, floor: np.ndarray | float = 0.0) -> np.ndarray:
@@ -324,7 +328,7 @@ def phenotypic_activity(
     feats[zero] = 1e-12
     keys = ["value_key", "reference"]
     try:
-        with warnings.catch_warnings():
+        with _COPAIRS, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ap = average_precision(meta, feats, keys, [], [], keys, progress_bar=False)
     except UnpairedException:
@@ -332,7 +336,7 @@ def phenotypic_activity(
     ap = ap[~ap["is_control"]].dropna(subset=["average_precision"])
     if ap.empty:
         return {}
-    with warnings.catch_warnings():
+    with _COPAIRS, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = mean_average_precision(ap, ["value_key"], null_size=null_size, threshold=0.05,
                                          seed=seed, progress_bar=False, max_workers=1)

@@ -53,12 +53,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "view",
-        help="open a plate, an embedding store or a dictionary in napari with the plugin's panels",
-    )
+        help="open a plate, an embedding store, a dictionary or an activation pass in napari with "
+             "the plugin's panels",
+    )  # fmt: skip
     p.add_argument(
         "path",
-        help="a plate (as for info), an embedding store (its crops drawn on its plate) or a "
-             "dictionary file (its features browsable on the store and plate it was fitted on)",
+        help="a plate (as for info), an embedding store (its crops drawn on its plate), a "
+             "dictionary file (its features browsable on the store and plate it was fitted on) or "
+             "an activation pass folder (plate-concepts encode: its dictionary browsed from it, "
+             "reading only the shown plate's codes)",
     )  # fmt: skip
     p.add_argument("--platemap", help=PLATEMAP_HELP)
     p.add_argument("--pattern", help=PATTERN_HELP)
@@ -68,6 +71,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                    "from (default: the one recorded in the store)")
     p.add_argument("--feature", type=int, help="dictionaries: the feature to show first "
                                                "(default: the most selective one)")
+    p.add_argument("--codes", metavar="PASS",
+                   help="dictionaries: an activation pass of it over the store (plate-concepts "
+                        "encode) to browse the features from instead of encoding the store")
     p.add_argument("--screenshot", metavar="PNG",
                    help="save a screenshot of the viewer and exit; without a display this runs "
                         "under a virtual one (xvfb-run)")
@@ -196,23 +202,35 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def view(args: argparse.Namespace) -> int:
-    """Open a plate, a store (with its plate) or a dictionary (with its store and plate)."""
+    """Open a plate, a store (with its plate), a dictionary (with its store and plate) or an
+    activation pass (with its dictionary, store and plate)."""
     from plate_concepts._io import output_kind
+    from plate_concepts.viewer.reader import is_activation_pass
 
-    kind = output_kind(args.path)
-    if kind not in ("embedding-store", "dictionary") and (args.store or args.feature is not None):
-        raise CommandError("--store and --feature go with a dictionary file")
+    kind = "activation-pass" if is_activation_pass(Path(args.path)) else output_kind(args.path)
+    if kind not in ("embedding-store", "dictionary", "activation-pass") and (
+        args.store or args.feature is not None
+    ):
+        raise CommandError("--store and --feature go with a dictionary file or an activation pass")
+    if args.codes and kind != "dictionary":
+        raise CommandError("--codes goes with a dictionary file (an activation pass opens alone)")
     ensure_display(args)  # before anything slow: without a display this may run again
-    estimator = store = explorer = None
-    if kind == "dictionary":
+    estimator = store = explorer = activation_pass = dictionary_path = None
+    if kind == "activation-pass":
+        activation_pass, estimator, store = _pass_dictionary_and_store(args.path, args.store)
+        dictionary_path = activation_pass.spec.dictionary
+    elif kind == "dictionary":
         estimator, store = _dictionary_and_store(args)
+        dictionary_path = args.path
+        if args.codes:
+            activation_pass = _codes_for(args.codes, args.path, store)
     elif kind == "embedding-store":
         from plate_concepts.embeddings.store import EmbeddingStore
 
         store = EmbeddingStore.open(args.path)
     plate = _plate_for(args, store)
     if estimator is not None:
-        explorer = _prepared_explorer(store, estimator, plate, args.quiet)
+        explorer = _prepared_explorer(store, estimator, plate, args.quiet, activation_pass)
 
     import napari
 
@@ -220,7 +238,8 @@ def view(args: argparse.Namespace) -> int:
 
     viewer = napari.Viewer(title=f"napari-plate-concepts: {Path(args.path).name}")
     viewer.window.resize(1600, 1000)
-    feature = show_results(viewer, plate, store=store, explorer=explorer, feature=args.feature)
+    feature = show_results(viewer, plate, store=store, explorer=explorer, feature=args.feature,
+                           dictionary_path=dictionary_path)
     if feature is not None:
         print(f"showing feature {feature} of {args.path}")
     return run_or_screenshot(viewer, args.screenshot)
@@ -232,7 +251,7 @@ def _dictionary_and_store(args: argparse.Namespace) -> tuple[Any, Any]:
     from plate_concepts.viewer.reader import fitted_store_path
 
     estimator = ICFL.load(args.path)  # an ICFL or a TopKSAE, as the file says
-    recorded = fitted_store_path(getattr(estimator, "metadata_", {}))
+    recorded = fitted_store_path(estimator)
     store_path = Path(args.store) if args.store else recorded
     if store_path is None:
         raise CommandError(
@@ -247,6 +266,46 @@ def _dictionary_and_store(args: argparse.Namespace) -> tuple[Any, Any]:
     return estimator, EmbeddingStore.open(store_path)
 
 
+def _pass_dictionary_and_store(path: str, store_path: str | None) -> tuple[Any, Any, Any]:
+    """(activation pass, its dictionary, its store) of a pass folder; ``store_path`` must be
+    the store it was made on."""
+    from plate_concepts.analysis.activation_pass import ActivationPass
+    from plate_concepts.analysis.evaluation import check_pass_matches
+    from plate_concepts.dictionary.estimators import ICFL
+    from plate_concepts.embeddings.store import EmbeddingStore
+
+    activation_pass = ActivationPass.open(path)
+    spec = activation_pass.spec
+    if spec.dictionary is None or not Path(spec.dictionary).is_file():
+        raise CommandError(f"the activation pass {path} was made with dictionary {spec.dictionary}, "
+                           "which is not there")  # fmt: skip
+    store_path = store_path or spec.store
+    if not EmbeddingStore.is_store(store_path):
+        raise CommandError(f"the embedding store {store_path} of activation pass {path} is not there")
+    store = EmbeddingStore.open(store_path)
+    try:
+        check_pass_matches(activation_pass, store)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    return activation_pass, ICFL.load(spec.dictionary), store
+
+
+def _codes_for(codes: str, dictionary: str, store: Any) -> Any:
+    """The activation pass ``codes``, checked to be of ``dictionary`` over ``store``."""
+    from plate_concepts.analysis.activation_pass import ActivationPass
+    from plate_concepts.analysis.evaluation import check_pass_matches
+
+    activation_pass = ActivationPass.open(codes)
+    made_with = activation_pass.spec.dictionary
+    if made_with is None or Path(made_with).resolve() != Path(dictionary).resolve():
+        raise CommandError(f"the activation pass {codes} was made with dictionary {made_with}, not {dictionary}")
+    try:
+        check_pass_matches(activation_pass, store)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    return activation_pass
+
+
 def _plate_for(args: argparse.Namespace, store: Any) -> Any:
     from plate_concepts.plates import open_plate
 
@@ -254,7 +313,7 @@ def _plate_for(args: argparse.Namespace, store: Any) -> Any:
         return open_plate(args.path, platemap=args.platemap or "auto", pattern=args.pattern)
     if args.plate:
         return open_plate(args.plate, platemap=args.platemap or "auto", pattern=args.pattern)
-    from plate_concepts.viewer._embedding_views import open_store_plate, store_plate_sources
+    from plate_concepts.embeddings.source_plates import open_store_plate, store_plate_sources
 
     plate = open_store_plate(store)
     if plate is None:
@@ -266,12 +325,17 @@ def _plate_for(args: argparse.Namespace, store: Any) -> Any:
     return plate
 
 
-def _prepared_explorer(store: Any, estimator: Any, plate: Any, quiet: bool) -> Any:
-    """Encode the store and read ahead what selecting a feature shows, with progress bars."""
+def _prepared_explorer(store: Any, estimator: Any, plate: Any, quiet: bool, activation_pass: Any = None) -> Any:
+    """Encode the store (or read the plate's codes from ``activation_pass``) and read ahead
+    what selecting a feature shows, with progress bars."""
     from plate_concepts.analysis.explorer import FeatureExplorer
 
-    explorer = FeatureExplorer(store, estimator, plate=plate)
-    with progress_bar(len(store), "encoding tokens", "token", quiet) as bar:
+    if activation_pass is not None:
+        explorer = FeatureExplorer(store, estimator, plate=plate, activation_pass=activation_pass,
+                                   batch_column=activation_pass.spec.batch_column)  # fmt: skip
+    else:
+        explorer = FeatureExplorer(store, estimator, plate=plate)
+    with progress_bar(len(store), "encoding tokens", "token", quiet or activation_pass is not None) as bar:
         explorer.prepare(progress=bar)
     with progress_bar(None, "reading fields for the viewer", "item", quiet) as bar:
         summary = explorer.preload(progress=bar)

@@ -24,11 +24,14 @@ import numpy as np
 import pandas as pd
 
 from plate_concepts.analysis.explorer import THUMBNAIL_SIZE, TOP_CROPS, cell_label_name
+from plate_concepts.plates.display import composite_rgb
 from plate_concepts.plates.geometry import canonical_well
 
 if TYPE_CHECKING:
     from plate_concepts.analysis.explorer import FeatureExplorer, TopCrop
+    from plate_concepts.analysis.feature_notes import FeatureNotes
     from plate_concepts.plates.mosaic import PlateMosaic
+    from plate_concepts.viewer._screen_profiles import ScreenProfiles
 
 LayerData = tuple[Any, dict[str, Any], str]
 Kind = Literal["mean", "fraction"]
@@ -56,9 +59,10 @@ MAP_MAX_SIDE = 1536
 CELLS_MAX_SIDE = 2048
 
 
-def layer_name(feature: int, what: str) -> str:
-    """'feature 12: activation map' - the names a biologist sees in the layer list."""
-    return f"feature {feature}: {what}"
+def layer_name(feature: int, what: str, name: str = "") -> str:
+    """'feature 12: activation map', or with the feature's name 'feature 12 (enlarged nuclei):
+    activation map' - the names a biologist sees in the layer list."""
+    return f"feature {feature} ({name}): {what}" if name else f"feature {feature}: {what}"
 
 
 def _role_metadata(role: str, **extra: Any) -> dict[str, Any]:
@@ -80,15 +84,16 @@ def value_limits(values: Any) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------- plate heatmap
 def heatmap_layer_data(
-    explorer: FeatureExplorer, mosaic: PlateMosaic, feature: int, kind: Kind = "mean"
+    explorer: FeatureExplorer, mosaic: PlateMosaic, feature: int, kind: Kind = "mean", name: str = ""
 ) -> LayerData:
-    """One colour per well over the whole plate, aligned with the mosaic (NaN: no tokens)."""
+    """One colour per well over the whole plate, aligned with the mosaic (NaN: no tokens);
+    ``name``: the feature's name."""
     heatmap = explorer.plate_heatmap(feature, mosaic, kind)
     values = explorer.well_values(feature, kind)
     return (
         heatmap.image,
         {
-            "name": layer_name(feature, KIND_TEXT[kind]),
+            "name": layer_name(feature, KIND_TEXT[kind], name),
             "scale": tuple(heatmap.scale),
             "translate": tuple(heatmap.translate),
             "colormap": COLORMAP,
@@ -96,7 +101,8 @@ def heatmap_layer_data(
             "opacity": 0.6,
             "blending": "translucent",
             "interpolation2d": "nearest",
-            "metadata": _role_metadata(ROLE_HEATMAP, feature=int(feature), kind=kind),
+            "metadata": _role_metadata(ROLE_HEATMAP, feature=int(feature), kind=kind,
+                                       what=KIND_TEXT[kind], plate=explorer.plate_name),
         },
         "image",
     )
@@ -121,8 +127,10 @@ class FeatureSelection:
     label_fields: tuple[int, ...]
     #: The feature's most active crops of the explorer's plate (none without the plate).
     top_crops: tuple[TopCrop, ...]
-    #: The label column of the per-value bars (None: no bars).
+    #: The label column of the per-value bars (None: no bars; "well": the plate's wells).
     label_column: str | None
+    #: The feature's name (its notes), for the layer names.
+    name: str = ""
 
 
 def resolve_selection(
@@ -135,6 +143,7 @@ def resolve_selection(
     label_name: str | None = None,
     label_column: str | None = None,
     n_crops: int = N_CROPS,
+    name: str = "",
 ) -> FeatureSelection:
     """Decide what ``feature`` shows: ``well`` (default: the feature's top well), its fields,
     ``label_name`` (default :func:`~plate_concepts.analysis.explorer.cell_label_name`), the
@@ -168,6 +177,7 @@ def resolve_selection(
         label_fields=label_fields,
         top_crops=top_crops,
         label_column=label_column or explorer.label_column,
+        name=name,
     )
 
 
@@ -227,7 +237,7 @@ def activation_map_layer_data(
     return (
         canvas,
         {
-            "name": layer_name(feature, "activation map"),
+            "name": layer_name(feature, "activation map", selection.name),
             "scale": (float(factor), float(factor)),
             "translate": (y0 + half, x0 + half),
             "colormap": COLORMAP,
@@ -237,6 +247,8 @@ def activation_map_layer_data(
             "metadata": _role_metadata(
                 ROLE_MAP,
                 feature=feature,
+                what="activation map",
+                plate=explorer.plate_name,
                 well=well,
                 fields=list(selection.fields),
                 mode=mode,
@@ -297,7 +309,7 @@ def cells_layer_data(
     return (
         canvas,
         {
-            "name": layer_name(feature, label_name),
+            "name": layer_name(feature, label_name, selection.name),
             "scale": (float(factor), float(factor)),
             "translate": (y0 + half, x0 + half),
             "features": features,
@@ -309,6 +321,8 @@ def cells_layer_data(
             "metadata": _role_metadata(
                 ROLE_CELLS,
                 feature=feature,
+                what=label_name,
+                plate=explorer.plate_name,
                 well=well,
                 fields=list(fields),
                 label_name=label_name,
@@ -370,31 +384,6 @@ class CropThumbnail:
         return f"{self.crop.well} f{self.crop.field + 1}\n{self.crop.value:.3g}"
 
 
-def composite_rgb(
-    image: np.ndarray,
-    limits: Sequence[tuple[float, float]],
-    colors: Sequence[Sequence[float]],
-    size: int | None = None,
-) -> np.ndarray:
-    """(C, y, x) raw channels -> (y, x, 3) uint8 RGB, each channel scaled to its contrast
-    limits, tinted by its colour and added (as the viewer's additive channel layers); strided
-    down to about ``size`` pixels."""
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 3 or len(limits) != image.shape[0] or len(colors) != image.shape[0]:
-        raise ValueError(
-            f"image must be (channels, y, x) with one contrast limit and colour per channel; got {image.shape}, "
-            f"{len(limits)} limits, {len(colors)} colours"
-        )
-    if size is not None and max(image.shape[1:]) > size:
-        stride = max(1, max(image.shape[1:]) // size)
-        image = image[:, ::stride, ::stride]
-    out = np.zeros((*image.shape[1:], 3), dtype=np.float32)
-    for channel, (low, high), color in zip(image, limits, colors):
-        scaled = np.clip((channel - low) / ((high - low) or 1.0), 0.0, 1.0)
-        out += scaled[..., None] * np.asarray(color[:3], dtype=np.float32)
-    return (np.clip(out, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def top_crop_thumbnails(
     explorer: FeatureExplorer,
     crops: Sequence[TopCrop],
@@ -407,7 +396,7 @@ def top_crop_thumbnails(
         return []
     pixels = explorer.crop_pixels([c.row for c in crops], size)
     return [
-        CropThumbnail(composite_rgb(image, limits, colors, size), crop)
+        CropThumbnail(composite_rgb(image, limits, colors), crop)
         for crop, image in zip(crops, pixels, strict=True)
     ]
 
@@ -492,7 +481,7 @@ def feature_view(
     feature, well = selection.feature, selection.well
     view = FeatureView(feature=feature, well=well)
     if mosaic is not None:
-        view.layers.append(heatmap_layer_data(explorer, mosaic, feature, selection.kind))
+        view.layers.append(heatmap_layer_data(explorer, mosaic, feature, selection.kind, selection.name))
         for layer in (
             activation_map_layer_data(explorer, mosaic, selection),
             cells_layer_data(explorer, mosaic, selection),
@@ -534,19 +523,36 @@ def computed_quickly(
     )
 
 
-def feature_table(explorer: FeatureExplorer, label_column: str | None) -> pd.DataFrame:
-    """The Features panel's table: readable column names, one row per feature."""
+def feature_table(
+    explorer: FeatureExplorer,
+    label_column: str | None,
+    notes: FeatureNotes | None = None,
+    profiles: ScreenProfiles | None = None,
+) -> pd.DataFrame:
+    """The Features panel's table: readable column names, one row per feature; ``name`` when
+    the dictionary has a file (its notes); on a screen the plates where the feature is active
+    and its top plate; with profiles, its top values of the label column by z-score against
+    same-plate controls (``_best z`` sorts them)."""
     table = explorer.feature_table(label_column)
-    return pd.DataFrame(
-        {
-            "feature": table["feature"].to_numpy(),
-            "frequency": table["frequency"].to_numpy(),
-            "most selective for": [
-                ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-                for v in table["best_value"]
-            ],
-            "max selectivity": table["max_selectivity"].to_numpy(),
-            "avg selectivity": table["average_selectivity"].to_numpy(),
-            "dead": table["dead"].to_numpy(),
-        }
-    )
+    features = table["feature"].to_numpy()
+    out = {"feature": features}
+    if notes is not None:
+        out["name"] = [notes.name(int(f)) for f in features]
+    out.update({
+        "frequency": table["frequency"].to_numpy(),
+        "most selective for": [
+            ("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+            for v in table["best_value"]
+        ],
+        "max selectivity": table["max_selectivity"].to_numpy(),
+    })
+    if profiles is not None and label_column in profiles.profiles:
+        texts, best = profiles.top_values(label_column)
+        out["top values (z)"] = texts
+        out["_best z"] = best
+    if "n_plates" in table:
+        out["plates"] = table["n_plates"].to_numpy()
+        out["top plate"] = table["top_plate"].astype(str).to_numpy()
+    out["avg selectivity"] = table["average_selectivity"].to_numpy()
+    out["dead"] = table["dead"].to_numpy()
+    return pd.DataFrame(out)

@@ -50,6 +50,11 @@ class Job:
     def running(self) -> bool:
         return not self._finished.is_set()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job has ended (from another worker: never on the GUI thread, which
+        delivers the end); whether it had."""
+        return self._finished.wait(timeout)
+
     def cancel(self) -> None:
         """Ask the work to stop at its next check; how it ends (a partial result, or
         :class:`~plate_concepts.analysis.activations.Cancelled`) is the work's choice."""

@@ -1,5 +1,5 @@
 """Small plots drawn with QPainter (no plotting library needed): a training curve, a
-horizontal bar chart and colour scales. They follow the palette of the widget they sit in
+horizontal bar chart and colour scales; and RGB thumbnails as pixmaps. They follow the palette of the widget they sit in
 (napari's theme)."""
 
 from __future__ import annotations
@@ -7,12 +7,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 from qtpy.QtCore import QEvent, QPointF, QRectF, Qt
-from qtpy.QtGui import QColor, QFontMetrics, QLinearGradient, QPainter, QPainterPath, QPen
+from qtpy.QtGui import (
+    QColor,
+    QFontMetrics,
+    QImage,
+    QLinearGradient,
+    QPainter,
+    QPainterPath,
+    QPen,
+    QPixmap,
+)
 from qtpy.QtWidgets import QSizePolicy, QToolTip, QWidget
 
 ACCENT = QColor(255, 140, 40)  # inferno's orange: the feature's colour across the panels
 CONTROL = QColor(150, 150, 150)
+
+
+def rgb_pixmap(rgb: np.ndarray, size: int) -> QPixmap:
+    """A (y, x, 3) uint8 image as a pixmap of at most ``size`` pixels on a side."""
+    rgb = np.ascontiguousarray(rgb)
+    height, width = rgb.shape[:2]
+    image = QImage(rgb.data, width, height, 3 * width, QImage.Format.Format_RGB888).copy()
+    return QPixmap.fromImage(image).scaled(
+        size, size, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation
+    )
 
 
 def _format(value: float) -> str:

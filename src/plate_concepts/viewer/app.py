@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plate_concepts.plates.geometry import canonical_well
@@ -74,11 +75,13 @@ def show_results(
     store: Any = None,
     explorer: Any = None,
     feature: int | None = None,
+    dictionary_path: str | Path | None = None,
 ) -> int | None:
     """Open a plate in ``viewer`` with its label images, and with them an embedding store
     (its crops drawn on the plate) or a prepared :class:`FeatureExplorer` (a dictionary on a
-    store); dock the plugin's panels that go with them (Plate; Embeddings; Dictionary and
-    Features, tabbed) and select ``feature`` (default: the most selective live one).
+    store, ``dictionary_path`` its file: default the one its activation pass records); dock the
+    plugin's panels that go with them (Plate; Embeddings; Dictionary, Features and
+    Perturbations, tabbed) and select ``feature`` (default: the most selective live one).
     Returns the selected feature, None without an explorer."""
     from napari.layers import Layer
 
@@ -94,7 +97,7 @@ def show_results(
     panels = ["Plate"]
     if explorer is not None:
         store = explorer.store
-        panels += ["Dictionary", "Features"]
+        panels += ["Dictionary", "Features", "Perturbations"]
     if store is not None:
         panels.insert(1, "Embeddings")
         state.set_store(store)
@@ -106,7 +109,9 @@ def show_results(
         viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=index > 0)
     if explorer is None:
         return None
-    state.set_dictionary(explorer.estimator)
+    activation_pass = explorer.activation_pass
+    path = dictionary_path or activation_pass.spec.dictionary
+    state.set_dictionary(explorer.estimator, path, activation_pass if activation_pass.folder else None)
     state.set_explorer(explorer)
     if feature is None:
         table = explorer.feature_table()

@@ -495,6 +495,7 @@ class DictionaryPanel(QWidget):
             show_error(f"Could not save the dictionary to {path}: {err}")
             return None
         show_info(f"Dictionary saved to {written}")
+        self.state.dictionary_saved(written)  # its feature names are kept beside it now
         return written
 
     def load(self, path: str | Path) -> Any:
@@ -505,7 +506,7 @@ class DictionaryPanel(QWidget):
         except (OSError, ValueError, KeyError) as err:
             show_error(f"Could not open dictionary {path}: {err}")
             return None
-        self.state.set_dictionary(dictionary)
+        self.state.set_dictionary(dictionary, path)
         return dictionary
 
     # ------------------------------------------------------------------ the explorer

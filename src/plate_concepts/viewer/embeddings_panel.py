@@ -162,7 +162,7 @@ class EmbeddingsPanel(Container):
         self.job = start_job(
             embed,
             progress=self._on_progress,
-            returned=self._on_embedded,
+            returned=lambda store: self._on_embedded(store, store_path),
             errored=self._on_embed_error,
             finished=lambda: self._set_running(False),
         )
@@ -179,13 +179,26 @@ class EmbeddingsPanel(Container):
         self.progress.value = min(update.done, update.total)
         self.progress.label = f"{update.done} / {update.total} {update.what}"
 
-    def _on_embedded(self, store: EmbeddingStore) -> None:
+    def _on_embedded(self, store: EmbeddingStore, store_path: Path | None = None) -> None:
         store = EmbeddingStore.open(store.path)  # a fresh handle: all committed rows
+        requested = Path(store_path) if store_path is not None else store.path
         if self.job is not None and self.job.cancelled:
-            self.message.value = (
-                f"cancelled with {len(store)} crops stored; the store is complete up to there: "
-                "Compute again with the same settings to resume"
-            )
+            if store.path.resolve() != requested.resolve():
+                # An overwrite builds its store beside the one it replaces (staging_path): the
+                # old store is still the one at the path the user gave, untouched.
+                self.message.value = (
+                    f"cancelled with {len(store)} crops in the new store, which replaces "
+                    f"{requested.name} once complete; {requested.name} is unchanged: Compute again "
+                    "with overwrite on to continue"
+                )
+                if not EmbeddingStore.is_store(requested):
+                    return
+                store = EmbeddingStore.open(requested)
+            else:
+                self.message.value = (
+                    f"cancelled with {len(store)} crops stored; the store is complete up to there: "
+                    "Compute again with the same settings to resume"
+                )
         else:
             self.message.value = f"done: {len(store)} crops in {store.path.name}"
         get_state(self.viewer).set_store(store)

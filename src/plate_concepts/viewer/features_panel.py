@@ -10,7 +10,13 @@ most selective for. Selecting one (click or arrow keys) shows, over the plate:
 
 and, in the panel, its top-activating crops and its activation per label value against the
 controls. The well is this panel's choice, else the viewer's selected well (the Plate panel's),
-else the feature's top well. What a selection shows is decided once (:func:`resolve_selection`)
+else the feature's top well. On a screen (a store of several plates) the panel chooses the
+plate (its images opened from the store's recorded sources, by the explorer preparer) and can
+follow each feature to the plate where it is most active; the table then also says on how many
+plates a feature is active and its top plate, and, once the perturbation profiles are computed,
+the label values that raise it most (z-score against the same plate's controls). Features are
+named, tagged and annotated below the table (kept beside the dictionary file), and "Export
+report" writes the HTML report. What a selection shows is decided once (:func:`resolve_selection`)
 and computed on the GUI thread when it is all in memory and small (tens of ms, after the
 explorer's preload), else in a background job; the panel only turns results into layers,
 updated in place. The layers are results: not editable, each with its colour scale (napari's
@@ -21,11 +27,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from napari.layers import Image, Labels, Layer
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QModelIndex, QSize, Qt, Signal
-from qtpy.QtGui import QIcon, QImage, QPixmap
+from qtpy.QtGui import QIcon
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -42,7 +46,8 @@ from qtpy.QtWidgets import (
 )
 
 from plate_concepts.analysis.explorer import cell_label_name
-from plate_concepts.viewer._explorer_jobs import ENCODING, explorer_preparer
+from plate_concepts.viewer._explorer_jobs import ENCODING, PROFILING, explorer_preparer
+from plate_concepts.viewer._feature_layer_sync import FeatureLayers
 from plate_concepts.viewer._feature_layers import (
     FEATURE_ROLES,
     METADATA_KEY,
@@ -61,7 +66,10 @@ from plate_concepts.viewer._feature_layers import (
 )
 from plate_concepts.viewer._feature_table import FeatureFilter, FeatureTableModel
 from plate_concepts.viewer._jobs import Job, start_job
-from plate_concepts.viewer._plots import BarChart, ColorScales
+from plate_concepts.viewer._notes_editor import NotesEditor
+from plate_concepts.viewer._plate_chooser import PlateChooser
+from plate_concepts.viewer._plots import BarChart, ColorScales, rgb_pixmap
+from plate_concepts.viewer._report_export import ReportExport
 from plate_concepts.viewer._table_tooltips import show_full_text_tooltips
 from plate_concepts.viewer.state import get_state
 
@@ -71,8 +79,6 @@ if TYPE_CHECKING:
 KINDS = {"mean activation": "mean", "fraction of active crops": "fraction"}
 MODES = {"cosine with feature direction": "cosine", "feature code": "code"}
 AUTO_WELL = "automatic"
-LAYER_CLASSES = {"image": Image, "labels": Labels}
-WELL_FIELD_ROLE = "well-field"  # the Plate panel's full-resolution layers of one well
 LABEL_COLUMN_WIDTH = 110
 GALLERY_COLUMNS = 6  # two rows of thumbnails leave the table and plot room in a docked panel
 PANEL_MIN_WIDTH = 460  # the five table columns side by side
@@ -92,15 +98,6 @@ def _camera(viewer: Any) -> Any:
     return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
-def _pixmap(rgb: np.ndarray, size: int) -> QPixmap:
-    rgb = np.ascontiguousarray(rgb)
-    height, width = rgb.shape[:2]
-    image = QImage(rgb.data, width, height, 3 * width, QImage.Format.Format_RGB888).copy()
-    return QPixmap.fromImage(image).scaled(
-        size, size, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation
-    )
-
-
 class FeaturesPanel(QWidget):
     """Feature table, feature layers over the plate, top crops and per-label activation."""
 
@@ -114,18 +111,22 @@ class FeaturesPanel(QWidget):
         self._job: Job | None = None
         self._pending: tuple[Any, ...] | None = None  # the arguments of _start
         self._requests = 0  # numbers the requests: only the latest one's view is shown
-        self._objects_of: Any = None  # the explorer whose objects the objects layer shows
         self._view: FeatureView | None = None
+        self.layers = FeatureLayers(viewer, self.state)
         self._build()
         # Prepares the explorer whenever the dictionary or store changes, also when no
         # Dictionary panel is open (a dictionary opened with File > Open).
         self.preparer = explorer_preparer(viewer)
         self.preparer.status_changed.connect(self._on_preparer_status)
         self.preparer.progress.connect(self._on_preparer_progress)
+        self.preparer.switch_started.connect(self._on_switch_started)
         self._on_explorer_changed(self.state.explorer)
 
         connections = [
             (self.state.explorer_changed, self._on_explorer_changed),
+            (self.state.explorer_plate_changed, self._on_explorer_plate_changed),
+            (self.state.profiles_changed, self._on_profiles_changed),
+            (self.state.notes_changed, self._on_notes_changed),
             (self.state.dictionary_changed, self._on_dictionary_changed),
             (self.state.feature_selected, self._on_feature_selected),
             (self.state.well_selected, self._on_well_selected),
@@ -143,6 +144,9 @@ class FeaturesPanel(QWidget):
         layout.addWidget(self.status)
 
         options = QFormLayout()
+        self.plates = PlateChooser()
+        self.plates.plate_chosen.connect(self.choose_plate)
+        self.plates.follow.toggled.connect(lambda on: on and self._follow_feature())
         self.label_column = QComboBox()
         self.label_column.setToolTip(
             "The label whose values the selectivity columns and the bar chart describe"
@@ -171,15 +175,17 @@ class FeaturesPanel(QWidget):
             "mean activation"
         )
         self.objects.currentTextChanged.connect(lambda _: self.refresh())
+        options.addRow("plate", self.plates)
         options.addRow("label", self.label_column)
         options.addRow("wells coloured by", self.kind)
         options.addRow("activation map", self.mode)
         options.addRow("fields of well", self.well)
         options.addRow("objects coloured", self.objects)
         layout.addLayout(options)
+        self.options = options
 
         self.search = QLineEdit()
-        self.search.setPlaceholderText("search label values…")
+        self.search.setPlaceholderText("search: feature number, name, tag, note, label value, plate…")
         self.search.setClearButtonEnabled(True)
         self.hide_dead = QCheckBox("hide dead features")
         self.hide_dead.setChecked(True)
@@ -187,6 +193,7 @@ class FeaturesPanel(QWidget):
         self.proxy = FeatureFilter(self)
         self.proxy.setSourceModel(self.model)
         self.search.textChanged.connect(self.proxy.set_search)
+        self.proxy.set_notes(self.state.notes)
         self.hide_dead.toggled.connect(self.proxy.set_hide_dead)
         self.table = QTableView()
         self.table.setModel(self.proxy)
@@ -208,6 +215,8 @@ class FeaturesPanel(QWidget):
         self.title = QLabel(" ")
         self.title.setWordWrap(True)
         layout.addWidget(self.title)
+        self.notes = NotesEditor(self.state)
+        layout.addWidget(self.notes)
         # napari's colour bars on the canvas have no names, and labels have none: here they are.
         self.scales = ColorScales()
         self.scales.setToolTip("Colour scales of the feature's layers")
@@ -229,6 +238,8 @@ class FeaturesPanel(QWidget):
             self.gallery.addWidget(button, index // GALLERY_COLUMNS, index % GALLERY_COLUMNS)
             self.crop_buttons.append(button)
         layout.addLayout(self.gallery)
+        self.report = ReportExport(self.state)
+        layout.addWidget(self.report)
 
     # ------------------------------------------------------------------ explorer and table
     def _on_well_selected(self, _well: str | None) -> None:
@@ -242,39 +253,36 @@ class FeaturesPanel(QWidget):
         ):
             self.refresh()
         else:
-            self._raise_above_well_fields()
+            self.layers.raise_above_plate()
 
     def _on_dictionary_changed(self, _dictionary: Any) -> None:
         # The old dictionary's layers would mislead: they go until the new features are ready.
         self._view = None
-        for layer in [
-            lay
-            for lay in self.viewer.layers
-            if lay.metadata.get(METADATA_KEY, {}).get("role") in FEATURE_ROLES
-        ]:
-            self.viewer.layers.remove(layer)
+        self.layers.remove()
         self._show_crops([])
         self.bars.set_data("", [], [])
         self.scales.set_scales([], [])
         self.title.setText(" ")
+        self.proxy.set_notes(self.state.notes)
+        self.notes.set_feature(None)
+        self.report.changed()
         if self.state.explorer is None:
             self._on_explorer_changed(None)
 
     def _on_explorer_changed(self, explorer: Any) -> None:
         self.label_column.blockSignals(True)
-        self.well.blockSignals(True)
-        previous_column, previous_well = self.label_column.currentText(), self.well.currentText()
+        previous_column = self.label_column.currentText()
         self.label_column.clear()
-        self.well.clear()
-        self.well.addItem(AUTO_WELL)
         if explorer is None:
             self.status.setText(
                 "No features yet: fit or load a dictionary in the Dictionary panel, or open a "
-                "dictionary file (File > Open)."
+                "dictionary file or an activation pass (File > Open)."
                 if self.state.dictionary is None
                 else self.preparer.status or "Encoding the store with the dictionary…"
             )
-            self.model = FeatureTableModel()
+            self.plates.set_plates(None, None)
+            self._fill_wells(None)
+            model = FeatureTableModel()
         else:
             columns = list(explorer.label_columns)
             self.label_column.addItems(columns)
@@ -282,32 +290,61 @@ class FeaturesPanel(QWidget):
                 self.label_column.setCurrentText(previous_column)
             elif explorer.label_column in columns:
                 self.label_column.setCurrentText(explorer.label_column)
-            self.well.addItems(list(explorer.well_values(0).index) if explorer.n_features else [])
-            if self.well.findText(previous_well) >= 0:
-                self.well.setCurrentText(previous_well)  # the user's choice stays
+            screen = len(explorer.store.plates) > 1
+            self.plates.setVisible(screen)  # a store of one plate has nothing to choose
+            self.options.labelForField(self.plates).setVisible(screen)
+            self.plates.set_plates(explorer.plate_table() if screen else None, explorer.plate_name)
+            self._fill_wells(explorer)
             self._fill_objects(explorer)
-            self.status.setText(
-                f"{explorer.n_features} features over {len(explorer.store):,} crops of plate "
-                f"{explorer.plate_name}. Select one to see where it is active."
-            )
-            self.model = FeatureTableModel(
-                feature_table(explorer, self.label_column.currentText() or None)
-            )
+            self._show_status(explorer)
+            model = FeatureTableModel(self._table(explorer))
         self.label_column.blockSignals(False)
-        self.well.blockSignals(False)
-        self._set_model(self.model)
+        self._set_model(model)
         self.table.sortByColumn(
             self.model.shown.index("max selectivity")
             if "max selectivity" in self.model.shown
             else 0,
             Qt.SortOrder.DescendingOrder,
         )
+        self.report.changed()
         if (
             explorer is not None
             and self.state.feature is not None
             and self.state.feature < explorer.n_features
         ):
             self._on_feature_selected(self.state.feature)
+
+    def _table(self, explorer: Any, column: str | None = None) -> Any:
+        return feature_table(
+            explorer, column or self.label_column.currentText() or None, self.state.notes, self.state.profiles
+        )
+
+    def _show_status(self, explorer: Any, problem: str = "") -> None:
+        store = explorer.store
+        where = (
+            f"{len(store):,} crops of {len(store.plates)} plates; plate {explorer.plate_name} shown"
+            if len(store.plates) > 1
+            else f"{len(store):,} crops of plate {explorer.plate_name}"
+        )
+        if explorer.plate is None and not problem:
+            problem = self.preparer.plate_problem or "its images are not open: its per-well values are in the chart"
+        self.status.setText(
+            f"{explorer.n_features} features over {where}"
+            + (f" ({problem})" if problem else "")
+            + ". Select one to see where it is active."
+        )
+
+    def _fill_wells(self, explorer: Any) -> None:
+        """The explorer plate's wells (the user's choice stays when the plate has it)."""
+        previous = self.well.currentText()
+        self.well.blockSignals(True)
+        self.well.clear()
+        self.well.addItem(AUTO_WELL)
+        if explorer is not None and explorer.n_features:
+            self.well.addItems(list(explorer.well_values(0).index))
+        if self.well.findText(previous) >= 0:
+            self.well.setCurrentText(previous)
+        self.well.blockSignals(False)
 
     def _fill_objects(self, explorer: Any) -> None:
         """The plate's label images, the one outlining whole cells first chosen."""
@@ -331,26 +368,100 @@ class FeaturesPanel(QWidget):
             self.status.setText(
                 f"Encoding the store with the dictionary: {done:,} of {total:,} tokens…"
             )
+        elif what == PROFILING and self.state.explorer is not None and self.state.profiles is None:
+            self.status.setText(f"Profiling label values against controls: {done} of {total}…")
+
+    def _on_profiles_changed(self, _profiles: Any) -> None:
+        """Perturbation profiles arrived: the table gains the top values by z-score."""
+        explorer = self.state.explorer
+        if explorer is not None:
+            self._show_status(explorer)
+            self._reset_table(explorer)
+
+    def _on_notes_changed(self, feature: int) -> None:
+        """A name changed (here or in another panel): the table, the layers and the title."""
+        explorer = self.state.explorer
+        self.proxy.set_notes(self.state.notes)
+        if feature < 0:  # all of them (the dictionary was saved elsewhere)
+            self.notes.set_feature(self.state.feature)
+            self.report.changed()
+            if explorer is not None:
+                self._reset_table(explorer)
+            return
+        self.model.set_name(feature, self.state.notes.name(feature) if self.state.notes else "")
+        self.proxy.invalidateFilter()
+        self.layers.rename(feature)
+        if feature == self.notes.feature and self.state.notes is not None:
+            self.notes.set_feature(feature)
+        if self._view is not None and self._view.feature == feature:
+            self._show_title(self._view)
+
+    def _reset_table(self, explorer: Any) -> None:
+        """Rebuild the table (new columns), keeping its sorting and the selected row."""
+        header = self.table.horizontalHeader()
+        sort_name = self.model.shown[header.sortIndicatorSection()] if 0 <= header.sortIndicatorSection() < len(self.model.shown) else None
+        order = header.sortIndicatorOrder()
+        self._set_model(FeatureTableModel(self._table(explorer)))
+        if sort_name in self.model.shown:
+            self.table.sortByColumn(self.model.shown.index(sort_name), order)
+        if self.state.feature is not None:
+            self._select_row(self.state.feature)
+
+    # ------------------------------------------------------------------ plates of a screen
+    def choose_plate(self, name: str) -> Job | None:
+        """Show plate ``name`` of the store (its images, wells and feature layers); returns
+        the job that opens it, None when it is already shown."""
+        try:
+            return self.preparer.switch_plate(name)
+        except ValueError as err:
+            show_error(str(err))
+            return None
+
+    def _on_switch_started(self, name: str) -> None:
+        self.plates.show_plate(name)
+        self.plates.setEnabled(False)
+        self.status.setText(f"Opening plate {name}: its images and codes…")
+
+    def _on_explorer_plate_changed(self, name: str) -> None:
+        explorer = self.state.explorer
+        self.plates.setEnabled(True)
+        if explorer is None:
+            return
+        self.plates.show_plate(explorer.plate_name)
+        self._fill_wells(explorer)
+        self._fill_objects(explorer)
+        self._show_status(explorer)
+        self.refresh()
+
+    def _follow_feature(self) -> bool:
+        """With "go to top plate" on: show the plate where the selected feature is most active;
+        whether a plate switch started."""
+        explorer, feature = self.state.explorer, self.state.feature
+        if not self.plates.follow.isChecked() or explorer is None or feature is None or len(explorer.store.plates) < 2:
+            return False
+        top = explorer.top_plate(feature)
+        return top != explorer.plate_name and self.choose_plate(top) is not None
 
     def _on_label_column_changed(self, column: str) -> None:
         explorer = self.state.explorer
         if explorer is None or not column:
             return
         feature = self.state.feature
-        self._set_model(FeatureTableModel(feature_table(explorer, column)))
+        self._set_model(FeatureTableModel(self._table(explorer, column)))
         if feature is not None:
             self._select_row(feature)
         self.refresh()
 
     def _set_model(self, model: FeatureTableModel) -> None:
-        """Show a new table; the label column takes the width the numbers leave."""
+        """Show a new table; the text columns take the width the numbers leave."""
         self.model = model
         self.proxy.setSourceModel(model)
         header = self.table.horizontalHeader()
-        if "most selective for" in model.shown:  # long values are elided, the numbers stay in view
-            column = model.shown.index("most selective for")
-            header.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
-            header.resizeSection(column, LABEL_COLUMN_WIDTH)
+        for name in ("most selective for", "name", "top values (z)"):
+            if name in model.shown:  # long values are elided, the numbers stay in view
+                column = model.shown.index(name)
+                header.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
+                header.resizeSection(column, LABEL_COLUMN_WIDTH)
 
     def _on_row_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
         if not current.isValid():
@@ -380,7 +491,19 @@ class FeaturesPanel(QWidget):
         if explorer is None or not 0 <= feature < explorer.n_features:
             return
         self._select_row(feature)
+        self.notes.set_feature(feature)
+        if self.preparer.switching is None and self._follow_feature():
+            return  # the feature is shown once its top plate is
         self.refresh()
+
+    def _mosaic(self, explorer: Any) -> Any:
+        """The viewer's plate mosaic when the viewer shows the explorer's plate, else None."""
+        plate = self.state.plate
+        if plate is None or self.state.mosaic is None:
+            return None
+        if len(explorer.store.plates) == 1 or plate.name == explorer.plate_name:
+            return self.state.mosaic
+        return None
 
     def refresh(self) -> None:
         """Recompute the selected feature's layers and plots: at once when everything is in
@@ -388,8 +511,11 @@ class FeaturesPanel(QWidget):
         explorer, feature = self.state.explorer, self.state.feature
         if explorer is None or feature is None or not 0 <= feature < explorer.n_features:
             return
+        if self.preparer.switching is not None:
+            return  # the explorer is reading another plate: shown when it is ready
         self._requests += 1
         number = self._requests
+        mosaic = self._mosaic(explorer)
         try:
             selection = resolve_selection(
                 explorer,
@@ -398,14 +524,15 @@ class FeaturesPanel(QWidget):
                 mode=MODES[self.mode.currentText()],
                 well=self.chosen_well(),
                 label_name=self.objects.currentText() or None,
-                label_column=self.label_column.currentText() or None,
+                # Without the plate's images, its per-well values go into the chart.
+                label_column="well" if mosaic is None else self.label_column.currentText() or None,
                 n_crops=N_CROPS,
+                name=self.state.notes.name(feature) if self.state.notes is not None else "",
             )
         except Exception as error:  # noqa: BLE001 - as a job's errors: a notification
             show_error(f"Could not show feature {feature}: {error}")
             return
-        limits, colors = self._channel_display()
-        mosaic = self.state.mosaic
+        limits, colors = self.layers.channel_display() if mosaic is not None else (None, None)
 
         def compute(_job: Any = None) -> FeatureView:
             return feature_view(
@@ -433,10 +560,14 @@ class FeaturesPanel(QWidget):
         self._start(compute, explorer, feature, number)
 
     def _start(self, compute: Any, explorer: Any, feature: int, number: int) -> None:
+        def errored(error: Exception) -> None:
+            if number == self._requests:  # an older request may fail as the plate changes
+                show_error(f"Could not show feature {feature}: {error}")
+
         self._job = start_job(
             compute,
             returned=lambda view: self._apply(view, explorer, number),
-            errored=lambda error: show_error(f"Could not show feature {feature}: {error}"),
+            errored=errored,
             finished=self._on_job_finished,
         )
 
@@ -451,34 +582,8 @@ class FeaturesPanel(QWidget):
         well (the Plate panel's), else None (the feature's most active well)."""
         if self.well.currentText() and self.well.currentText() != AUTO_WELL:
             return self.well.currentText()
-        return self.state.well
-
-    def _channel_display(
-        self,
-    ) -> tuple[list[tuple[float, float]] | None, list[tuple[float, ...]] | None]:
-        """Contrast limits and colours of the plate's channel layers (hidden channels black),
-        so crop thumbnails look like the plate."""
-        plate = self.state.plate
-        if plate is None:
-            return None, None
-        layers = {}
-        for layer in self.viewer.layers:
-            info = layer.metadata.get(METADATA_KEY, {})
-            if info.get("role") == "plate-channel" and info.get("mosaic") is self.state.mosaic:
-                layers[info.get("channel")] = layer
-        limits, colors = [], []
-        for channel in plate.channels:
-            layer = layers.get(channel)
-            if layer is None:
-                limits.append(
-                    (0.0, float(np.iinfo(plate.dtype).max) if plate.dtype.kind in "ui" else 1.0)
-                )
-                colors.append((1.0, 1.0, 1.0))
-                continue
-            limits.append(tuple(float(v) for v in layer.contrast_limits))
-            top = layer.colormap.map(np.array([1.0]))[0][:3]
-            colors.append(tuple(float(v) for v in top) if layer.visible else (0.0, 0.0, 0.0))
-        return limits, colors
+        explorer = self.state.explorer
+        return self.state.well if explorer is not None and self._mosaic(explorer) is not None else None
 
     def _apply(self, view: FeatureView, explorer: Any = None, number: int | None = None) -> None:
         if (
@@ -492,12 +597,11 @@ class FeaturesPanel(QWidget):
         present = set()
         for data, kwargs, layer_type in view.layers:
             present.add(kwargs["metadata"][METADATA_KEY]["role"])
-            self._upsert(data, kwargs, layer_type)
-        for layer in list(self.viewer.layers):
-            role = layer.metadata.get(METADATA_KEY, {}).get("role")
-            if role in FEATURE_ROLES and role not in present:
-                self.viewer.layers.remove(layer)
-        self._raise_above_well_fields()
+            layer, new = self.layers.upsert(data, kwargs, layer_type)
+            if new and layer_type == "image":
+                layer.events.contrast_limits.connect(self._show_scales)
+        self.layers.remove(keep=present)
+        self.layers.raise_above_plate()
         self._show_title(view)
         self._show_scales()
         if view.bars is not None:
@@ -507,91 +611,10 @@ class FeaturesPanel(QWidget):
         self._show_crops(view.crops)
         self.feature_shown.emit(view.feature)
 
-    def _raise_above_well_fields(self) -> None:
-        """Keep the activation map and cells above the Plate panel's full-resolution fields."""
-        layers = self.viewer.layers
-        roles = [layer.metadata.get(METADATA_KEY, {}).get("role") for layer in layers]
-        if WELL_FIELD_ROLE not in roles:
-            return
-        top_field = max(i for i, role in enumerate(roles) if role == WELL_FIELD_ROLE)
-        for role in (ROLE_MAP, ROLE_CELLS):
-            if role in roles and roles.index(role) < top_field:
-                layers.move(roles.index(role), len(layers))
-                roles.append(roles.pop(roles.index(role)))
-
-    def _upsert(self, data: Any, kwargs: dict[str, Any], layer_type: str) -> None:
-        """Update the layer of the same role in place (keeping the user's colormap, opacity and
-        visibility), or add it."""
-        role = kwargs["metadata"][METADATA_KEY]["role"]
-        layer = next(
-            (
-                lay
-                for lay in self.viewer.layers
-                if lay.metadata.get(METADATA_KEY, {}).get("role") == role
-                and isinstance(lay, LAYER_CLASSES[layer_type])
-            ),
-            None,
-        )
-        data = np.asarray(data)
-        if layer is None:
-            # The layer owns a copy: its array is overwritten in place by the next feature,
-            # and ``data`` may be held by the explorer's caches.
-            layer = self.viewer.add_layer(Layer.create(data.copy(), kwargs, layer_type))
-            if layer_type == "labels":
-                self._objects_of = self.state.explorer
-                layer.editable = False  # a result: no paint brush (and pan/zoom mode)
-            else:
-                layer.colorbar.visible = True
-                layer.events.contrast_limits.connect(self._show_scales)
-            return
-        previous = layer.metadata.get(METADATA_KEY, {})
-        layer.metadata = kwargs["metadata"]
-        layer.name = kwargs["name"]
-        # Every setter below redraws the layer, and a new array also re-lays out the viewer's
-        # dims: an array of the same shape is copied into the layer's own, the scale and
-        # translate are set only when the well changed, and the layer is redrawn once.
-        same_shape = (
-            isinstance(layer.data, np.ndarray)
-            and layer.data.flags.writeable
-            and layer.data.shape == data.shape
-            and layer.data.dtype == data.dtype
-        )
-        # The objects of the same fields (of the same explorer's plate) are the same image:
-        # only their colours change.
-        same_objects = (
-            layer_type == "labels"
-            and self._objects_of is self.state.explorer
-            and all(
-                previous.get(key) == kwargs["metadata"][METADATA_KEY].get(key)
-                for key in ("well", "fields", "label_name")
-            )
-        )
-        if layer_type == "labels":
-            self._objects_of = self.state.explorer
-        if same_shape and not same_objects:
-            np.copyto(layer.data, data)
-        if not np.allclose(layer.scale[-2:], kwargs["scale"]):
-            layer.scale = kwargs["scale"]
-        if not np.allclose(layer.translate[-2:], kwargs["translate"]):
-            layer.translate = kwargs["translate"]
-        if layer_type == "labels":
-            layer.features = kwargs["features"]
-            if not same_shape:
-                layer.data = data.copy()
-                layer.editable = False  # napari makes a labels layer editable with new data
-            layer.colormap = kwargs["colormap"]  # redraws the labels
-            return
-        low, high = kwargs["contrast_limits"]
-        layer.contrast_limits_range = (low, high)
-        layer.contrast_limits = (low, high)
-        if same_shape:
-            layer.refresh()
-        else:
-            layer.data = data.copy()
-
     def _show_title(self, view: FeatureView) -> None:
         row = self.model.row_of(view.feature)
-        text = f"Feature {view.feature}"
+        name = self.state.notes.name(view.feature) if self.state.notes is not None else ""
+        text = f"Feature {view.feature}" + (f" ({name})" if name else "")
         if row is not None:
             record = self.model.table.iloc[row]
             text += f": active in {100 * record['frequency']:.1f} % of crops"
@@ -600,7 +623,11 @@ class FeaturesPanel(QWidget):
                     f"; most selective for {self.label_column.currentText()} = {record['most selective for']} "
                     f"(max selectivity {record['max selectivity']:.2f})"
                 )
-        if view.well:
+            if "top plate" in record:
+                text += f"; most active on plate {record['top plate']}"
+        if not view.layers:
+            text += ". Per-well values of this plate in the chart (no images shown)."
+        elif view.well:
             text += f". Fields of well {view.well} shown."
         self.title.setText(text)
 
@@ -630,7 +657,7 @@ class FeaturesPanel(QWidget):
         for index, button in enumerate(self.crop_buttons):
             if index < len(crops):
                 crop = crops[index].crop
-                button.setIcon(QIcon(_pixmap(crops[index].rgb, THUMBNAIL_SIZE)))
+                button.setIcon(QIcon(rgb_pixmap(crops[index].rgb, THUMBNAIL_SIZE)))
                 button.setText(crops[index].caption)
                 button.setToolTip(
                     f"well {crop.well}, field {crop.field + 1}, crop at ({crop.crop_y}, {crop.crop_x}), "

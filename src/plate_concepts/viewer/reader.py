@@ -1,14 +1,18 @@
-"""napari reader contribution: plates, embedding stores and dictionary files.
+"""napari reader contribution: plates, embedding stores, dictionary files and activation passes.
 
-- Plates: OME-Zarr HCS plates, CellProfiler LoadData CSVs and folders of TIFF exports (a plate
-  map lying next to a TIFF folder, ``platemap*.csv|tsv|parquet``, is joined on the wells).
-  Segmentation comes from the plate itself (OME-Zarr labels); mask folders such as NF1's
-  ``masks/`` (binary CellProfiler masks, not object labels) are not read.
+- Plates: OME-Zarr HCS plates, CellProfiler LoadData CSVs and folders of TIFF exports, also a
+  plate folder holding them (e.g. ``images/`` and ``masks/`` inside), opened as
+  ``plate-concepts view`` opens them: a plate map lying next to the images
+  (``platemap*.csv|tsv|parquet``) is joined on the wells, and CellProfiler masks beside them
+  become label images.
 - Embedding stores (a folder with ``store.json``): the store becomes the viewer's store, and the
   centres of its crops are drawn on its plate (opened from the store's provenance) as points
   coloured by a label; without a readable plate only the store is opened.
 - Dictionary files (``.safetensors`` with plate-concepts metadata): the dictionary becomes the
   viewer's dictionary, with the store and plate it was fitted on when they still exist.
+- Activation passes (a folder written by ``plate-concepts encode``): its dictionary and store
+  are opened and the features are browsed from the pass (``FeatureExplorer.from_pass``: only
+  the shown plate's codes are read), on the first plate whose images are found.
 
 :func:`napari_get_reader` returns None for anything else, so napari can try other plugins.
 """
@@ -19,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from plate_concepts._io import output_kind
 from plate_concepts.plates import detect_plate_format, open_plate
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.mosaic import PlateMosaic
@@ -45,8 +50,10 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
         target = Path(path)
         if _is_store(target):
             return read_embedding_store
+        if is_activation_pass(target):
+            return read_activation_pass
         if target.suffix.lower() == DICTIONARY_SUFFIX:
-            return read_dictionary_file if _is_dictionary(target) else None
+            return read_dictionary_file if output_kind(target, ["dictionary"]) else None
         kind = detect_plate_format(target)
     except (OSError, ValueError):
         return None
@@ -54,7 +61,7 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
         return read_plate  # ours for sure: any error while reading is worth showing
     # Any folder looks like a TIFF folder until its file names are parsed: probe it here.
     try:
-        plate = _open_tiff_folder(target)
+        plate = _open_plate_folder(target)
     except (OSError, ValueError, KeyError):
         return None
     return lambda _path: _plate_layers(plate)
@@ -65,7 +72,7 @@ def read_plate(path: str | list[str]) -> list[LayerData]:
     if isinstance(path, list):
         path = path[0]
     kind = detect_plate_format(path)
-    plate = _open_tiff_folder(Path(path)) if kind == "tiff-folder" else open_plate(path)
+    plate = _open_plate_folder(Path(path)) if kind == "tiff-folder" else open_plate(path, platemap="auto")
     return _plate_layers(plate)
 
 
@@ -76,12 +83,9 @@ def read_embedding_store(path: str | list[str]) -> list[Any]:
     otherwise the first plate whose recorded source opens is added too. When none does, a
     notification says so and only the store is opened.
     """
+    from plate_concepts.embeddings.source_plates import open_store_plate, store_plate_sources
     from plate_concepts.embeddings.store import EmbeddingStore
-    from plate_concepts.viewer._embedding_views import (
-        crop_points_layer_data,
-        open_store_plate,
-        store_plate_sources,
-    )
+    from plate_concepts.viewer._embedding_views import crop_points_layer_data
 
     if isinstance(path, list):
         path = path[0]
@@ -122,7 +126,7 @@ def read_dictionary_file(path: str | list[str]) -> list[Any]:
         path = path[0]
     estimator = ICFL.load(path)  # an ICFL or a TopKSAE, as the file says
     viewer = _current_viewer()
-    store_path = fitted_store_path(getattr(estimator, "metadata_", {}))
+    store_path = fitted_store_path(estimator)
     layers: list[Any] = NOTHING_TO_ADD
     if store_path is not None and _is_store(store_path):
         layers = read_embedding_store(str(store_path))  # sets the store before the dictionary
@@ -133,16 +137,48 @@ def read_dictionary_file(path: str | list[str]) -> list[Any]:
         )
     state = _state(viewer)
     if state is not None:
-        state.set_dictionary(estimator)
+        state.set_dictionary(estimator, path)
     return layers
 
 
-def fitted_store_path(metadata: dict[str, Any]) -> Path | None:
-    """The store a dictionary was fitted on, from its file metadata, if recorded."""
-    for record in (metadata.get("store"), metadata.get("training", {}).get("data")):
-        if isinstance(record, dict) and record.get("path"):
-            return Path(str(record["path"]))
+def read_activation_pass(path: str | list[str]) -> list[Any]:
+    """Open an activation pass: its store (drawn on its plate, as :func:`read_embedding_store`)
+    and its dictionary become the viewer's, and the features are browsed from the pass."""
+    from plate_concepts.analysis.activation_pass import ActivationPass
+    from plate_concepts.dictionary.estimators import ICFL
+
+    if isinstance(path, list):
+        path = path[0]
+    activation_pass = ActivationPass.open(path)
+    spec = activation_pass.spec
+    if spec.dictionary is None or not Path(spec.dictionary).is_file():
+        raise ValueError(
+            f"activation pass {path} was made with dictionary {spec.dictionary}, which is not there"
+        )
+    if not _is_store(Path(spec.store)):
+        raise ValueError(f"activation pass {path} was made on store {spec.store}, which is not there")
+    estimator = ICFL.load(spec.dictionary)
+    viewer = _current_viewer()
+    layers = read_embedding_store(spec.store)  # sets the store before the dictionary
+    state = _state(viewer)
+    if state is not None:
+        state.set_dictionary(estimator, spec.dictionary, activation_pass=activation_pass)
+    return layers
+
+
+def fitted_store_path(estimator: Any) -> Path | None:
+    """The store a dictionary was fitted on (its provenance), if recorded."""
+    store = (getattr(estimator, "provenance_", None) or {}).get("store")
+    if isinstance(store, dict) and store.get("path"):
+        return Path(str(store["path"]))
     return None
+
+
+def is_activation_pass(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``plate-concepts encode``."""
+    from plate_concepts.analysis.activation_pass import PASS_FILE
+
+    return path.is_dir() and (path / PASS_FILE).is_file()
 
 
 # ---------------------------------------------------------------------- helpers
@@ -155,28 +191,18 @@ def _plate_layers(plate: Plate, mosaic: PlateMosaic | None = None) -> list[Layer
     return plate_layer_data(plate, mosaic or PlateMosaic(plate))
 
 
-def _open_tiff_folder(folder: Path) -> Plate:
-    from plate_concepts.viewer._embedding_views import open_source_plate
-
-    if not any(p.suffix.lower() in {".tif", ".tiff"} for p in folder.iterdir()):
-        raise ValueError(f"{folder} holds no TIFF files")
-    return open_source_plate(folder)
+def _open_plate_folder(folder: Path) -> Plate:
+    """A folder of TIFF exports, or a plate folder holding one, opened as the CLI opens it
+    (its plate map found beside the images)."""
+    if not any(p.suffix.lower() in {".tif", ".tiff"} or p.is_dir() for p in folder.iterdir()):
+        raise ValueError(f"{folder} holds no TIFF files or folders")
+    return open_plate(folder, platemap="auto")
 
 
 def _is_store(path: Path) -> bool:
     from plate_concepts.embeddings.store import EmbeddingStore
 
     return path.is_dir() and EmbeddingStore.is_store(path)
-
-
-def _is_dictionary(path: Path) -> bool:
-    from plate_concepts.dictionary.io import read_dictionary_metadata
-
-    try:
-        read_dictionary_metadata(path)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def _current_viewer() -> napari.Viewer | None:

@@ -1,5 +1,6 @@
 """What the plugin's panels share in one viewer: the open plate, its selected well, the store,
-the dictionary, the explorer and the selected feature.
+the dictionary (and its file, its feature names), the activation pass to browse it from, the
+explorer, the perturbation profiles and the selected feature.
 
 Each panel reads and sets these through :func:`get_state` and listens to the signals, so panels
 stay independent (open a dictionary in one, browse it in another) and hold no algorithm.
@@ -8,6 +9,7 @@ stay independent (open a dictionary in one, browse it in another) and hold no al
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
@@ -17,10 +19,13 @@ from plate_concepts.plates.geometry import canonical_well
 if TYPE_CHECKING:
     import napari
 
+    from plate_concepts.analysis.activation_pass import ActivationPass
     from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.analysis.feature_notes import FeatureNotes
     from plate_concepts.embeddings.store import EmbeddingStore
     from plate_concepts.plates.model import Plate
     from plate_concepts.plates.mosaic import PlateMosaic
+    from plate_concepts.viewer._screen_profiles import ScreenProfiles
 
 
 class PlateConceptsState:
@@ -32,6 +37,13 @@ class PlateConceptsState:
     store_changed = Signal(object)
     dictionary_changed = Signal(object)
     explorer_changed = Signal(object)
+    #: The explorer shows another plate of its store (its name); the viewer shows its images
+    #: when they were found.
+    explorer_plate_changed = Signal(str)
+    #: Perturbation profiles and confound flags of the explorer's pass (None: none yet).
+    profiles_changed = Signal(object)
+    #: A feature's name, tags or note changed (its number; -1: the notes were replaced).
+    notes_changed = Signal(int)
     feature_selected = Signal(int)
 
     def __init__(self) -> None:
@@ -40,7 +52,16 @@ class PlateConceptsState:
         self.well: str | None = None
         self.store: EmbeddingStore | None = None
         self.dictionary: Any = None  # an ICFL or TopKSAE estimator
+        #: The dictionary's file (None: fitted here and not saved yet).
+        self.dictionary_path: Path | None = None
+        #: Names, tags and notes of its features, kept beside that file (None without one).
+        self.notes: FeatureNotes | None = None
+        #: Why ``notes`` is None although there is a file (e.g. a names file that cannot be read).
+        self.notes_problem: str = ""
+        #: A written pass of the dictionary over the store to browse from (else one is computed).
+        self.activation_pass: ActivationPass | None = None
         self.explorer: FeatureExplorer | None = None
+        self.profiles: ScreenProfiles | None = None
         self.feature: int | None = None
 
     def set_plate(self, plate: Plate, mosaic: PlateMosaic) -> None:
@@ -59,14 +80,52 @@ class PlateConceptsState:
         self.store = store
         self.store_changed.emit(store)
 
-    def set_dictionary(self, dictionary: Any) -> None:
+    def set_dictionary(
+        self,
+        dictionary: Any,
+        path: str | Path | None = None,
+        activation_pass: ActivationPass | None = None,
+    ) -> None:
+        """A new dictionary, with its file (for its feature names) and a written activation
+        pass of it over the store, when there are."""
         self.dictionary = dictionary
+        self.activation_pass = activation_pass
         self.explorer = None
+        self.profiles = None
+        self._load_notes(path)
         self.dictionary_changed.emit(dictionary)
 
+    def dictionary_saved(self, path: str | Path) -> None:
+        """The dictionary was written to ``path``: its feature names are kept beside it now."""
+        self._load_notes(path)
+        self.notes_changed.emit(-1)
+
+    def _load_notes(self, path: str | Path | None) -> None:
+        from plate_concepts.analysis.feature_notes import FeatureNotes
+
+        self.dictionary_path = None if path is None else Path(path)
+        self.notes, self.notes_problem = None, ""
+        if self.dictionary_path is None:
+            return
+        n_features = getattr(getattr(self.dictionary, "model_", None), "n_features", None)
+        try:
+            self.notes = FeatureNotes.load(self.dictionary_path, n_features)
+        except (OSError, ValueError) as err:
+            self.notes_problem = str(err)
+
+    def feature_label(self, feature: int) -> str:
+        """'feature 12' or 'feature 12: enlarged nuclei', as the notes name it."""
+        return self.notes.label(feature) if self.notes is not None else f"feature {feature}"
+
     def set_explorer(self, explorer: FeatureExplorer) -> None:
+        if explorer is not self.explorer:
+            self.profiles = None
         self.explorer = explorer
         self.explorer_changed.emit(explorer)
+
+    def set_profiles(self, profiles: ScreenProfiles | None) -> None:
+        self.profiles = profiles
+        self.profiles_changed.emit(profiles)
 
     def select_feature(self, feature: int) -> None:
         self.feature = int(feature)
