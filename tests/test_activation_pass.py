@@ -12,13 +12,14 @@ import pandas as pd
 import pytest
 import torch
 
+from plate_concepts._progress import Cancelled
 from plate_concepts.analysis.activation_pass import (
     ActivationPass,
     label_columns_of,
     plan_pass,
     run_pass,
 )
-from plate_concepts.analysis.activations import Cancelled, top_tokens, well_aggregates
+from plate_concepts.analysis.activations import top_tokens, well_aggregates
 from plate_concepts.analysis.metrics import FeatureUsage, ReconstructionMetrics
 from plate_concepts.analysis.selectivity import selectivity
 from plate_concepts.dictionary import ICFL

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from plate_concepts.analysis.activations import Cancelled, field_activation_map
+from plate_concepts._progress import Cancelled
+from plate_concepts.analysis.activations import field_activation_map
 from plate_concepts.analysis.explorer import CONTROL_GROUP, FeatureExplorer
 from plate_concepts.analysis.lru import LRU as _LRU
 from plate_concepts.dictionary import ICFL

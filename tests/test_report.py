@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
+from plate_concepts._progress import Cancelled
 from plate_concepts.analysis.activation_pass import plan_pass, run_pass
-from plate_concepts.analysis.activations import Cancelled
 from plate_concepts.analysis.feature_notes import FeatureNotes, notes_path
 from plate_concepts.analysis.report import ReportSettings, is_report, write_report
 from plate_concepts.cli import main

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from plate_concepts.analysis.activations import Cancelled, cancel_requested
+from plate_concepts._progress import Cancelled, cancel_requested
 from plate_concepts.viewer._jobs import Progress, start_job
 
 pytestmark = pytest.mark.gui

@@ -1,10 +1,36 @@
-"""One adapter for every ``progress=`` argument of the library."""
+"""One adapter for every ``progress=`` argument of the library, and the one way every long
+computation is cancelled (``cancel=``)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+CancelLike = threading.Event | Callable[[], bool]
+"""A ``threading.Event`` (or anything with ``is_set``) or a callable returning whether to stop."""
+
+
+class Cancelled(InterruptedError):
+    """A long computation stopped because its ``cancel`` was set (what it finished is kept where
+    it says so). An :class:`InterruptedError`, so one ``except InterruptedError`` catches every
+    cancellation of the library."""
+
+
+def cancel_requested(cancel: CancelLike | None) -> bool:
+    """True when ``cancel`` (a ``threading.Event`` or a callable returning bool) is set."""
+    if cancel is None:
+        return False
+    is_set = getattr(cancel, "is_set", None)
+    if is_set is not None:
+        return bool(is_set())
+    if callable(cancel):
+        return bool(cancel())
+    raise TypeError(
+        f"cancel must be a threading.Event or a callable returning bool, got {type(cancel).__name__}"
+    )
+
 
 ProgressLike = Callable[[int, int], Any] | Any
 """None/False (silent), True (a tqdm bar), a tqdm-like object (has ``update``), or a callable

@@ -28,6 +28,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from plate_concepts._io import atomic_path
+from plate_concepts._progress import Cancelled
 from plate_concepts.analysis.explorer import FeatureExplorer
 
 CONTROL = "perturbation=DMSO"
@@ -104,7 +105,7 @@ def run_demo_pipeline(
         device=settings.device, progress=progress("crops"), cancel=cancel,
     )
     if cancel is not None and cancel.is_set():
-        raise InterruptedError("demo cancelled during embedding; run again to resume")
+        raise Cancelled("demo cancelled during embedding; run again to resume")
 
     dictionary_path = workdir / (
         f"{store_path.name}-icfl-M{settings.n_features}-J{settings.n_rounds}L{settings.per_round}.safetensors"
@@ -127,7 +128,7 @@ def run_demo_pipeline(
             progress=report, cancel=cancel,
         )
         if fitted.training_["cancelled"]:
-            raise InterruptedError("demo cancelled during the fit; run again to resume it")
+            raise Cancelled("demo cancelled during the fit; run again to resume it")
     else:
         log(f"3/4 ICFL dictionary already fitted: {dictionary_path}")
 

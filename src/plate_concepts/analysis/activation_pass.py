@@ -42,13 +42,8 @@ import pandas as pd
 import zarr
 
 from plate_concepts._io import atomic_path
-from plate_concepts.analysis.activations import (
-    Cancelled,
-    CancelLike,
-    ProgressLike,
-    WellAggregates,
-    cancel_requested,
-)
+from plate_concepts._progress import Cancelled, CancelLike, cancel_requested
+from plate_concepts.analysis.activations import ProgressLike, WellAggregates
 from plate_concepts.analysis.pass_stats import (
     CONTROL_LABEL,
     CONTROLS,
@@ -347,7 +342,7 @@ def run_pass(
     only once the new one is complete); without it nothing is written (in-process only, with
     the spec's dictionary file or a fitted ``estimator``).
     ``progress(done, total)`` counts tokens; ``cancel`` stops between tasks with
-    :class:`~plate_concepts.analysis.activations.Cancelled` (finished tasks are kept).
+    :class:`~plate_concepts._progress.Cancelled` (finished tasks are kept).
     """
     forget_open_files()
     if spec.out is None:

@@ -22,7 +22,6 @@ Geometry of the maps (our choice, where the publication is silent):
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,27 +35,8 @@ from plate_concepts.dictionary.codes import SparseCodes
 from plate_concepts.plates.geometry import parse_well
 
 ProgressLike = Callable[[int, int], Any]
-CancelLike = threading.Event | Callable[[], bool]
 CropMap = tuple[int, int, int, np.ndarray]
 """(crop_y, crop_x, crop_size, map (gh, gw)) of one crop."""
-
-
-class Cancelled(RuntimeError):
-    """A long computation stopped because its ``cancel`` was set; nothing was returned."""
-
-
-def cancel_requested(cancel: CancelLike | None) -> bool:
-    """True when ``cancel`` (a ``threading.Event`` or a callable returning bool) is set."""
-    if cancel is None:
-        return False
-    is_set = getattr(cancel, "is_set", None)
-    if is_set is not None:
-        return bool(is_set())
-    if callable(cancel):
-        return bool(cancel())
-    raise TypeError(
-        f"cancel must be a threading.Event or a callable returning bool, got {type(cancel).__name__}"
-    )
 
 
 # ---------------------------------------------------------------------- tokens and wells

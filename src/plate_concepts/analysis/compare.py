@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from plate_concepts.analysis.activations import Cancelled
+from plate_concepts._progress import Cancelled, cancel_requested
 from plate_concepts.analysis.evaluation import evaluate_dictionary
-from plate_concepts.dictionary.controls import cancel_requested, control_mask
+from plate_concepts.dictionary.controls import control_mask
 from plate_concepts.dictionary.estimators import DictionaryEstimator, method_class
 from plate_concepts.dictionary.trainer import Cancel, FitMessage, TrainingEvent
 from plate_concepts.dictionary.whitening import METHODS as WHITEN_METHODS

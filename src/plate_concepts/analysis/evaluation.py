@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from plate_concepts._progress import CancelLike
 from plate_concepts.analysis.activation_pass import ActivationPass, plan_pass, run_pass
-from plate_concepts.analysis.activations import CancelLike
 from plate_concepts.dictionary.estimators import recorded_batch_column
 from plate_concepts.embeddings.store import EmbeddingStore
 

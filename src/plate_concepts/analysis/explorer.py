@@ -31,12 +31,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import pandas as pd
 
+from plate_concepts._progress import CancelLike
 from plate_concepts.analysis.activation_pass import ActivationPass, plan_pass, run_pass
-from plate_concepts.analysis.activations import (
-    CancelLike,
-    ProgressLike,
-    check_feature,
-)
+from plate_concepts.analysis.activations import ProgressLike, check_feature
 from plate_concepts.analysis.feature_stats import CONTROL_GROUP, FeatureStatistics
 from plate_concepts.analysis.lru import LRU
 from plate_concepts.analysis.plate_fields import (
@@ -242,7 +239,7 @@ class FeatureExplorer:
         none (slow; run in a worker) — and read the explorer plate's codes.
 
         ``progress(done, total)`` counts encoded tokens; ``cancel`` (Event or callable) stops
-        with :class:`~plate_concepts.analysis.activations.Cancelled` and leaves the explorer
+        with :class:`~plate_concepts._progress.Cancelled` and leaves the explorer
         unprepared.
         """
         if self._pass is None:

@@ -19,12 +19,10 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from plate_concepts._progress import Cancelled, CancelLike, cancel_requested
 from plate_concepts.analysis.activations import (
-    Cancelled,
-    CancelLike,
     CellOperator,
     ProgressLike,
-    cancel_requested,
     cell_activations,
     cell_operator,
     check_feature,
@@ -427,7 +425,7 @@ class PlateFields:
         3. the pre-processed patch tokens of every field, in store order, while they fit.
 
         ``progress(done, total)`` counts fields; ``cancel`` raises
-        :class:`~plate_concepts.analysis.activations.Cancelled` (what was read stays cached).
+        :class:`~plate_concepts._progress.Cancelled` (what was read stays cached).
         """
         fields = sorted(self.field_index, key=lambda key: int(self.field_index[key][0]))
         has_images = self.plate is not None

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from plate_concepts._progress import Cancelled, CancelLike, cancel_requested
 from plate_concepts.analysis import report_figures as figures
 from plate_concepts.analysis.activation_pass import ActivationPass
-from plate_concepts.analysis.activations import Cancelled, CancelLike, cancel_requested
 from plate_concepts.analysis.confounds import ConfoundScores, confound_scores
 from plate_concepts.analysis.feature_notes import FeatureNotes
 from plate_concepts.analysis.perturbations import PerturbationProfiles, perturbation_profiles

@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{prefix}: interrupted", file=sys.stderr)
             return 130
+        except InterruptedError as cancelled:  # a Ctrl-C that the work turned into a clean stop
+            print(f"{prefix}: interrupted: {_one_line(str(cancelled))}", file=sys.stderr)
+            return 130
         except Exception as error:
             if args.debug:
                 raise

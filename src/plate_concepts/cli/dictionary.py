@@ -170,9 +170,6 @@ def fit(args: argparse.Namespace) -> int:
             keep_checkpoint=args.keep_checkpoint, force=args.force, progress=progress, cancel=cancel,
             **settings,
         )
-    except InterruptedError as err:
-        print(f"plate-concepts fit: interrupted: {err}", file=sys.stderr)
-        return 130
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()

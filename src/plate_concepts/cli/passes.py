@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from plate_concepts.cli._common import progress_bar
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -41,8 +43,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def encode(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from plate_concepts.analysis.activation_pass import plan_pass, run_pass
     from plate_concepts.embeddings.store import EmbeddingStore
 
@@ -53,14 +53,10 @@ def encode(args: argparse.Namespace) -> int:
         batch_column=args.batch_column, top_n=args.top, rows_per_task=args.rows_per_task,
         device=args.device,
     )
-    with tqdm(total=spec.n_tokens, desc="encode", unit="token", disable=args.quiet) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-
+    with progress_bar(spec.n_tokens, "encode", "token", args.quiet) as bar:
         try:
             result = run_pass(spec, workers=args.workers, scheduler=args.scheduler,
-                              overwrite=args.overwrite, progress=progress)
+                              overwrite=args.overwrite, progress=bar)
         except KeyboardInterrupt:
             print(f"plate-concepts encode: interrupted; the finished tasks are kept in {args.out}: "
                   "run the same command again to resume", file=sys.stderr)

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from plate_concepts._progress import Cancelled, cancel_requested
 from plate_concepts.dictionary.data import is_store, n_tokens_of, take_rows
 from plate_concepts.dictionary.whitening import ControlWhitening
 
@@ -151,7 +152,7 @@ def fit_whitening(
         chunks = data.iter_batches(CONTROL_READ_ROWS, shuffle=False, rows=rows, epochs=1, return_index=True)
         for x, index in chunks:
             if cancel_requested(cancel):
-                raise InterruptedError("cancelled while reading the control tokens; nothing was trained")
+                raise Cancelled("cancelled while reading the control tokens; nothing was trained")
             controls[filled : filled + len(x)] = x
             order[filled : filled + len(x)] = index
             filled += len(x)
@@ -168,9 +169,3 @@ def is_fitted(whitening: ControlWhitening) -> bool:
     return hasattr(whitening, "whitening_")
 
 
-def cancel_requested(cancel: Any) -> bool:
-    """``cancel`` is None, a threading.Event (anything with ``is_set``) or a callable."""
-    if cancel is None:
-        return False
-    is_set = getattr(cancel, "is_set", None)
-    return bool(is_set() if is_set is not None else cancel())

@@ -34,6 +34,7 @@ from sklearn.exceptions import NotFittedError
 
 from plate_concepts._device import resolve_device
 from plate_concepts._io import replaceable_output
+from plate_concepts._progress import Cancelled, cancel_requested
 from plate_concepts.dictionary.base import DictionaryModule
 from plate_concepts.dictionary.checkpoints import (
     checkpoint_whitening,
@@ -46,7 +47,6 @@ from plate_concepts.dictionary.controls import (
     DEFAULT_CONTROL,
     Controls,
     batch_values,
-    cancel_requested,
     control_mask,
     fit_whitening,
     is_control_spec,
@@ -175,7 +175,7 @@ class DictionaryEstimator(BaseEstimator):
             obs; the Dictionary panel joins the plate map to it).
         cancel
             An Event or a callable, polled while the controls are read and before every step.
-            Cancelled while fitting the whitening: :class:`InterruptedError`, nothing is
+            Cancelled while fitting the whitening: :class:`~plate_concepts._progress.Cancelled`, nothing is
             written. Cancelled while training: a checkpoint is written and ``self`` returns
             with ``training_['cancelled']`` True (usable, partly trained).
         out_path, overwrite, save_partial
@@ -228,7 +228,7 @@ class DictionaryEstimator(BaseEstimator):
             if whitening.rank_note_ is not None:
                 yield FitMessage(whitening.rank_note_, RankDeficientWarning)
             if cancel_requested(cancel):
-                raise InterruptedError("cancelled after fitting the whitening; nothing was trained")
+                raise Cancelled("cancelled after fitting the whitening; nothing was trained")
         model = self.module_class(
             settings.n_features, whitening.output_dim, seed=settings.seed, **settings.model_options()
         )

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from plate_concepts._device import resolve_device
+from plate_concepts._progress import cancel_requested
 from plate_concepts.dictionary.base import DictionaryModule
 from plate_concepts.dictionary.checkpoints import (
     check_same_data,
@@ -38,12 +39,7 @@ from plate_concepts.dictionary.checkpoints import (
     save_checkpoint,
     trainable,
 )
-from plate_concepts.dictionary.controls import (
-    batch_values,
-    cancel_requested,
-    fit_whitening,
-    is_fitted,
-)
+from plate_concepts.dictionary.controls import batch_values, fit_whitening, is_fitted
 from plate_concepts.dictionary.data import BatchStream, make_source
 from plate_concepts.dictionary.distributed import Distributed
 from plate_concepts.dictionary.settings import FitSettings

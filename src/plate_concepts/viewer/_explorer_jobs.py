@@ -172,7 +172,7 @@ class ExplorerPreparer(QObject):
         def build(job: Job) -> Any:
             """Yields the explorer once prepared, then its profiles; returns the preload
             summary, or None when cancelled (an expected end, not an error)."""
-            from plate_concepts.analysis.activations import Cancelled
+            from plate_concepts._progress import Cancelled
             from plate_concepts.analysis.explorer import FeatureExplorer
 
             explorer = FeatureExplorer(
@@ -205,7 +205,7 @@ class ExplorerPreparer(QObject):
         from plate_concepts.viewer._screen_profiles import default_batch_column, screen_profiles
 
         def work(job: Job) -> Any:
-            from plate_concepts.analysis.activations import Cancelled
+            from plate_concepts._progress import Cancelled
 
             activation_pass = explorer.activation_pass
             batch = default_batch_column(activation_pass.label_columns, explorer.batch_column)
@@ -349,7 +349,7 @@ class ExplorerPreparer(QObject):
 def _preload(explorer: FeatureExplorer, job: Job) -> Any:
     """Read ahead for the explorer's plate (a generator, for ``yield from`` in a job's work);
     the summary, or None when cancelled."""
-    from plate_concepts.analysis.activations import Cancelled
+    from plate_concepts._progress import Cancelled
 
     if job.cancelled:
         return None

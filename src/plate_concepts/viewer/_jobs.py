@@ -57,7 +57,7 @@ class Job:
 
     def cancel(self) -> None:
         """Ask the work to stop at its next check; how it ends (a partial result, or
-        :class:`~plate_concepts.analysis.activations.Cancelled`) is the work's choice."""
+        :class:`~plate_concepts._progress.Cancelled`) is the work's choice."""
         self._stop.set()
 
     def progress(self, what: str = "") -> ProgressCallback:

@@ -144,7 +144,7 @@ class ReportExport(QWidget):
         )
 
     def _on_error(self, error: Exception) -> None:
-        from plate_concepts.analysis.activations import Cancelled
+        from plate_concepts._progress import Cancelled
 
         if isinstance(error, Cancelled):
             self.message.setText("Report cancelled: nothing was written.")

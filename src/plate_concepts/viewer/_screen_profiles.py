@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from plate_concepts.analysis.activations import Cancelled, CancelLike, cancel_requested
+from plate_concepts._progress import Cancelled, CancelLike, cancel_requested
 from plate_concepts.analysis.confounds import ConfoundScores, confound_scores
 from plate_concepts.analysis.perturbations import (
     REPLICATE_Z,
