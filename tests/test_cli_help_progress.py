@@ -84,3 +84,18 @@ def test_napari_qt_backend_is_not_forced():
     assert "napari" in required
     assert not re.search(r"pyqt|pyside|napari\[", required)  # an existing napari keeps its Qt
     assert any("napari[" in extra for extra in project["optional-dependencies"]["qt"])
+
+
+def test_the_command_list_and_light_commands_do_not_wait_for_torch():
+    """`plate-concepts --help` took 5 s importing torch for the fit options; now only fit and
+    compare, when parsed, build them (and still show every setting)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from plate_concepts.cli import build_parser; p = build_parser(); "
+            "p.format_help(); p.parse_args(['info', 'PLATE']); print('torch' in sys.modules)")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False", run.stderr
+    fit_help = " ".join(subcommands()["fit"].format_help().split())
+    assert "--features" in fit_help and "--k K" in fit_help and "--overwrite" in fit_help
+    assert "--sparsity" in subcommands()["compare"].format_help()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from plate_concepts.cli import compare, demo, dictionary, embeddings, passes, plates, reports
-from plate_concepts.cli._common import CommandError, HelpFormatter
+from plate_concepts.cli._common import CommandError, CommandParser, HelpFormatter
 
 #: The modules that add commands, in the order their commands are listed by ``--help``.
 COMMAND_MODULES = (plates, embeddings, dictionary, compare, passes, reports, demo)
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=CommandParser)
     for module in COMMAND_MODULES:
         module.add_commands(sub)
     for command in sub.choices.values():

@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
@@ -31,6 +32,33 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         ):
             return text
         return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose options may be added only when that command is parsed or its
+    help shown (:meth:`defer`): the dictionary settings' options import torch, which
+    ``plate-concepts --help`` and the other commands need not wait for."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list[Callable[[argparse.ArgumentParser], None]] = []
+
+    def defer(self, add_options: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._deferred.append(add_options)
+
+    def complete(self) -> CommandParser:
+        """Add the deferred options now."""
+        while self._deferred:
+            self._deferred.pop(0)(self)
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.complete()
+        return super().format_help()
 
 
 class CommandProgress(tqdm):

@@ -22,12 +22,17 @@ with `plate-concepts fit` (the same settings give the same dictionary)."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="fit and evaluate ICFL and TopK, whitened and not, at matched sparsity",
+                       description=COMPARE_HELP)
+    p.defer(_compare_options)
+    p.set_defaults(run=run_compare)
+
+
+def _compare_options(p: argparse.ArgumentParser) -> None:
     from plate_concepts.analysis.compare import DEFAULT_METHODS, DEFAULT_SPARSITY, DEFAULT_WHITENS
     from plate_concepts.dictionary.estimators import METHODS
     from plate_concepts.dictionary.whitening import METHODS as WHITEN_METHODS
 
-    p = sub.add_parser("compare", help="fit and evaluate ICFL and TopK, whitened and not, at matched sparsity",
-                       description=COMPARE_HELP)
     p.add_argument("store", help="the embedding store (folder) to fit and evaluate on")
     p.add_argument("--label", action="append", required=True,
                    help="a label column to measure selectivity for (repeatable)")
@@ -58,7 +63,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-incomplete", action="store_true",
                    help="use a store whose embedding was interrupted, with a warning")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run_compare)
 
 
 def _choices(allowed: list[str]):  # -> Callable[[str], list[str]]

@@ -24,10 +24,30 @@ written beside OUT, and the same command with --resume continues it."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from plate_concepts.dictionary.estimators import METHODS
-
     p = sub.add_parser("fit", help="fit an ICFL or TopK dictionary on an embedding store",
                        description=FIT_HELP)
+    p.defer(_fit_options)
+    p.set_defaults(run=fit)
+
+    p = sub.add_parser("evaluate", help="reconstruction, sparsity and selectivity of a dictionary on a store")
+    p.add_argument("store", help="the embedding store (folder) to evaluate on")
+    p.add_argument("dictionary", help="the dictionary file (.safetensors)")
+    p.add_argument("--label", action="append",
+                   help="a label column for selectivity (repeatable; default: none)")
+    p.add_argument("--codes", metavar="PASS",
+                   help="an activation pass of this dictionary over this store (plate-concepts "
+                        "encode): report from it without encoding again (default: encode here)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="tokens per block when encoding here (default: the store's chunk rows, as encode)")
+    p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE_HELP)
+    p.set_defaults(run=evaluate)
+
+
+def _fit_options(p: argparse.ArgumentParser) -> None:
+    from plate_concepts.dictionary.estimators import METHODS
+
     p.add_argument("store", help="the embedding store (folder) to fit on")
     p.add_argument("out", help="the dictionary file to write (.safetensors)")
     p.add_argument("--method", choices=sorted(METHODS), default="icfl",
@@ -55,22 +75,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="allow more features than the store has tokens")
     p.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE_HELP)
     out.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=fit)
-
-    p = sub.add_parser("evaluate", help="reconstruction, sparsity and selectivity of a dictionary on a store")
-    p.add_argument("store", help="the embedding store (folder) to evaluate on")
-    p.add_argument("dictionary", help="the dictionary file (.safetensors)")
-    p.add_argument("--label", action="append",
-                   help="a label column for selectivity (repeatable; default: none)")
-    p.add_argument("--codes", metavar="PASS",
-                   help="an activation pass of this dictionary over this store (plate-concepts "
-                        "encode): report from it without encoding again (default: encode here)")
-    p.add_argument("--batch-size", type=_positive_int,
-                   help="tokens per block when encoding here (default: the store's chunk rows, as encode)")
-    p.add_argument("--device", default="cpu", help="torch device: auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE_HELP)
-    p.set_defaults(run=evaluate)
 
 
 ALLOW_INCOMPLETE_HELP = ("use a store whose embedding was interrupted, with a warning (default: "
