@@ -62,6 +62,10 @@ TINY_VIT = textwrap.dedent(
 
     def not_a_module():
         return "a string"
+
+
+    def needs_a_path(path):
+        return Pooled()
     """
 )
 
@@ -252,10 +256,13 @@ def test_embedder_errors(vit_module, tmp_path):
     pooled = load_embedder(f"module:{vit_module}:pooled")
     with pytest.raises(ValueError, match=r"returned shape \(2, 3\), which is not a patch grid"):
         pooled(torch.rand(2, 3, 32, 32))
-    with pytest.raises(TypeError, match="must return a torch.nn.Module"):
+    # A user's spec that names the wrong thing is bad input (one line on the command line).
+    with pytest.raises(ValueError, match="must return a torch.nn.Module"):
         load_embedder(f"module:{vit_module}:not_a_module")
-    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+    with pytest.raises(ValueError, match="has no attribute 'nothing'"):
         load_embedder(f"module:{vit_module}:nothing")
+    with pytest.raises(ValueError, match=r"calling .*:needs_a_path\(\) to build the model failed: TypeError"):
+        load_embedder(f"module:{vit_module}:needs_a_path")
     with pytest.raises(ImportError, match="cannot import 'no_such_package_xyz'"):
         load_embedder("module:no_such_package_xyz:build")
     with pytest.raises(ValueError, match="is not 'package.module:callable'"):

@@ -524,9 +524,12 @@ class ModuleEmbedder(ModelEmbedder):
 
     def __init__(self, target: str, name: str | None = None, **options: Any) -> None:
         factory = _import_callable(target)
-        module = factory()
+        try:
+            module = factory()
+        except (TypeError, AttributeError) as err:  # the user's code, called with no arguments
+            raise ValueError(f"calling {target}() to build the model failed: {type(err).__name__}: {err}") from err
         if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"{target} returned a {type(module).__name__}; it must return a torch.nn.Module")
+            raise ValueError(f"{target} returned a {type(module).__name__}; it must return a torch.nn.Module")
         self.target = target
         super().__init__(module, name or f"module:{target}", **options)
 
@@ -542,10 +545,10 @@ def _import_callable(target: str) -> Callable[[], Any]:
     found: Any = module
     for part in attribute.split("."):
         if not hasattr(found, part):
-            raise AttributeError(f"module {module_name!r} has no attribute {attribute!r} (from {target!r})")
+            raise ValueError(f"module {module_name!r} has no attribute {attribute!r} (from {target!r})")
         found = getattr(found, part)
     if not callable(found):
-        raise TypeError(f"{target} is a {type(found).__name__}, not a callable")
+        raise ValueError(f"{target} is a {type(found).__name__}, not a callable")
     return found
 
 
