@@ -233,7 +233,7 @@ def test_training_from_a_store_streams_batches_and_fits_whitening_on_obs_control
 def test_store_without_controls_column_gives_a_clear_error(data, tmp_path):
     tokens, _, _ = data
     store = make_store(tmp_path / "s", tokens, None)
-    with pytest.raises(ValueError, match="has no column 'is_control'; it was embedded without a control spec"):
+    with pytest.raises(ValueError, match="control column 'is_control' not found.*it was embedded without a control spec"):
         train(new_model("icfl"), ControlWhitening("pca"), store, TrainingConfig(**CONFIG))
 
 
@@ -243,6 +243,12 @@ def test_pca_batch_whitening_trains_from_a_store_column(data, tmp_path):
     store = make_store(tmp_path / "s", tokens, is_control, experiment=labels)
     result = train(new_model("topk"), ControlWhitening("pca-batch"), store, TrainingConfig(**CONFIG), batches="experiment")
     assert result.whitening.batch_names_ == ["exp1", "exp2"] and np.isfinite(result.fvu)
+    # Columns as the imported table named them (the Metadata_ prefix, another case) find the
+    # store's columns, for the batches and for a column of booleans marking the controls.
+    from plate_concepts.dictionary.controls import batch_values, control_mask
+
+    np.testing.assert_array_equal(batch_values(store, "Metadata_Experiment"), labels)
+    np.testing.assert_array_equal(control_mask(store, "Metadata_is_control"), is_control)
 
 
 def test_fit_dictionary_writes_a_loadable_file_and_resumes(data, tmp_path):

@@ -75,34 +75,34 @@ def _mask_from_spec(data: Any, spec: str | ControlSpec, labels: pd.DataFrame | N
     from plate_concepts.plates.platemap import ControlSpec
     from plate_concepts.plates.platemap import control_mask as spec_mask
 
-    table, where = _label_table(data, labels)
     if isinstance(spec, str) and spec == "all":
-        return np.ones(len(table), dtype=bool)
+        return np.ones(n_tokens_of(data), dtype=bool)
     if isinstance(spec, ControlSpec) or "=" in spec:
         parsed = spec if isinstance(spec, ControlSpec) else ControlSpec.parse(spec)
+        table, where = _label_column(data, labels, parsed.column, "control column")
         try:
             return spec_mask(table, parsed)
         except ValueError as err:
             raise ValueError(f"control spec {str(parsed)!r} on {where}: {err}") from err
-    if spec not in table.columns:
-        hint = "" if spec != DEFAULT_CONTROL else "; it was embedded without a control spec"
+    try:
+        table, _where = _label_column(data, labels, spec, "control column")
+    except ValueError as err:
+        hint = "; it was embedded without a control spec" if spec == DEFAULT_CONTROL else ""
         raise ValueError(
-            f"{where} has no column {spec!r}{hint}; give the controls as 'column=value' (e.g. "
-            f"--control treatment=DMSO), a column of booleans or 'all' (columns: {list(table.columns)})"
-        )
-    return control_mask(data, table[spec].to_numpy())
+            f"{err}{hint}; give the controls as 'column=value' (e.g. --control treatment=DMSO), a "
+            "column of booleans or 'all'"
+        ) from None
+    return control_mask(data, table.iloc[:, 0].to_numpy())
 
 
 def batch_values(data: Any, batches: Any, labels: pd.DataFrame | None = None) -> np.ndarray | None:
     """The raw batch label of every token: ``batches`` itself (one per token) or, given a
-    column name, that column of ``labels`` (default: the store's obs); None stays None."""
+    column name (as the user may spell it), that column of ``labels`` (default: the store's
+    obs); None stays None."""
     if batches is None:
         return None
     if isinstance(batches, str):
-        table, where = _label_table(data, labels)
-        if batches not in table.columns:
-            raise ValueError(f"{where} has no batch column {batches!r} (columns: {list(table.columns)})")
-        return table[batches].to_numpy()
+        return _label_column(data, labels, batches, "batch column")[0].iloc[:, 0].to_numpy()
     values = batches.detach().cpu().numpy() if isinstance(batches, torch.Tensor) else np.asarray(batches)
     n = n_tokens_of(data)
     if values.shape != (n,):
@@ -110,15 +110,20 @@ def batch_values(data: Any, batches: Any, labels: pd.DataFrame | None = None) ->
     return values
 
 
-def _label_table(data: Any, labels: pd.DataFrame | None) -> tuple[pd.DataFrame, str]:
-    """The per-token table names are looked up in, and how to name it in messages."""
+def _label_column(data: Any, labels: pd.DataFrame | None, name: str, what: str) -> tuple[pd.DataFrame, str]:
+    """The one-column table of the per-token column ``name`` means (``Metadata_X`` finds ``X``:
+    :func:`~plate_concepts.plates.platemap.resolve_column`), read alone from a store (its other
+    columns stay on disk), and how to name where it was looked up in messages."""
+    from plate_concepts.plates.platemap import resolve_column
+
     if labels is not None:
         if len(labels) != n_tokens_of(data):
             raise ValueError(f"the label table has {len(labels)} rows for {n_tokens_of(data)} tokens")
-        return labels, "the token labels"
+        return labels[[resolve_column(name, labels.columns, what)]], "the token labels"
     if not is_store(data):
         raise ValueError("controls or batches given by column name need an embedding store (or labels=)")
-    return data.obs, f"embedding store {data.path}"
+    column = data.resolve_column(name, what)
+    return data.read_obs(columns=[column]), f"embedding store {data.path}"
 
 
 def fit_whitening(
