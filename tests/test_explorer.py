@@ -261,6 +261,8 @@ def test_errors_and_cancel(setup):
     assert not fresh.is_prepared
     with pytest.raises(ValueError, match="label column 'nope'"):
         FeatureExplorer(explorer.store, explorer.estimator, label_column="nope")
+    # As a table named it (the Metadata_ prefix, another case): the store's column.
+    assert FeatureExplorer(explorer.store, explorer.estimator, label_column="Metadata_TREATMENT").label_column == "treatment"
     with pytest.raises(IndexError, match="out of range"):
         explorer.well_values(M)
 

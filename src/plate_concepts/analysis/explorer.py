@@ -161,11 +161,10 @@ class FeatureExplorer:
         self.cache_size = int(cache_size)
         self.n_features = int(estimator.model_.n_features)
         self.plate_name = self._choose_plate(plate, plate_name)
-        self.batch_column = batch_column or recorded_batch_column(estimator)
-        if estimator.whitening_.method == "pca-batch" and self.batch_column is None:
+        batch_column = batch_column or recorded_batch_column(estimator)
+        if estimator.whitening_.method == "pca-batch" and batch_column is None:
             raise ValueError("this dictionary was whitened per batch ('pca-batch'): pass batch_column=")
-        if self.batch_column is not None and self.batch_column not in store.obs_columns:
-            raise ValueError(f"batch_column {self.batch_column!r} is not an obs column of {store.path}")
+        self.batch_column = None if batch_column is None else store.resolve_column(batch_column, "batch column")
         if activation_pass is not None:
             from plate_concepts.analysis.evaluation import check_pass_matches
 
@@ -184,7 +183,9 @@ class FeatureExplorer:
             )
         if label_column is None:
             label_column = self.label_columns[0] if self.label_columns else None
-        elif label_column not in self.label_columns:
+        else:
+            label_column = store.resolve_column(label_column, "label column")
+        if label_column is not None and label_column not in self.label_columns:
             raise ValueError(
                 f"label column {label_column!r} is not a label column of {store.path} "
                 f"(label columns: {self.label_columns})"
