@@ -422,12 +422,8 @@ class ChunkStats:
             record["name"]: PlateStats.from_arrays(record, arrays, f"plate{i}")
             for i, record in enumerate(header["plates"])
         }
-        rec = header["reconstruction"]
         return cls(
-            header["n_features"], header["n_tokens"], arrays["active"], arrays["sums"],
-            Reconstruction(rec["n_tokens"], arrays["reconstruction.mean"], rec["sq_dev"],
-                           rec["sq_err"], rec["cos_sum"]),
-            TopTokens(arrays["top.rows"], arrays["top.values"]),
+            *_saved_core(header, arrays),
             plates,
         )
 
@@ -535,12 +531,8 @@ class Totals:
     @classmethod
     def load(cls, path: str | Path) -> Totals:
         header, arrays = read_arrays(path)
-        rec = header["reconstruction"]
         return cls(
-            header["n_features"], header["n_tokens"], arrays["active"], arrays["sums"],
-            Reconstruction(rec["n_tokens"], arrays["reconstruction.mean"], rec["sq_dev"],
-                           rec["sq_err"], rec["cos_sum"]),
-            TopTokens(arrays["top.rows"], arrays["top.values"]),
+            *_saved_core(header, arrays),
             {column: GroupSums.from_arrays(keys, arrays, f"label{j}")
              for j, (column, keys) in enumerate(header["labels"].items())},
             header["n_excluded"],
@@ -549,3 +541,14 @@ class Totals:
             {c: {(tuple(v) if isinstance(v, list) else v): n for v, n in pairs}
              for c, pairs in header.get("control_counts", {}).items()},
         )
+
+
+def _saved_core(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    """What every statistics file starts with: sizes, activity counts, sums, reconstruction
+    and top tokens (the first fields of :class:`ChunkStats` and :class:`Totals`)."""
+    rec = header["reconstruction"]
+    reconstruction = Reconstruction(
+        rec["n_tokens"], arrays["reconstruction.mean"], rec["sq_dev"], rec["sq_err"], rec["cos_sum"]
+    )
+    return (header["n_features"], header["n_tokens"], arrays["active"], arrays["sums"], reconstruction,
+            TopTokens(arrays["top.rows"], arrays["top.values"]))

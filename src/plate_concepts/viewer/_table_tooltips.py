@@ -1,11 +1,19 @@
-"""Tables whose cells are too narrow for their text show the full text as a tooltip."""
+"""The panels' read-only tables of selectable rows; a cell too narrow for its text shows the
+full text as a tooltip."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from qtpy.QtCore import QEvent, QModelIndex, Qt
-from qtpy.QtWidgets import QAbstractItemView, QStyle, QStyledItemDelegate, QToolTip
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QStyle,
+    QStyledItemDelegate,
+    QTableView,
+    QToolTip,
+)
 
 
 def elided_text(view: QAbstractItemView, index: QModelIndex) -> str | None:
@@ -43,3 +51,21 @@ class FullTextTooltips(QStyledItemDelegate):
 def show_full_text_tooltips(view: QAbstractItemView) -> None:
     """Give ``view`` (a QTableView, or a magicgui Table's ``native``) full-text tooltips."""
     view.setItemDelegate(FullTextTooltips(view))
+
+
+def row_table(model: Any, min_height: int) -> QTableView:
+    """A sortable, read-only table of ``model`` (a proxy model) where one row at a time is
+    selected: compact rows, columns sized to their contents, full-text tooltips."""
+    table = QTableView()
+    table.setModel(model)
+    table.setSortingEnabled(True)
+    table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    table.verticalHeader().setVisible(False)
+    table.verticalHeader().setDefaultSectionSize(20)
+    table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    table.setWordWrap(False)
+    table.setMinimumHeight(min_height)
+    show_full_text_tooltips(table)  # long label values are cut short
+    return table

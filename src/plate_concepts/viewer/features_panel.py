@@ -31,7 +31,6 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import QModelIndex, QSize, Qt, Signal
 from qtpy.QtGui import QIcon
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QFormLayout,
@@ -39,7 +38,6 @@ from qtpy.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
-    QTableView,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -70,7 +68,7 @@ from plate_concepts.viewer._notes_editor import NotesEditor
 from plate_concepts.viewer._plate_chooser import PlateChooser
 from plate_concepts.viewer._plots import BarChart, ColorScales, rgb_pixmap
 from plate_concepts.viewer._report_export import ReportExport
-from plate_concepts.viewer._table_tooltips import show_full_text_tooltips
+from plate_concepts.viewer._table_tooltips import row_table
 from plate_concepts.viewer.state import get_state
 
 if TYPE_CHECKING:
@@ -195,18 +193,7 @@ class FeaturesPanel(QWidget):
         self.search.textChanged.connect(self.proxy.set_search)
         self.proxy.set_notes(self.state.notes)
         self.hide_dead.toggled.connect(self.proxy.set_hide_dead)
-        self.table = QTableView()
-        self.table.setModel(self.proxy)
-        self.table.setSortingEnabled(True)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(20)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.setWordWrap(False)
-        self.table.setMinimumHeight(180)
-        show_full_text_tooltips(self.table)  # long label values are cut short
+        self.table = row_table(self.proxy, min_height=180)
         self.table.selectionModel().currentRowChanged.connect(self._on_row_changed)
         layout.addWidget(self.search)
         layout.addWidget(self.hide_dead)

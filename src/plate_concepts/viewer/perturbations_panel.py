@@ -21,13 +21,10 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import QModelIndex, QSize, QSortFilterProxyModel, Qt, Signal
 from qtpy.QtGui import QIcon
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QComboBox,
     QFormLayout,
     QGridLayout,
-    QHeaderView,
     QLabel,
-    QTableView,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -38,7 +35,7 @@ from plate_concepts.viewer._feature_table import FeatureTableModel
 from plate_concepts.viewer._jobs import Job, start_job
 from plate_concepts.viewer._plots import rgb_pixmap
 from plate_concepts.viewer._screen_profiles import ScreenCrops, ScreenProfiles, describe_value
-from plate_concepts.viewer._table_tooltips import show_full_text_tooltips
+from plate_concepts.viewer._table_tooltips import row_table
 from plate_concepts.viewer.state import get_state
 
 if TYPE_CHECKING:
@@ -108,18 +105,7 @@ class PerturbationsPanel(QWidget):
         self.proxy = QSortFilterProxyModel(self)
         self.proxy.setSortRole(Qt.ItemDataRole.UserRole)
         self.proxy.setSourceModel(self.model)
-        self.table = QTableView()
-        self.table.setModel(self.proxy)
-        self.table.setSortingEnabled(True)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.verticalHeader().setDefaultSectionSize(20)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.setWordWrap(False)
-        self.table.setMinimumHeight(160)
-        show_full_text_tooltips(self.table)
+        self.table = row_table(self.proxy, min_height=160)
         self.table.clicked.connect(self._on_clicked)
         self.table.selectionModel().currentRowChanged.connect(lambda current, _p: self._on_clicked(current))
         layout.addWidget(self.table, stretch=1)
