@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from plate_concepts._dask import dask_cluster, finished_batches, task_device
 from plate_concepts._io import atomic_path
 from plate_concepts._progress import Cancelled, CancelLike, cancel_requested
 from plate_concepts.analysis.activations import ProgressLike, WellAggregates
@@ -126,26 +126,6 @@ def _stamp(path: str | Path) -> tuple[int, int]:
     return info.st_mtime_ns, info.st_size
 
 
-def _task_device(requested: str) -> str:
-    """"auto" on a Dask worker with GPUs: one GPU per worker, by the worker's number."""
-    from plate_concepts.dictionary.trainer import resolve_device
-
-    if requested != "auto":
-        return str(resolve_device(requested))
-    import torch
-
-    if torch.cuda.is_available():
-        try:
-            from distributed import get_worker
-
-            name = get_worker().name
-            index = int(name) if str(name).isdigit() else 0
-        except ValueError:  # not on a worker
-            index = 0
-        return f"cuda:{index % torch.cuda.device_count()}"
-    return str(resolve_device("auto"))
-
-
 def compute_chunk(spec: PassSpec, chunk: int, estimator: Any = None) -> tuple[ChunkStats, Any]:
     """Statistics and codes of one row chunk (reads the store, runs the dictionary: the
     spec's file, or ``estimator`` when given)."""
@@ -154,7 +134,7 @@ def compute_chunk(spec: PassSpec, chunk: int, estimator: Any = None) -> tuple[Ch
     if spec.threads:
         torch.set_num_threads(spec.threads)
     if estimator is None:
-        device = _task_device(spec.device)
+        device = task_device(spec.device)
         estimator = _estimator(spec.dictionary, _stamp(spec.dictionary), device)
     store = _store(spec.store, _stamp(Path(spec.store) / "store.json"))
     start, stop = spec.rows(chunk)
@@ -431,21 +411,13 @@ def _run_on_dask(
     progress: ProgressLike | None,
     cancel: CancelLike | None,
 ) -> None:
-    import logging
+    from distributed import as_completed
 
-    from distributed import Client, LocalCluster, as_completed
-
-    cluster = None
-    if scheduler is None:
-        n_workers = workers or default_workers()
-        cluster = LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True,
-            dashboard_address=None, silence_logs=logging.ERROR,
-        )
-        spec = PassSpec(**{**asdict(spec), "threads": spec.threads or max(1, (os.cpu_count() or 1) // n_workers)})
-    client = Client(cluster if cluster is not None else scheduler)
-    try:
-        if cluster is None:  # a user's cluster outlives runs: its workers may hold old handles
+    with dask_cluster(workers, scheduler) as cluster:
+        client = cluster.client
+        if cluster.is_local:  # the machine's cores shared by the workers
+            spec = PassSpec(**{**asdict(spec), "threads": spec.threads or cluster.threads})
+        else:  # a user's cluster outlives runs: its workers may hold old handles
             client.run(forget_open_files)
         token = hashlib.sha1(json.dumps(spec.identity(), sort_keys=True).encode()).hexdigest()[:10]
         futures = [
@@ -453,29 +425,14 @@ def _run_on_dask(
             for chunk in todo
         ]
         finished = as_completed(futures)
-        while not finished.is_empty():
-            batch = finished.next_batch(block=False)
-            if not batch:
-                if cancel_requested(cancel):
-                    client.cancel(futures)
-                    raise Cancelled(f"the activation pass was cancelled; {spec.out} resumes it")
-                time.sleep(0.05)
-                continue
+        for batch in finished_batches(finished, lambda: cancel_requested(cancel)):
             for future in batch:
                 done_tokens += future.result()  # a task's error is raised here
             if progress is not None:
                 progress(done_tokens, spec.n_tokens)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
-def default_workers() -> int:
-    """One worker per GPU, else one per CPU core."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+        if not finished.is_empty():
+            client.cancel(futures)
+            raise Cancelled(f"the activation pass was cancelled; {spec.out} resumes it")
 
 
 def _prepare_folder(spec: PassSpec, final: Path, overwrite: bool) -> Path:
