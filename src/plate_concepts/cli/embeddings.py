@@ -19,8 +19,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embed",
         help="embed the crops of one or more plates into one embedding store (resumable)",
-        description="Embed every crop of each PLATE into STORE, plate after plate. Run the same "
-        "command again to resume an interrupted run; --append adds plates to a store.",
+        description="Embed every crop of each PLATE into STORE, plate after plate, in this process "
+        "or on Dask workers (--workers N, --scheduler ADDRESS). Run the same command again to "
+        "resume an interrupted run; --append adds plates to a store.",
     )
     p.add_argument(
         "plates",
@@ -105,8 +106,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=32, help="crops per model call")
     p.add_argument(
-        "--device", default="auto", help="auto (CUDA, MPS, else CPU), cpu, cuda, cuda:N or mps"
-    )
+        "--device", default="auto",
+        help="auto (CUDA, MPS, else CPU; with --workers/--scheduler one GPU per worker), cpu, "
+        "cuda, cuda:N or mps",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, metavar="N",
+        help="embed on a local Dask cluster of N worker processes (one per GPU or CPU core is a "
+        "good choice): each builds the model once, embeds whole fields and writes its own parts, "
+        "which this process commits in order; the store is the one an in-process run makes "
+        "(default: embed in this process; 0: in this process too)",
+    )  # fmt: skip
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS",
+        help="embed on an existing Dask cluster (tcp://HOST:8786) whose workers read the plates "
+        "and write beside STORE at the same paths (default: no cluster)",
+    )  # fmt: skip
     p.add_argument(
         "--append",
         action="store_true",
@@ -182,6 +197,10 @@ def embed(args: argparse.Namespace) -> int:
 
     if (args.object_size is not None or args.mask) and not args.objects:
         raise CommandError("--object-size and --mask go with --objects (the label image of the objects)")
+    if args.workers is not None and args.scheduler is not None:
+        raise CommandError(
+            "--workers starts a local Dask cluster and --scheduler uses an existing one: give one"
+        )
     if args.replace_plate and not args.append:
         raise CommandError(
             "--replace-plate goes with --append (it replaces a plate the store holds)"
@@ -206,6 +225,7 @@ def embed(args: argparse.Namespace) -> int:
                 patch_tokens=args.patch_tokens, control=args.control, device=args.device,
                 token_dtype=args.dtype, progress=bar, cancel=cancel,
                 objects=args.objects, object_size=args.object_size, mask=args.mask,
+                workers=args.workers, scheduler=args.scheduler,
             )  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, previous)

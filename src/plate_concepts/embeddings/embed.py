@@ -19,6 +19,10 @@ finished store matches an uninterrupted run. Settings that would make tokens inc
 (another plate map or control spec), must match what the store recorded, else a ``ValueError``
 says what differs.
 
+On Dask (``workers`` or ``scheduler``) the fields are embedded by the workers of a cluster,
+part by part, and this process commits the parts in the order of an in-process run
+(:mod:`~plate_concepts.embeddings.embed_dask`); everything else here is the same.
+
 Obs columns: ``plate, well, field, crop_y, crop_x, crop_size``, the well's plate-map columns
 (all but the well/position columns; a column named like a store column gets a ``platemap_``
 prefix), ``is_control`` when a control spec is given and ``foreground_fraction`` when
@@ -27,6 +31,7 @@ prefix), ``is_control`` when a control spec is given and ``foreground_fraction``
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from os import PathLike
@@ -39,6 +44,7 @@ import torch
 
 from plate_concepts._io import atomic_path
 from plate_concepts._progress import ProgressLike, progress_ticker
+from plate_concepts.embeddings.embed_dask import DaskEmbedding, parts_folder
 from plate_concepts.embeddings.embed_work import (
     RESERVED_COLUMNS,
     CropBatcher,
@@ -110,6 +116,8 @@ def embed_plates(
     device: str | torch.device = "auto",
     token_dtype: str = "float32",
     group_size: int = 1024,
+    workers: int | None = None,
+    scheduler: str | None = None,
     progress: ProgressLike | None = None,
     cancel: CancelLike | None = None,
 ) -> EmbeddingStore:
@@ -153,6 +161,14 @@ def embed_plates(
         ``"auto"`` (CUDA, MPS, CPU), ``"cpu"``, ``"cuda:1"``...
     group_size
         Embedded crops per store append (one commit); also bounds the crops lost by a crash.
+        On Dask: about the crops of one task (whole fields of one plate).
+    workers, scheduler
+        Embed on ``dask.distributed``: a new local cluster of ``workers`` worker processes
+        (``workers=0`` or neither given: in this process), or the existing cluster at
+        ``scheduler`` (``tcp://host:8786``), whose workers must read the plates and write beside
+        the store at the same paths. Each worker builds the model once and keeps it on its
+        device (``device="auto"``: one GPU per worker); the store, its rows and their order are
+        those of an in-process run (:mod:`~plate_concepts.embeddings.embed_dask`).
     progress
         ``callable(done, total)``, a tqdm-like object (``update(n)``) or True (a tqdm bar);
         done counts crop positions settled (stored before, embedded, or skipped as background).
@@ -167,6 +183,7 @@ def embed_plates(
         "normalizer": normalizer, "patch_tokens": patch_tokens, "control": control,
         "device": device, "token_dtype": token_dtype, "group_size": group_size,
         "objects": objects, "object_size": object_size, "mask": mask,
+        "workers": workers, "scheduler": scheduler,
     }  # fmt: skip
     return _embed(
         plates, store_path, embedder, policy, replace_plate, overwrite, progress, cancel, settings
@@ -193,7 +210,8 @@ def _embed(
     defaults = {"crop_size": 256, "stride": None, "batch_size": 32, "drop_edge": False,
                 "min_foreground": None, "nuclear": None, "channels": None, "normalizer": None,
                 "patch_tokens": False, "control": None, "device": "auto", "token_dtype": "float32",
-                "group_size": 1024, "objects": None, "object_size": None, "mask": False}  # fmt: skip
+                "group_size": 1024, "objects": None, "object_size": None, "mask": False,
+                "workers": None, "scheduler": None}  # fmt: skip
     unknown = sorted(set(settings) - set(defaults))
     if unknown:
         raise TypeError(f"unknown embedding setting(s) {unknown}; expected {sorted(defaults)}")
@@ -204,6 +222,7 @@ def _embed(
     if s["min_foreground"] is not None and not 0 <= s["min_foreground"] <= 1:
         raise ValueError(f"min_foreground must be a fraction in [0, 1], got {s['min_foreground']}")
     control = ControlSpec.parse(s["control"]) if isinstance(s["control"], str) else s["control"]
+    on_dask = _on_dask(s["workers"], s["scheduler"])
     stop = _as_cancel(cancel)
     path = Path(store_path)
     target = _target(path, overwrite)
@@ -224,9 +243,11 @@ def _embed(
         jobs = [prepare_plate(plate, channels=channels, control=control, **tiling) for plate in plates]
     if existing is not None:
         _check_policy(existing, [job.plate.name for job in jobs], policy, replace_plate)
+    spec = embedder if isinstance(embedder, str) else None  # on Dask, workers build it too
     if isinstance(embedder, str):
         embedder = load_embedder(embedder)
-    embedder = embedder.to(s["device"])
+    # On Dask the workers embed; this process only learns the output shape and the weights.
+    embedder = embedder.to("cpu" if on_dask else s["device"])
     shape = output_shape(embedder, len(jobs[0].channel_index), s["crop_size"])
     provenance = _store_provenance(embedder, s["crop_size"], shape, jobs[0])
     if objects is not None:
@@ -257,48 +278,78 @@ def _embed(
     store.update_provenance(pending_plates=list(dict.fromkeys([*earlier, *unfinished])))
 
     total = sum(job.total for job in jobs)
+    todo = [
+        job for job in jobs
+        if not (records.get(job.plate.name, {}).get("complete") and (job.remaining == 0 or objects))
+    ]  # fmt: skip
+
+    def begin(job: PlateJob) -> None:
+        if job.plate.name not in records:
+            job.normalizer = _fitted(s["normalizer"], job)
+        _record_plate(store, job, complete=False)
+
+    def end(job: PlateJob) -> None:
+        store.compact_obs(job.plate.name)
+        _record_plate(store, job, complete=True)
+
     with progress_ticker(progress, total, "embedding", "crop" if objects is None else "field") as tick:
         settled = total - sum(job.remaining for job in jobs)
         tick(settled)
-
-        def commit(
-            tokens: np.ndarray, patches: np.ndarray | None, rows: list[dict[str, Any]]
-        ) -> None:
-            nonlocal settled
-            store.append(tokens, pd.DataFrame(rows), patch_tokens=patches)
-            if objects is None:  # objects: progress counts fields read
-                settled += len(rows)
-                tick(settled)
-
-        batcher = CropBatcher(
-            embedder, shape, batch_size, group_size, s["patch_tokens"], commit, stop
-        )
-        for job in jobs:
-            record = records.get(job.plate.name)
-            if record is not None and record.get("complete") and (job.remaining == 0 or objects):
-                continue
-            if record is None:
-                job.normalizer = _fitted(s["normalizer"], job)
-            _record_plate(store, job, complete=False)
-            reader = job.reader() if objects is not None else FieldReader(job)
-            for field_crops in reader.iterate(lambda: batcher.cancelled or stop()):
-                settled += field_crops.skipped if objects is None else 1
-                if objects is not None:
-                    tick(settled)
-                batcher.add(field_crops.crops, field_crops.rows)
-                if batcher.cancelled:
-                    break
-            batcher.finish()
-            if batcher.cancelled or stop():
-                break
-            store.compact_obs(job.plate.name)
-            _record_plate(store, job, complete=True)
+        if on_dask:
+            work = {**s, "shape": shape, "batch_size": batch_size, "group_size": group_size, "spec": spec}
+            run = DaskEmbedding(store, todo, embedder, work, begin, end, tick, settled, stop)
+            run.run(s["workers"] or None, s["scheduler"])
+        else:
+            _embed_in_process(store, todo, embedder, shape, s, begin, end, tick, settled, stop)
     unfinished = set(store.incomplete_plates())
+    if not unfinished:  # every part of an earlier Dask run is in the store
+        shutil.rmtree(parts_folder(target), ignore_errors=True)
     if target != path and not any(job.plate.name in unfinished for job in jobs):
         with atomic_path(path, overwrite=True) as tmp:  # the finished store replaces the old one
             target.rename(tmp)
         return EmbeddingStore.open(path)
     return store
+
+
+def _embed_in_process(
+    store: EmbeddingStore,
+    jobs: list[PlateJob],
+    embedder: Embedder,
+    shape: tuple[int, int, int],
+    s: dict[str, Any],
+    begin: Callable[[PlateJob], None],
+    end: Callable[[PlateJob], None],
+    tick: Callable[[int], None],
+    settled: int,
+    stop: Callable[[], bool],
+) -> None:
+    """Read, embed and commit the plates' fields here, group after group."""
+    objects = s["objects"] is not None
+
+    def commit(tokens: np.ndarray, patches: np.ndarray | None, rows: list[dict[str, Any]]) -> None:
+        nonlocal settled
+        store.append(tokens, pd.DataFrame(rows), patch_tokens=patches)
+        if not objects:  # objects: progress counts fields read
+            settled += len(rows)
+            tick(settled)
+
+    batcher = CropBatcher(
+        embedder, shape, s["batch_size"], s["group_size"], s["patch_tokens"], commit, stop
+    )
+    for job in jobs:
+        begin(job)
+        reader = job.reader() if objects else FieldReader(job)
+        for field_crops in reader.iterate(lambda: batcher.cancelled or stop()):
+            settled += 1 if objects else field_crops.skipped
+            if objects:
+                tick(settled)
+            batcher.add(field_crops.crops, field_crops.rows)
+            if batcher.cancelled:
+                break
+        batcher.finish()
+        if batcher.cancelled or stop():
+            return
+        end(job)
 
 
 # ---------------------------------------------------------------------- what may be written
@@ -496,6 +547,22 @@ def _as_cancel(cancel: CancelLike | None) -> Callable[[], bool]:
     raise TypeError(
         f"cancel must be a threading.Event or a callable returning bool, got {type(cancel).__name__}"
     )
+
+
+def _on_dask(workers: Any, scheduler: str | None) -> bool:
+    """Whether to embed on Dask; refuses a contradictory or malformed request."""
+    whole = isinstance(workers, (int, np.integer)) and not isinstance(workers, bool)
+    if workers is not None and (not whole or workers < 0):
+        raise ValueError(
+            f"workers must be 0 (embed in this process) or a number of Dask workers, got {workers!r}"
+        )
+    if scheduler is not None and workers is not None:
+        raise ValueError(
+            "give workers (a new local Dask cluster) or scheduler (an existing one), not both"
+        )
+    if scheduler is not None and not str(scheduler).strip():
+        raise ValueError("scheduler must be the address of a Dask scheduler, e.g. tcp://host:8786")
+    return scheduler is not None or bool(workers)
 
 
 def _positive(value: Any, name: str) -> int:

@@ -151,7 +151,8 @@ class FieldReader:
         """The crops of field ``key`` that are still pending (the per-field unit of work)."""
         job, (well, field_index) = self.job, key
         indices = job.pending[key]
-        image = np.asarray(job.plate.image(well, field_index).compute())
+        # Read here (threads), never through a Dask cluster: on a worker that would move pixels.
+        image = np.asarray(job.plate.image(well, field_index).compute(scheduler="threads"))
         keep = np.arange(len(indices))
         foreground = None
         if job.nuclear_index is not None:

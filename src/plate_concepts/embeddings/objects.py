@@ -154,13 +154,14 @@ class ObjectReader(FieldReader):
 
     def read(self, key: tuple[str, int]) -> FieldCrops:
         job, (well, field_index) = self.job, key
-        labels = np.asarray(job.plate.field_labels(well, field_index)[job.objects].compute())
+        labels = job.plate.field_labels(well, field_index)[job.objects]
+        labels = np.asarray(labels.compute(scheduler="threads"))  # read here, as FieldReader does
         table = object_table(labels)
         in_field = len(table)
         table = table[~table["label"].isin(job.done.get(key, set()))].reset_index(drop=True)
         if table.empty:
             return FieldCrops(well, field_index, np.empty((0, len(job.channel_index), 1, 1), np.float32), [], 0)
-        image = np.asarray(job.plate.image(well, field_index).compute())
+        image = np.asarray(job.plate.image(well, field_index).compute(scheduler="threads"))
         scaled = job.normalizer(image[job.channel_index])
         corners = object_crops(table, scaled.shape[-2:], job.object_size)
         size = job.object_size
