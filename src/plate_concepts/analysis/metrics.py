@@ -10,8 +10,8 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import sparse
 import torch
+from scipy import sparse
 
 from plate_concepts.dictionary.codes import SparseCodes
 
