@@ -50,23 +50,21 @@ def worker_peak_mb(client) -> list[float]:
 
 
 def run_pass(store_path: Path, dictionary: Path, out: Path, workers: int) -> dict[str, float]:
-    import logging
-
-    from distributed import Client, LocalCluster
-
+    """The pass on a local cluster of ``workers`` processes (the plugin's own cluster set-up)."""
+    from plate_concepts._dask import dask_cluster
     from plate_concepts.analysis.activation_pass import plan_pass
     from plate_concepts.analysis.activation_pass import run_pass as run
     from plate_concepts.embeddings.store import EmbeddingStore
 
     store = EmbeddingStore.open(store_path)
-    spec = plan_pass(store, dictionary, out, labels=["cell_line"], device="cpu",
-                     threads=max(1, (os.cpu_count() or 1) // workers))
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+    with dask_cluster(workers, None) as cluster:
+        spec = plan_pass(store, dictionary, out, labels=["cell_line"], device="cpu",
+                         threads=cluster.threads)
+        address = cluster.client.scheduler.address
         started = time.perf_counter()
-        run(spec, scheduler=cluster.scheduler_address)
+        run(spec, scheduler=address)
         seconds = time.perf_counter() - started
-        peaks = worker_peak_mb(client)
+        peaks = worker_peak_mb(cluster.client)
     return {"tokens_per_s": len(store) / seconds, "seconds": seconds, "worker_peak_mb": max(peaks)}
 
 

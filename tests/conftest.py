@@ -26,6 +26,17 @@ from plate_concepts.plates.model import Plate
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 
 
+# ---------------------------------------------------------------------- threads
+@pytest.fixture
+def one_thread():
+    """One torch thread (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``): on a
+    busy 2-core machine, two threads mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------- any plate
 def plate_of(
     images: Mapping[tuple[str, int], Any],

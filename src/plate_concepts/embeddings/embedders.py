@@ -74,8 +74,8 @@ gives ``(crops * 255).to(torch.uint8)`` (the model expects 0-255 and standardise
 itself) to the encoder's ViT backbone and returns its tokens, (B, 1 + C N, 384), N = (H/16)^2
 per stain: spec ``module:openphenom_local:build?channels=tokens&prefix=1&reduce=mean``. Check the
 attribute names against your copy of ``huggingface_mae.py``; ``from_pretrained`` on a local folder
-downloads nothing. ``tests/test_vit_embedder.py`` runs both kinds, on small random ViTs whose
-weights are read from files, through embed, fit and the feature explorer.
+downloads nothing. ``tests/embeddings/test_vit_embedder.py`` runs both kinds, on small random
+ViTs whose weights are read from files, through embed, fit and the feature explorer.
 """
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REAL_DATA as REAL
 
 from plate_concepts.cli import main
 from plate_concepts.plates.omezarr import write_ome_zarr_plate
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 NF1 = REAL / "nf1_plate2"
 
 

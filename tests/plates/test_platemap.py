@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REAL_DATA as REAL
 
 from plate_concepts.plates.geometry import PlateFormat
 from plate_concepts.plates.model import Plate
@@ -20,7 +19,6 @@ from plate_concepts.plates.platemap import (
     resolve_column,
 )
 
-REAL = Path(__file__).parents[1].parent / "shared" / "data" / "real"
 NF1_MAP = REAL / "nf1_plate2" / "platemap_NF1_plate2.csv"
 PHENIX_MAP = REAL / "phenix_pediatric_BR00143976" / "platemap_Assay_Plate1.csv"
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REAL_DATA as REAL
 
 from plate_concepts.cli import main
 from plate_concepts.plates import locate_plate, open_plate
 from plate_concepts.plates.geometry import PlateFormat
 from plate_concepts.plates.model import Plate
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 NF1 = REAL / "nf1_plate2"
 PHENIX = REAL / "phenix_pediatric_BR00143976"
 

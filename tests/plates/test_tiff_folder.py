@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from conftest import REAL_DATA as REAL
 
 from plate_concepts.plates.loaddata import is_loaddata_csv, read_loaddata_csv
 from plate_concepts.plates.platemap import attach_platemap
 from plate_concepts.plates.tiff_folder import PRESETS, detect_tiff_preset, read_tiff_folder
 
-REAL = Path(__file__).parents[1].parent / "shared" / "data" / "real"
 NF1 = REAL / "nf1_plate2"
 PHENIX = REAL / "phenix_pediatric_BR00143976"
 

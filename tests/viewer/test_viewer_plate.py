@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import REAL_DATA as REAL
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 NF1 = REAL / "nf1_plate2"
 
 

@@ -16,13 +16,7 @@ from plate_concepts.embeddings.embedders import ModelEmbedder
 from plate_concepts.embeddings.objects import object_crops, object_table
 from plate_concepts.embeddings.tiling import IntensityNormalizer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny() -> ModelEmbedder:

@@ -13,7 +13,7 @@ import pytest
 from plate_concepts.cli import build_parser, main
 
 OWN_COMMANDS = ("info", "convert", "view", "demo", "demo-run")
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

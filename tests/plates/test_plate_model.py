@@ -52,10 +52,9 @@ def test_missing_field_is_a_clear_key_error():
 def test_atomic_path_keeps_the_old_content_when_writing_fails(tmp_path):
     target = tmp_path / "result.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.txt"]
     with atomic_path(target) as tmp:
@@ -71,6 +70,5 @@ def test_atomic_path_replaces_folders_and_refuses_overwrite_when_asked(tmp_path)
             (tmp / "x").write_text(content)
     assert (target / "x").read_text() == "two"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
-    with pytest.raises(FileExistsError, match="out.zarr"):
-        with atomic_path(target, overwrite=False):
-            pass
+    with pytest.raises(FileExistsError, match="out.zarr"), atomic_path(target, overwrite=False):
+        pass

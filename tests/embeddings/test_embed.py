@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REAL_DATA as REAL
 
 from plate_concepts.embeddings.embed import embed_plate, embed_plates, staging_path
 from plate_concepts.embeddings.store import EmbeddingStore, StoreIncompleteError
@@ -15,7 +15,6 @@ from plate_concepts.embeddings.tiling import IntensityNormalizer
 from plate_concepts.plates.model import Plate
 from plate_concepts.plates.platemap import ControlSpec, attach_platemap
 
-REAL = Path(__file__).parents[1].parent / "shared" / "data" / "real"
 NF1 = REAL / "nf1_plate2"
 KEY = ["plate", "well", "field", "crop_y", "crop_x"]
 
@@ -44,12 +43,7 @@ class MeanPool:
         return torch.nn.functional.avg_pool2d(crops.double(), 16).float().permute(0, 2, 3, 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _synthetic_plate(planted_nuclei: bool = False) -> Plate:

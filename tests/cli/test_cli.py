@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REAL_DATA as REAL
 
 from plate_concepts.cli import main
 from plate_concepts.plates import open_plate
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 NF1 = REAL / "nf1_plate2"
 PHENIX = REAL / "phenix_pediatric_BR00143976"
 
