@@ -167,7 +167,8 @@ def main() -> None:
     ]:  # fmt: skip
         a, b = small[key], large[key]
         ratio = b / a if a else float("nan")
-        print(f"{label:<26}{a:>14,.3f}{b:>14,.3f}{ratio:>8.2f}")
+        cell = ",.0f" if key.startswith("n_") else ",.3f"
+        print(f"{label:<26}{a:>14{cell}}{b:>14{cell}}{ratio:>8.2f}")
     if not args.keep:
         import shutil
 

@@ -24,8 +24,14 @@ PATTERN_HELP = (
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a plate (OME-Zarr, TIFF folder or LoadData CSV)")
-    p.add_argument("path", help=PLATE_HELP)
+    p = sub.add_parser(
+        "info", help="describe a plate (OME-Zarr, TIFF folder or LoadData CSV) or an embedding store"
+    )
+    p.add_argument(
+        "path",
+        help=PLATE_HELP + ", or an embedding store (its tokens, plates, wells, controls and "
+        "label values per plate)",
+    )
     p.add_argument("--platemap", help=PLATEMAP_HELP)
     p.add_argument("--pattern", help=PATTERN_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -53,7 +53,7 @@ from plate_concepts.viewer._dictionary_fit import (
 from plate_concepts.viewer._explorer_jobs import explorer_preparer
 from plate_concepts.viewer._jobs import Job, Progress, start_job
 from plate_concepts.viewer._plots import LossCurve
-from plate_concepts.viewer.state import get_state
+from plate_concepts.viewer.state import connect_while_alive, get_state
 
 if TYPE_CHECKING:
     import napari
@@ -129,9 +129,7 @@ class DictionaryPanel(QWidget):
             (self.state.plate_changed, self._on_plate_changed),
             (self.state.dictionary_changed, self._on_dictionary_changed),
         ]
-        for signal, slot in connections:
-            signal.connect(slot)
-        self.destroyed.connect(lambda *_: self._teardown(connections))
+        connect_while_alive(self, connections, on_destroyed=self._cancel_jobs)
         # Qt signals: disconnected by Qt when this panel goes.
         self.preparer.status_changed.connect(self.explorer_label.setText)
         self.preparer.progress.connect(self._on_explorer_progress)
@@ -530,9 +528,7 @@ class DictionaryPanel(QWidget):
             self.progress.setFormat(f"{what} %v / %m")
 
     # ------------------------------------------------------------------ cleanup
-    def _teardown(self, connections: list[tuple[Any, Any]]) -> None:
+    def _cancel_jobs(self) -> None:
         if self._fit_job is not None:
             self._fit_job.cancel()  # the explorer's job goes on: the Features panel may want it
         self.compare_box.cancel()
-        for signal, slot in connections:
-            signal.disconnect(slot)

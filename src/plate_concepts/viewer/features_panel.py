@@ -69,7 +69,7 @@ from plate_concepts.viewer._plate_chooser import PlateChooser
 from plate_concepts.viewer._plots import BarChart, ColorScales, rgb_pixmap
 from plate_concepts.viewer._report_export import ReportExport
 from plate_concepts.viewer._table_tooltips import row_table
-from plate_concepts.viewer.state import get_state
+from plate_concepts.viewer.state import connect_while_alive, get_state
 
 if TYPE_CHECKING:
     import napari
@@ -129,9 +129,7 @@ class FeaturesPanel(QWidget):
             (self.state.feature_selected, self._on_feature_selected),
             (self.state.well_selected, self._on_well_selected),
         ]
-        for signal, slot in connections:
-            signal.connect(slot)
-        self.destroyed.connect(lambda *_: [signal.disconnect(slot) for signal, slot in connections])
+        connect_while_alive(self, connections)
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:

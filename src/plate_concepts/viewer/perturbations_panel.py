@@ -36,7 +36,7 @@ from plate_concepts.viewer._jobs import Job, start_job
 from plate_concepts.viewer._plots import rgb_pixmap
 from plate_concepts.viewer._screen_profiles import ScreenCrops, ScreenProfiles, describe_value
 from plate_concepts.viewer._table_tooltips import row_table
-from plate_concepts.viewer.state import get_state
+from plate_concepts.viewer.state import connect_while_alive, get_state
 
 if TYPE_CHECKING:
     import napari
@@ -71,10 +71,8 @@ class PerturbationsPanel(QWidget):
             (self.state.notes_changed, lambda _f: self._show_value()),
             (self.state.feature_selected, self._on_feature_selected),
         ]
-        for signal, slot in connections:
-            signal.connect(slot)
+        connect_while_alive(self, connections)
         self.preparer.status_changed.connect(self._on_preparer_status)
-        self.destroyed.connect(lambda *_: [signal.disconnect(slot) for signal, slot in connections])
         self._on_profiles_changed(self.state.profiles)
 
     # ------------------------------------------------------------------ layout

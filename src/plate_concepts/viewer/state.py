@@ -9,6 +9,7 @@ stay independent (open a dictionary in one, browse it in another) and hold no al
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +145,26 @@ def get_state(viewer: napari.Viewer) -> PlateConceptsState:
             _adopt_plate(state, layer)
         viewer.layers.events.inserted.connect(lambda event: _adopt_plate(state, event.value))
     return _STATES[viewer]
+
+
+def connect_while_alive(
+    widget: Any,
+    connections: Sequence[tuple[Any, Callable[..., Any]]],
+    *,
+    on_destroyed: Callable[[], Any] | None = None,
+) -> None:
+    """Connect each (state signal, slot) pair until the Qt ``widget`` is destroyed, then
+    disconnect them (and call ``on_destroyed``): the state outlives the panels that follow it."""
+    for signal, slot in connections:
+        signal.connect(slot)
+
+    def disconnect(*_: Any) -> None:
+        if on_destroyed is not None:
+            on_destroyed()
+        for signal, slot in connections:
+            signal.disconnect(slot)
+
+    widget.destroyed.connect(disconnect)
 
 
 def _adopt_plate(state: PlateConceptsState, layer: Any) -> None:
