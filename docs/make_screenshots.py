@@ -182,8 +182,8 @@ def features_panel(out_dir: Path) -> Path:
     its per-well heatmap, activation map and cells over its top well, top crops and bars."""
     from plate_concepts.viewer.app import show_plate
     from plate_concepts.viewer.dictionary_panel import DictionaryPanel
-    from plate_concepts.viewer.features_panel import FeaturesPanel, _camera
-    from plate_concepts.viewer.state import get_state
+    from plate_concepts.viewer.features_panel import FeaturesPanel
+    from plate_concepts.viewer.state import get_state, viewer_camera
 
     plate, store, folder = demo_world()
     if not (folder / DEMO_DICTIONARY).is_file():  # dictionary_panel() makes it
@@ -211,7 +211,7 @@ def features_panel(out_dir: Path) -> Path:
                 layer.visible = False
         y0, x0, y1, x1 = state.mosaic.well_box(panel._view.well)
         viewer.reset_view()
-        camera = _camera(viewer)
+        camera = viewer_camera(viewer)
         camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)  # the shown well and its neighbours
         camera.zoom = camera.zoom * 2.2
         _settle()
@@ -236,8 +236,8 @@ def features_on_nf1(out_dir: Path) -> Path:
     from plate_concepts.embeddings.store import EmbeddingStore
     from plate_concepts.plates import open_plate
     from plate_concepts.viewer.app import show_plate
-    from plate_concepts.viewer.features_panel import FeaturesPanel, _camera
-    from plate_concepts.viewer.state import get_state
+    from plate_concepts.viewer.features_panel import FeaturesPanel
+    from plate_concepts.viewer.state import get_state, viewer_camera
 
     plate = open_plate(NF1 / "images", platemap=NF1 / "platemap_NF1_plate2.csv")
     cache = demo_cache_dir() / "nf1_plate2"
@@ -278,7 +278,7 @@ def features_on_nf1(out_dir: Path) -> Path:
         _wait_until(lambda: bool(shown) and not panel.is_busy, what="the feature's layers")
         y0, x0, y1, x1 = state.mosaic.well_box("B07")
         viewer.reset_view()
-        camera = _camera(viewer)
+        camera = viewer_camera(viewer)
         camera.center = ((y0 + y1) / 2, (x0 + x1) / 2)
         camera.zoom = 0.6
         _settle()

@@ -190,9 +190,9 @@ def test_arrow_keys_kind_and_well_update_the_same_layers(shown, qtbot):
     centre = mosaic.to_mosaic(
         crop.well, crop.field, crop.crop_y + crop.crop_size / 2, crop.crop_x + crop.crop_size / 2
     )
-    from plate_concepts.viewer.features_panel import _camera
+    from plate_concepts.viewer.state import viewer_camera
 
-    assert np.allclose(_camera(viewer).center[-2:], centre)
+    assert np.allclose(viewer_camera(viewer).center[-2:], centre)
     qtbot.waitUntil(lambda: not panel.is_busy, timeout=20_000)
 
 

@@ -18,6 +18,7 @@ from plate_concepts.viewer._plate_views import (
     well_labels_text,
     wells_with_label,
 )
+from plate_concepts.viewer.state import viewer_camera
 
 NF1 = REAL_DATA / "nf1_plate2"
 FIELD = TINY_FIELD  # channels, y, x
@@ -144,7 +145,7 @@ def test_panel_opens_filters_and_shows_a_well(make_napari_viewer, qtbot, tiny_za
     assert fields[0].colormap.name == "cyan"  # the mosaic's look is kept
     np.testing.assert_array_equal(fields[0].data, tiny_plate.image("C02", 0)[0])  # its pixels
     y0, x0, y1, x1 = state.mosaic.well_box("C02")
-    cy, cx = viewer.camera.center[-2:]
+    cy, cx = viewer_camera(viewer).center[-2:]
     assert y0 <= cy <= y1 and x0 <= cx <= x1  # zoomed onto the well
     assert panel.well_list.choices == ("B02", "C02")  # napari's choice reset kept the list
 

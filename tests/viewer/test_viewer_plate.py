@@ -77,6 +77,7 @@ def test_hovering_a_well_shows_its_plate_map_labels(make_napari_viewer):
     for callback in viewer.mouse_move_callbacks:
         callback(viewer, None)
     from plate_concepts.viewer.app import text_overlay
+    from plate_concepts.viewer.state import viewer_camera
 
     assert "D06" in text_overlay(viewer).text and "genotype: WT" in text_overlay(viewer).text
-    assert np.isfinite(viewer.camera.zoom)
+    assert np.isfinite(viewer_camera(viewer).zoom)

@@ -69,7 +69,7 @@ from plate_concepts.viewer._plate_chooser import PlateChooser
 from plate_concepts.viewer._plots import BarChart, ColorScales, rgb_pixmap
 from plate_concepts.viewer._report_export import ReportExport
 from plate_concepts.viewer._table_tooltips import row_table
-from plate_concepts.viewer.state import connect_while_alive, get_state
+from plate_concepts.viewer.state import connect_while_alive, get_state, viewer_camera
 
 if TYPE_CHECKING:
     import napari
@@ -88,12 +88,6 @@ SCALE_NAMES = {
     ROLE_MAP: lambda info: f"activation map: {info['mode']}",
     ROLE_CELLS: lambda info: f"{info['label_name']}: mean activation",
 }
-
-
-def _camera(viewer: Any) -> Any:
-    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
 class FeaturesPanel(QWidget):
@@ -663,7 +657,7 @@ class FeaturesPanel(QWidget):
             crop.crop_y + crop.crop_size / 2,
             crop.crop_x + crop.crop_size / 2,
         )
-        camera = _camera(self.viewer)
+        camera = viewer_camera(self.viewer)
         camera.center = (y, x)
         camera.zoom = max(camera.zoom, 100 / crop.crop_size)  # the crop at least ~100 screen px
         if self.well.findText(crop.well) >= 0:

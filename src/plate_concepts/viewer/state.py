@@ -147,6 +147,12 @@ def get_state(viewer: napari.Viewer) -> PlateConceptsState:
     return _STATES[viewer]
 
 
+def viewer_camera(viewer: Any) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 def connect_while_alive(
     widget: Any,
     connections: Sequence[tuple[Any, Callable[..., Any]]],
