@@ -195,6 +195,24 @@ def test_after_a_crash_finished_parts_are_committed_once_and_not_embedded_again(
     assert not parts_folder(path).exists()
 
 
+def test_overwrite_with_min_foreground_on_dask_equals_in_process(cluster, tmp_path, spec):
+    """--min-foreground leaves out the same crops on the workers, and --overwrite replaces a
+    finished store only once the new one is complete."""
+    settings = {**SETTINGS, "min_foreground": 0.5}
+    alone = embed_plates(screen(), tmp_path / "in-process", spec, **settings)
+    assert 0 < len(alone) < 72  # the filter leaves crops out, not all of them
+    path = tmp_path / "dask"
+    embed_plates(screen(), path, spec, scheduler=cluster.scheduler_address, **SETTINGS)
+    with pytest.raises(ValueError, match="min_foreground: store None, now 0.5"):  # not mixed
+        embed_plates(screen(), path, spec, scheduler=cluster.scheduler_address, **settings)
+    assert len(EmbeddingStore.open(path)) == 72
+    store = embed_plates(screen(), path, spec, scheduler=cluster.scheduler_address,
+                         overwrite=True, **settings)  # fmt: skip
+    assert_same_store(store, alone)
+    assert {p["min_foreground"] for p in store.provenance["plates"].values()} == {0.5}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
 def test_one_token_per_object_on_dask_equals_in_process(cluster, tmp_path):
     plates = [
         make_feature_plate(wells=["A01", "A02", "B01"]),
