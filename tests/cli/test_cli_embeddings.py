@@ -116,6 +116,8 @@ def test_embed_overwrite_replaces_only_an_embedding_store(tmp_path, capsys):
     assert set(EmbeddingStore.open(tmp_path / "s").obs["crop_size"]) == {48}
     assert main(["embed", str(plate), str(tmp_path / "s"), "--replace-plate", *EMBED]) == 2
     assert "--replace-plate goes with --append" in capsys.readouterr().err
+    assert main(["embed", str(plate), str(tmp_path / "t"), "--model-input", "64", *EMBED]) == 2
+    assert "--model-input go with --objects" in capsys.readouterr().err and not (tmp_path / "t").exists()
 
 
 def test_import_profiles_of_several_tables_and_a_damaged_store(tmp_path, capsys):

@@ -220,9 +220,11 @@ def test_one_token_per_object_on_dask_equals_in_process(cluster, tmp_path):
     ]
     plates[1].name = "other"
     tiny = ModelEmbedder(TinyEmbedder(), "tiny")  # an object, not a spec: sent to the workers
+    # model_input: the workers resize the crops as this process does (48 px: a 3 x 3 grid).
     settings = {"objects": "cells", "object_size": 32, "mask": True, "control": "treatment=DMSO",
-                "device": "cpu", "batch_size": 5, "group_size": 8}  # fmt: skip
+                "model_input": 48, "device": "cpu", "batch_size": 5, "group_size": 8}  # fmt: skip
     alone = embed_plates(plates, tmp_path / "in-process", tiny, **settings)
+    assert alone.provenance["patch_grid"] == [3, 3]
     ticks = []
     store = embed_plates(plates, tmp_path / "dask", tiny, scheduler=cluster.scheduler_address,
                          progress=lambda *tick: ticks.append(tick), **settings)  # fmt: skip

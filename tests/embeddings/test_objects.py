@@ -149,3 +149,44 @@ def test_the_explorer_gives_each_cell_its_own_tokens_value(tmp_path):
         np.testing.assert_allclose(values["mean_activation"], expected.to_numpy(), rtol=1e-6)
     nuclei = explorer.cell_values(0, "A02", 1, "nuclei")  # not the objects: from the field map
     assert nuclei["label"].tolist() == [5, 6, 7, 8] and (nuclei["area"] < 576).all()
+
+
+def _upsample_twice(image: np.ndarray) -> np.ndarray:
+    """Bilinear 2x upsampling of (..., y, x), half-pixel centres, edges repeated, written out:
+    output 2i takes 1/4 of input i - 1 and 3/4 of input i, output 2i + 1 3/4 of i and 1/4 of i + 1."""
+    for axis in (-2, -1):
+        before = np.concatenate([np.take(image, [0], axis), np.take(image, range(image.shape[axis] - 1), axis)], axis)
+        after = np.concatenate([np.take(image, range(1, image.shape[axis]), axis), np.take(image, [-1], axis)], axis)
+        even, odd = 0.25 * before + 0.75 * image, 0.75 * image + 0.25 * after
+        image = np.stack([even, odd], axis=axis).reshape(*image.shape[:axis % image.ndim], -1,
+                                                         *image.shape[axis % image.ndim + 1:])
+    return image
+
+
+def test_object_crops_shown_to_the_model_at_another_size(tmp_path):
+    plate = make_feature_plate(wells=["A01", "A02", "B01"])
+    settings = {"objects": "cells", "object_size": 32, "mask": True, "control": "treatment=DMSO", "device": "cpu"}
+    store = embed_plate(plate, tmp_path / "up.store", tiny(), model_input=64, patch_tokens=True, **settings)
+    assert store.provenance["objects"] == {"label_image": "cells", "mask": True, "model_input": 64}
+    # The model saw 64 px (16-px pooling: a 4 x 4 grid); the crop and its index stay in field pixels.
+    assert store.provenance["crop_size"] == 32 and store.patch_grid == (4, 4)
+    obs = store.obs
+    one = obs[(obs["well"] == "A02") & (obs["field"] == 1) & (obs["object_label"] == 6)].iloc[0]
+    assert (one["crop_y"], one["crop_x"], one["crop_size"]) == (0, 32, 32)
+    normalizer = IntensityNormalizer.from_record(store.provenance["plates"]["tiny"]["normalization"])
+    masked = normalizer(np.asarray(plate.image("A02", 1).compute()))[:, 0:32, 32:64] * (quarter_cells(1)[0:32, 32:64] == 6)
+    upsampled = _upsample_twice(masked)
+    assert upsampled.shape == (2, 64, 64)
+    np.testing.assert_allclose(store.read([one.name])[0, :2], upsampled.mean(axis=(1, 2)), rtol=1e-5)
+    patches = store.read_patches([one.name])[0, :, :, :2].astype(np.float64)  # float16 patch grid
+    np.testing.assert_allclose(patches, upsampled.reshape(2, 4, 16, 4, 16).mean(axis=(2, 4)).transpose(1, 2, 0), atol=2e-3)
+
+    # Tokens made at another input size are not comparable: resume and append refuse, naming it.
+    with pytest.raises(ValueError, match="model_input"):
+        embed_plate(plate, tmp_path / "up.store", tiny(), patch_tokens=True, **settings)
+    with pytest.raises(ValueError, match="model_input"):
+        embed_plate(plate, tmp_path / "up.store", tiny(), model_input=48, patch_tokens=True, **settings)
+    with pytest.raises(ValueError, match="goes with objects"):
+        embed_plate(plate, tmp_path / "tiles.store", tiny(), model_input=64, crop_size=32, device="cpu")
+    with pytest.raises(ValueError, match="model_input must be a positive whole number"):
+        embed_plate(plate, tmp_path / "bad.store", tiny(), model_input=0, **settings)

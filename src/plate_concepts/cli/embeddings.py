@@ -99,6 +99,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "the object alone (default: the crop as it is, neighbours included)",
     )
     p.add_argument(
+        "--model-input",
+        type=int,
+        metavar="PX",
+        help="with --objects: resize each object's crop to PX x PX (bilinear) before the model; "
+        "an ImageNet CNN sees objects at about 224 px, so a 96-px cell crop at 192 px gives finer "
+        "tokens, at about 4x the embedding time (default: the crop as it is)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["float32", "float16"],
         default="float32",
@@ -195,8 +203,10 @@ def embed(args: argparse.Namespace) -> int:
     from plate_concepts.embeddings.embed import embed_plates, staging_path
     from plate_concepts.plates import open_plate
 
-    if (args.object_size is not None or args.mask) and not args.objects:
-        raise CommandError("--object-size and --mask go with --objects (the label image of the objects)")
+    if (args.object_size is not None or args.mask or args.model_input is not None) and not args.objects:
+        raise CommandError(
+            "--object-size, --mask and --model-input go with --objects (the label image of the objects)"
+        )
     if args.workers is not None and args.scheduler is not None:
         raise CommandError(
             "--workers starts a local Dask cluster and --scheduler uses an existing one: give one"
@@ -225,7 +235,7 @@ def embed(args: argparse.Namespace) -> int:
                 patch_tokens=args.patch_tokens, control=args.control, device=args.device,
                 token_dtype=args.dtype, progress=bar, cancel=cancel,
                 objects=args.objects, object_size=args.object_size, mask=args.mask,
-                workers=args.workers, scheduler=args.scheduler,
+                model_input=args.model_input, workers=args.workers, scheduler=args.scheduler,
             )  # fmt: skip
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -112,6 +112,7 @@ def embed_plates(
     objects: str | None = None,
     object_size: int | None = None,
     mask: bool = False,
+    model_input: int | None = None,
     control: ControlSpec | str | None = None,
     device: str | torch.device = "auto",
     token_dtype: str = "float32",
@@ -155,6 +156,9 @@ def embed_plates(
         instead of the crop grid: a crop of ``object_size`` px (default 96) centred on each
         object, with ``mask`` the pixels outside the object set to 0
         (:mod:`~plate_concepts.embeddings.objects`). Progress then counts fields.
+    model_input
+        With ``objects``: resize each object's crop to this many pixels a side before the model
+        (None: as cut). Recorded in the store; a resume or append with another value is refused.
     control
         Which wells are controls (``ControlSpec`` or ``"column=value[,value]"``): sets ``is_control``.
     device
@@ -182,7 +186,7 @@ def embed_plates(
         "min_foreground": min_foreground, "nuclear": nuclear, "channels": channels,
         "normalizer": normalizer, "patch_tokens": patch_tokens, "control": control,
         "device": device, "token_dtype": token_dtype, "group_size": group_size,
-        "objects": objects, "object_size": object_size, "mask": mask,
+        "objects": objects, "object_size": object_size, "mask": mask, "model_input": model_input,
         "workers": workers, "scheduler": scheduler,
     }  # fmt: skip
     return _embed(
@@ -211,7 +215,7 @@ def _embed(
                 "min_foreground": None, "nuclear": None, "channels": None, "normalizer": None,
                 "patch_tokens": False, "control": None, "device": "auto", "token_dtype": "float32",
                 "group_size": 1024, "objects": None, "object_size": None, "mask": False,
-                "workers": None, "scheduler": None}  # fmt: skip
+                "model_input": None, "workers": None, "scheduler": None}  # fmt: skip
     unknown = sorted(set(settings) - set(defaults))
     if unknown:
         raise TypeError(f"unknown embedding setting(s) {unknown}; expected {sorted(defaults)}")
@@ -235,10 +239,13 @@ def _embed(
     }
     channels = channels or list(plates[0].channels)
     objects = s["objects"]
+    if s["model_input"] is not None and objects is None:
+        raise ValueError("model_input resizes object crops: it goes with objects (a label image)")
     if objects is not None:  # one token per object instead of the crop grid
         s["crop_size"] = s["object_size"] or DEFAULT_OBJECT_SIZE
         jobs = [prepare_objects(plate, objects=objects, object_size=s["crop_size"], mask=s["mask"],
-                                channels=channels, control=control) for plate in plates]
+                                channels=channels, control=control, model_input=s["model_input"])
+                for plate in plates]
     else:
         jobs = [prepare_plate(plate, channels=channels, control=control, **tiling) for plate in plates]
     if existing is not None:
@@ -248,10 +255,14 @@ def _embed(
         embedder = load_embedder(embedder)
     # On Dask the workers embed; this process only learns the output shape and the weights.
     embedder = embedder.to("cpu" if on_dask else s["device"])
-    shape = output_shape(embedder, len(jobs[0].channel_index), s["crop_size"])
+    # The model sees crops of model_input px when set (the object crops are resized to it).
+    shape = output_shape(embedder, len(jobs[0].channel_index), s["model_input"] or s["crop_size"])
     provenance = _store_provenance(embedder, s["crop_size"], shape, jobs[0])
     if objects is not None:
-        provenance |= {"objects": {"label_image": objects, "mask": bool(s["mask"])},
+        recorded = {"label_image": objects, "mask": bool(s["mask"])}
+        if s["model_input"] is not None:  # only when set: older stores resume as they were
+            recorded["model_input"] = int(s["model_input"])
+        provenance |= {"objects": recorded,
                        "token": f"mean of the patch tokens of a crop centred on each object of {objects!r}"}
     store = existing
     if store is None:
