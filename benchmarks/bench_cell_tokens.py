@@ -14,7 +14,7 @@ for each perturbation against all other cells, and for each cell type.
 Usage::
 
     python benchmarks/bench_cell_tokens.py DEMO_FOLDER STORE [STORE ...] --out-dir DIR
-        [--features 256] [--sparsity 8] [--steps 600] [--batch-size 1024] [--threads 2]
+        [--features 256] [--sparsity 8] [--steps 600] [--batch-size 1024] [--seed 0] [--threads 2]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=int, default=8)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
             if not file.exists():
                 result = compare(store, ["perturbation", "cell_type"], [run], n_features=args.features,
                                  sparsity=args.sparsity, steps=args.steps, batch_size=args.batch_size,
-                                 device=args.device)
+                                 seed=args.seed, device=args.device)
                 result.runs[0].estimator.save(file)
                 print(result.format(), flush=True)
             print(f"{run.method} {run.whiten}: {time.perf_counter() - started:.0f} s", flush=True)
