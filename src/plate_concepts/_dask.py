@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,9 +66,23 @@ def dask_cluster(workers: int | None, scheduler: str | None) -> Iterator[DaskClu
         # Dask gives its workers MALLOC_TRIM_THRESHOLD_=65536, which also stops glibc from
         # reusing large freed blocks: every convolution buffer is then mapped afresh, and a
         # worker embedded 2-4x slower than this process (measured). Our tasks set their threads.
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-            local = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                 dashboard_address=None, silence_logs=logging.ERROR)  # fmt: skip
+        try:
+            with (
+                dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
+                warnings.catch_warnings(),
+            ):
+                # Another cluster (a second pass, the viewer's) holds port 8787: ours takes any.
+                warnings.filterwarnings("ignore", message="Port 8787 is already in use")
+                local = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                     dashboard_address=None, silence_logs=logging.ERROR)  # fmt: skip
+        except RuntimeError as error:
+            # The usual cause from Python: each worker process imports the calling script again,
+            # which, unguarded, starts a cluster of its own; Dask only says "Nanny failed to start".
+            raise RuntimeError(
+                f"could not start {n_workers} local Dask worker process(es) ({error}). From a Python "
+                "script, run the code that starts a pass or an embedding on Dask under "
+                "`if __name__ == \"__main__\":` (each worker process imports the script again)"
+            ) from error
         with local, Client(local) as client:
             yield DaskCluster(client, n_workers, threads)
         return

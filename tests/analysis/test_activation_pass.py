@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -231,6 +233,27 @@ def test_two_dask_workers_equal_in_process_even_when_one_dies(screen, tmp_path):
                            scheduler=cluster.scheduler_address)
     assert not marker.exists()  # the worker did die once
     assert_same_pass(on_dask, run_pass(plan_pass(store, dictionary, None, rows_per_task=40)))
+
+
+def test_dask_from_an_unguarded_script_says_to_guard_it(tmp_path):
+    pytest.importorskip("distributed")
+    script = tmp_path / "unguarded.py"
+    script.write_text("from plate_concepts._dask import dask_cluster\n"
+                      "with dask_cluster(1, None):\n    pass\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: could not start 1 local Dask worker")
+    assert 'if __name__ == "__main__":' in last
+
+
+def test_a_second_local_cluster_starts_without_a_port_warning(recwarn):
+    pytest.importorskip("distributed")
+    from plate_concepts._dask import dask_cluster
+
+    with dask_cluster(1, None), dask_cluster(1, None) as second:
+        assert second.n_workers == 1
+    assert not [w for w in recwarn if "already in use" in str(w.message)]
 
 
 def test_evaluate_from_the_pass_equals_evaluate(screen, tmp_path, capsys):
