@@ -26,12 +26,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if (
-            action.default in (None, False, argparse.SUPPRESS)
+            _says_nothing(action.default)
             or "default" in text
             or not action.option_strings
         ):
             return text
         return super()._get_help_string(action)
+
+
+def _says_nothing(default: Any) -> bool:
+    """No default, or a flag that is off: by identity, since a default of 0 equals False."""
+    return default is None or default is False or default == argparse.SUPPRESS
 
 
 class CommandParser(argparse.ArgumentParser):
