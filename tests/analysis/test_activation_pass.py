@@ -169,6 +169,14 @@ def test_written_pass_equals_in_memory_and_keeps_codes(screen, tmp_path):
     assert reopened.plate("P2").n_tokens == 84
 
 
+def test_an_index_column_as_a_label_is_counted_once(screen, tmp_path):
+    _, store, dictionary, _, obs = screen  # profiling by well, or by plate
+    result = run_pass(plan_pass(store, dictionary, tmp_path / "pass", labels=["well", "plate", "treatment"]), workers=0)
+    for column in ("well", "plate"):
+        sums = result.label_sums(column)
+        assert dict(zip(sums.keys, sums.counts.tolist())) == obs[column].value_counts().to_dict()
+
+
 def test_complete_pass_is_kept_unless_overwrite(screen, tmp_path):
     _, store, dictionary, _, _ = screen
     spec = plan_pass(store, dictionary, tmp_path / "pass", rows_per_task=40)

@@ -138,10 +138,10 @@ def compute_chunk(spec: PassSpec, chunk: int, estimator: Any = None) -> tuple[Ch
         estimator = _estimator(spec.dictionary, _stamp(spec.dictionary), device)
     store = _store(spec.store, _stamp(Path(spec.store) / "store.json"))
     start, stop = spec.rows(chunk)
-    columns = ["plate", "well", "field", "foreground_fraction", *spec.label_columns]
-    for extra in (spec.control_column, spec.batch_column):
-        if extra is not None and extra not in columns:
-            columns.append(extra)
+    # Each once: a label may be an index column too (profiling by well).
+    wanted = ["plate", "well", "field", "foreground_fraction", *spec.label_columns,
+              spec.control_column, spec.batch_column]
+    columns = list(dict.fromkeys(c for c in wanted if c is not None))
     obs = _obs_rows(store, start, stop, columns)
     batches = None if spec.batch_column is None else obs[spec.batch_column].to_numpy()
     x = estimator.preprocess(store.read(slice(start, stop)), batches=batches)
