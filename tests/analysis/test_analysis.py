@@ -76,6 +76,25 @@ def test_reconstruction_metrics_over_batches_equal_one_shot() -> None:
     assert not np.isclose(result["fvu"], ((x - x_hat) ** 2).sum() / per_batch_variance, rtol=0.05)
 
 
+def test_reconstruction_metrics_do_not_depend_on_the_thread_count() -> None:
+    # An activation pass's workers run one thread each; `evaluate` in this process runs several.
+    # Their FVU and cosine must be the same numbers, to the last digit.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1024, 1600)).astype(np.float32)
+    x_hat = x + 0.3 * rng.standard_normal(x.shape).astype(np.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            metrics = ReconstructionMetrics()
+            metrics.update(x, x_hat)
+            results.append((metrics.fvu, metrics.cosine))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1]
+
+
 def test_reconstruction_metrics_errors() -> None:
     with pytest.raises(ValueError, match="no tokens"):
         ReconstructionMetrics().fvu

@@ -36,6 +36,13 @@ def _as_float64(a: ArrayLike, like: torch.Tensor | None = None) -> torch.Tensor:
     return t.to(torch.float64)
 
 
+def _total(per_token: torch.Tensor) -> float:
+    """The sum of per-token values in a fixed order. Torch sums a whole tensor in pieces, one per
+    thread, so its last digits would change with the thread count (a pass's Dask workers run one
+    thread each, ``evaluate`` in this process several) and the two would not read the same."""
+    return float(np.sum(per_token.cpu().numpy()))
+
+
 class ReconstructionMetrics:
     """Fraction of variance unexplained (FVU) and mean cosine similarity of x and x_hat.
 
@@ -68,11 +75,11 @@ class ReconstructionMetrics:
         if n_b == 0:
             return
         mean_b = xt.mean(dim=0)
-        sq_dev_b = float(((xt - mean_b) ** 2).sum())
-        self._sq_err += float(((xt - xh) ** 2).sum())
+        sq_dev_b = _total(((xt - mean_b) ** 2).sum(dim=1))
+        self._sq_err += _total(((xt - xh) ** 2).sum(dim=1))
         dot = (xt * xh).sum(dim=1)
         norms = xt.norm(dim=1).clamp_min(_COSINE_EPS) * xh.norm(dim=1).clamp_min(_COSINE_EPS)
-        self._cos_sum += float((dot / norms).sum())
+        self._cos_sum += _total(dot / norms)
 
         mean_b_np = mean_b.cpu().numpy()
         if self._mean is None:
