@@ -204,6 +204,14 @@ def test_fit_and_evaluate_refuse_an_incomplete_store_unless_allowed(tmp_path, ca
     assert "warning: embedding store" in capsys.readouterr().err
     evaluate = ["evaluate", str(tmp_path / "s"), str(tmp_path / "d.safetensors")]
     assert main(evaluate) == 2 and "is incomplete" in capsys.readouterr().err
+    # profiles and report too, and the option their message names exists.
+    for reading in (["profiles", str(tmp_path / "s"), str(tmp_path / "d.safetensors"), "--label", "well"],
+                    ["report", str(tmp_path / "s"), str(tmp_path / "d.safetensors"), str(tmp_path / "r.html")]):
+        assert main([*reading, "--quiet"]) == 2
+        assert "is incomplete" in capsys.readouterr().err and not (tmp_path / "r.html").exists()
+        assert main([*reading, "--quiet", "--allow-incomplete"]) == 0
+        assert "warning: embedding store" in capsys.readouterr().err
+    assert (tmp_path / "r.html").is_file()
     assert main([*evaluate, "--allow-incomplete", "--json"]) == 0
 
     chunk = next((tmp_path / "s" / "tokens").rglob("c/0/0"))

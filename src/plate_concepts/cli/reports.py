@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from plate_concepts.cli._common import CommandError, progress_bar
+from plate_concepts.cli.dictionary import ALLOW_INCOMPLETE_HELP
 
 CODES_HELP = ("an activation pass of this dictionary over this store (plate-concepts encode) to "
               "read instead of encoding here (default: encode here, in this process)")
@@ -32,6 +33,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=_positive_int, default=20, help="features shown per value, by z")
     p.add_argument("--min-score", type=float, help=MIN_SCORE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=profiles)
 
@@ -53,6 +55,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detail", type=int, default=24, metavar="N",
                    help="label values shown in detail (best features, top crops, per-well maps), best mAP first")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a report")
+    p.add_argument("--allow-incomplete", action="store_true", help=ALLOW_INCOMPLETE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=report)
 
@@ -102,7 +105,7 @@ def load_pass(args: argparse.Namespace, required: Sequence[str]) -> tuple[Any, A
                                f"not {args.dictionary}")
         check_pass_matches(activation_pass, store, required)
         return store, activation_pass
-    store.check_complete()
+    store.check_complete(args.allow_incomplete)
     labels = label_columns_of(store, exclude=("is_control",))
     spec = plan_pass(store, args.dictionary, None, labels=[*labels, *(c for c in required if c not in labels)])
     with progress_bar(spec.n_tokens, "encode", "token", args.quiet) as bar:
