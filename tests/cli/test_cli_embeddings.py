@@ -135,7 +135,7 @@ def test_import_profiles_of_several_tables_and_a_damaged_store(tmp_path, capsys)
     assert main(["import-profiles", *map(str, paths), str(store)]) == 2
     assert "'c' is missing from" in capsys.readouterr().err
     assert main(["import-profiles", *map(str, paths), str(store), "--features-join", "inner"]) == 2
-    assert "feature 'a' in data row 1 (well A02) is empty (NaN)" in capsys.readouterr().err
+    assert "feature 'a' in data row 2 (well A02) is empty (NaN)" in capsys.readouterr().err
     assert (
         main(
             [

@@ -93,7 +93,7 @@ def test_nan_and_inf_are_an_error_unless_columns_or_rows_holding_them_are_droppe
     second.to_csv(paths[1], index=False)
     with pytest.raises(
         ValueError,
-        match=r"'Nuclei_Texture_Contrast' in data row 4 \(well A02\) is empty \(NaN\).*--drop-na columns\|rows",
+        match=r"'Nuclei_Texture_Contrast' in data row 5 \(well A02\) is empty \(NaN\).*--drop-na columns\|rows",
     ):
         import_profiles(paths, tmp_path / "e")
 
@@ -120,11 +120,11 @@ def test_a_text_cell_in_a_feature_column_is_an_error_naming_it(tmp_path):
     table.to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(
         ValueError,
-        match=r"feature column 'Nuclei_Texture_Contrast' holds text in data row 5 \('#DIV/0!'\)",
+        match=r"feature column 'Nuclei_Texture_Contrast' holds text in data row 6 \('#DIV/0!'\)",
     ):
         import_profiles(tmp_path / "t.csv", tmp_path / "s")
     table.astype({"Nuclei_Texture_Contrast": str}).to_parquet(tmp_path / "t.parquet", index=False)
-    with pytest.raises(ValueError, match=r"holds text in data row 5 \('#DIV/0!'\)"):
+    with pytest.raises(ValueError, match=r"holds text in data row 6 \('#DIV/0!'\)"):
         import_profiles(tmp_path / "t.parquet", tmp_path / "s")
     # A column of text only is not a feature: left out with a warning.
     plate_table("P1").assign(Image_FileName="a.tif").to_csv(tmp_path / "names.csv", index=False)

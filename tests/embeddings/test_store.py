@@ -440,12 +440,12 @@ def test_profile_import_options_and_errors(tmp_path):
     holes.loc[6, "Nuclei_Texture_Contrast"] = np.nan
     holes.to_csv(tmp_path / "holes.csv", index=False)
     with pytest.raises(
-        ValueError, match=r"feature 'Nuclei_Texture_Contrast' in data row 6 \(well b07\) is empty"
+        ValueError, match=r"feature 'Nuclei_Texture_Contrast' in data row 7 \(well b07\) is empty"
     ):
         import_profiles(tmp_path / "holes.csv", tmp_path / "e3", block_rows=4)
     wells = table.assign(Metadata_Well=["B1"] * 9 + ["well-9"])
     wells.to_csv(tmp_path / "wells.csv", index=False)
-    with pytest.raises(ValueError, match="data row 9: well 'well-9' is not a well name"):
+    with pytest.raises(ValueError, match="data row 10: well 'well-9' is not a well name"):
         import_profiles(tmp_path / "wells.csv", tmp_path / "e4", block_rows=4)
     assert not any(
         (tmp_path / name).exists() for name in ("e1", "e2", "e3", "e4")

@@ -171,7 +171,7 @@ def import_profiles(
             tmp, dim=dim, dtype=dtype, chunk_rows=chunk_rows, provenance=provenance
         )
         for table in scanned:
-            first_row = 0
+            first_row = 1  # data rows count from 1 in messages, as in a plate map's
             for block in table.blocks(table.metadata + names, block_rows):
                 values, keep = feature_block(
                     block,
@@ -230,7 +230,7 @@ def _features_holding_na(tables: list[ProfileTable], names: list[str], block_row
     """The features with a NaN or infinite value in any table (one streaming pass)."""
     holding: set[str] = set()
     for table in tables:
-        first_row = 0
+        first_row = 1
         for block in table.blocks(table.metadata + names, block_rows):
             values = _numeric(block, names, first_row, table.path, table.source_names["well"])
             holding.update(np.asarray(names)[~np.isfinite(values).all(axis=0)].tolist())
@@ -362,7 +362,7 @@ def _check_not_mixed(path: Path, kind: str, column: str) -> None:
     if numbers.notna().any() and text.any():
         row = int(np.argmax(text.to_numpy()))
         raise ValueError(
-            f"{path}: feature column {column!r} holds text in data row {row} ({values.iloc[row]!r}) "
+            f"{path}: feature column {column!r} holds text in data row {row + 1} ({values.iloc[row]!r}) "
             "among numbers; fix or empty that cell (an empty cell is a missing value)"
         )
 
