@@ -77,6 +77,18 @@ def test_label_columns_are_the_labels(screen):
     assert label_columns_of(store, exclude=["batch"], max_values=2) == ["dose"]
 
 
+def test_columns_are_found_as_the_user_spells_them(screen):
+    _, store, dictionary, _, _ = screen
+    spec = plan_pass(store, dictionary, None, labels=["Metadata_treatment", "DOSE"],
+                     control_column="Metadata_is_control", batch_column="Metadata_batch")
+    assert spec.label_columns == ("treatment", "dose")
+    assert (spec.control_column, spec.batch_column) == ("is_control", "batch")
+    with pytest.raises(ValueError, match=r"label column 'genotype' not found; available columns: \['plate'"):
+        plan_pass(store, dictionary, None, labels=["genotype"])
+    with pytest.raises(ValueError, match="batch column 'run' not found"):
+        plan_pass(store, dictionary, None, batch_column="run")
+
+
 def test_in_memory_pass_equals_direct_computations(screen):
     _, store, dictionary, estimator, obs = screen
     spec = plan_pass(store, dictionary, None, rows_per_task=40)

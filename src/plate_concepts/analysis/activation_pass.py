@@ -273,19 +273,17 @@ def plan_pass(
         batch_column = recorded_batch_column(dictionary)
     if dictionary.whitening_.method == "pca-batch" and batch_column is None:
         raise ValueError("this dictionary was whitened per batch: name the batch column (--batch-column)")
-    obs_columns = store.obs_columns
+    # Columns as the user spells them (Metadata_cell_line for an imported cell_line, another case).
+    if batch_column is not None:
+        batch_column = store.resolve_column(batch_column, "batch column")
+    if control_column is not None:
+        try:
+            control_column = store.resolve_column(control_column, "control column")
+        except ValueError:
+            control_column = None  # a store without controls: no control sums
     if labels is None:
         labels = label_columns_of(store, exclude=(control_column, batch_column))
-    missing = [c for c in labels if c not in obs_columns]
-    if missing:
-        raise ValueError(
-            f"label column(s) {missing} are not columns of the store {store.path} "
-            f"(columns: {obs_columns})"
-        )
-    if batch_column is not None and batch_column not in obs_columns:
-        raise ValueError(f"batch column {batch_column!r} is not a column of the store {store.path}")
-    if control_column is not None and control_column not in obs_columns:
-        control_column = None  # a store without controls: no control sums
+    labels = list(dict.fromkeys(store.resolve_column(column, "label column") for column in labels))
     if isinstance(top_n, bool) or int(top_n) < 1:
         raise ValueError(f"top_n must be a positive integer, got {top_n!r}")
     rows = int(rows_per_task or store.chunk_rows)
