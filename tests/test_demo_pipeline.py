@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import torch
@@ -56,6 +57,12 @@ def test_pipeline_reports_every_planted_concept_and_reuses_its_steps(tmp_path, m
     assert run.dictionary_path.stat().st_mtime_ns == stamp
     assert "already fitted" in messages[-2]
     pd.testing.assert_frame_equal(again.report, report)
+
+    # sized from the store (the default): the file and the log name the size chosen
+    auto = run_demo_pipeline(tmp_path / "work", replace(settings, n_features=None), log=messages.append)
+    n_features = auto.explorer.n_features
+    assert auto.dictionary_path.name.endswith(f"-icfl-M{n_features}-J1L2.safetensors")
+    assert any(f"ICFL with {n_features} features" in message for message in messages)
 
 
 def test_the_report_table_is_aligned_whatever_the_label_lengths():

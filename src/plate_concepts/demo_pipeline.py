@@ -107,11 +107,13 @@ def run_demo_pipeline(
     if cancel is not None and cancel.is_set():
         raise Cancelled("demo cancelled during embedding; run again to resume")
 
+    # The size the fit will choose (automatic: from the store), for the file name and the log.
+    n_features = ICFL(settings.n_features).settings().resolved(len(store)).n_features
     dictionary_path = workdir / (
-        f"{store_path.name}-icfl-M{settings.n_features}-J{settings.n_rounds}L{settings.per_round}.safetensors"
+        f"{store_path.name}-icfl-M{n_features}-J{settings.n_rounds}L{settings.per_round}.safetensors"
     )
     if not dictionary_path.exists():
-        log(f"3/4 ICFL with {settings.n_features} features on control-whitened tokens -> {dictionary_path}")
+        log(f"3/4 ICFL with {n_features} features on control-whitened tokens -> {dictionary_path}")
         fit_progress = progress("steps")
 
         def report(event: TrainingEvent | FitMessage) -> None:
