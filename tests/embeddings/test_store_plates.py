@@ -237,6 +237,23 @@ def test_a_missing_chunk_of_committed_rows_fails_naming_file_and_rows(tmp_path):
         damaged.read_obs(plate="B")
 
 
+def test_a_truncated_chunk_fails_naming_file_and_rows(tmp_path):
+    _store, tokens, _ = three_plate_store(tmp_path / "s")
+    chunk = tmp_path / "s" / "tokens" / "c" / "2" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])  # rows 16..23 (a copy cut short)
+    damaged = EmbeddingStore.open(tmp_path / "s")
+    message = rf"chunk file {chunk} holding tokens rows 16\.\.23 cannot be read"
+    with pytest.raises(StoreDamagedError, match=message):
+        damaged.read(slice(0, 40))
+    with pytest.raises(StoreDamagedError, match=message):
+        damaged.read(np.array([47, 17]))
+    with pytest.raises(StoreDamagedError, match=message):
+        sum(len(b) for b in damaged.iter_batches(16))
+    with pytest.raises(StoreDamagedError, match=message):
+        sum(len(b) for b in damaged.iter_batches(4, rows=np.arange(10, 30)))
+    np.testing.assert_array_equal(damaged.read_plate("B"), tokens[24:40])  # other rows still read
+
+
 def test_an_interrupted_embedding_makes_the_store_incomplete(tmp_path):
     store, _, _ = three_plate_store(tmp_path / "s")
     assert store.is_complete

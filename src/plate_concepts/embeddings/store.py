@@ -82,6 +82,7 @@ from plate_concepts.embeddings.store_files import (
     json_default,
     json_roundtrip,
     missing_chunk_ids,
+    naming_damaged_chunk,
     new_meta,
     new_summary_file,
     next_part_number,
@@ -491,7 +492,9 @@ class EmbeddingStore:
             start, stop, step = rows.indices(n)
             if step == 1:
                 self._require_chunks(name, start, stop - 1)
-                return np.asarray(array[start : max(start, stop)], dtype=dtype)
+                chunk_ids = range(start // int(array.chunks[0]), stop // int(array.chunks[0]) + 1)
+                with naming_damaged_chunk(self._path, name, array, chunk_ids):
+                    return np.asarray(array[start : max(start, stop)], dtype=dtype)
             rows = np.arange(start, stop, step)
         index = self._row_indices(rows)
         if index.size == 0:
@@ -499,14 +502,16 @@ class EmbeddingStore:
         # Read each needed row once, in sorted order (zarr then touches every chunk once).
         unique, inverse = np.unique(index, return_inverse=True)
         chunk = int(array.chunks[0])
-        for chunk_id in np.unique(unique // chunk):
+        chunk_ids = np.unique(unique // chunk)
+        for chunk_id in chunk_ids:
             self._require_chunks(name, int(chunk_id) * chunk, int(chunk_id) * chunk)
         breaks = np.flatnonzero(np.diff(unique) != 1) + 1
-        if len(breaks) < 64:  # a few runs (a plate's rows): slices read faster than an index
-            runs = np.split(unique, breaks)
-            block = np.concatenate([array[run[0] : run[-1] + 1] for run in runs])
-        else:
-            block = array.get_orthogonal_selection((unique,) + (slice(None),) * (array.ndim - 1))
+        with naming_damaged_chunk(self._path, name, array, chunk_ids):
+            if len(breaks) < 64:  # a few runs (a plate's rows): slices read faster than an index
+                runs = np.split(unique, breaks)
+                block = np.concatenate([array[run[0] : run[-1] + 1] for run in runs])
+            else:
+                block = array.get_orthogonal_selection((unique,) + (slice(None),) * (array.ndim - 1))
         return np.asarray(block[inverse], dtype=dtype)
 
     def _row_indices(self, rows: Any) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from plate_concepts.embeddings.store_files import positive_int
+from plate_concepts.embeddings.store_files import naming_damaged_chunk, positive_int
 
 if TYPE_CHECKING:
     from plate_concepts.embeddings.store import EmbeddingStore
@@ -91,13 +91,14 @@ def _stream_chunks(
     def load(chunk: int) -> tuple[np.ndarray, np.ndarray]:
         start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, n)
         store._require_chunks("tokens", start, start)
-        if selected is None:
-            return np.asarray(array[start:stop], dtype=np.float32), np.arange(
-                start, stop, dtype=np.int64
-            )
-        lo, hi = np.searchsorted(selected, [start, stop])
-        index = selected[lo:hi]
-        block = array[index[0] : index[-1] + 1]
+        with naming_damaged_chunk(store.path, "tokens", array, [chunk]):
+            if selected is None:
+                return np.asarray(array[start:stop], dtype=np.float32), np.arange(
+                    start, stop, dtype=np.int64
+                )
+            lo, hi = np.searchsorted(selected, [start, stop])
+            index = selected[lo:hi]
+            block = array[index[0] : index[-1] + 1]
         return np.asarray(block[index - index[0]], dtype=np.float32), index
 
     if len(chunk_ids) == 0:

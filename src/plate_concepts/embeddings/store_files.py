@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +333,28 @@ def chunk_file(array_path: Path, array: Any, chunk: int) -> Path:
 def missing_chunk_ids(array_path: Path, array: Any, ids: Any) -> list[int]:
     """The row chunks among ``ids`` whose file does not exist."""
     return [int(c) for c in ids if not chunk_file(array_path, array, c).is_file()]
+
+
+@contextmanager
+def naming_damaged_chunk(store_path: Path, name: str, array: Any, ids: Iterable[int]) -> Iterator[None]:
+    """Reading row chunks ``ids`` of the store's array ``name`` inside this block: a chunk file
+    that is there but cannot be decoded (truncated, corrupt) fails naming it, not as a bare
+    decompression error."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception:
+        chunk, n = int(array.chunks[0]), int(array.shape[0])
+        for c in map(int, ids):  # find the culprit: only a failed read pays for this
+            first, last = c * chunk, min((c + 1) * chunk, n) - 1
+            try:
+                array[first : last + 1]
+            except Exception as error:  # codecs raise many kinds
+                raise StoreDamagedError(
+                    f"embedding store {store_path} is damaged: the chunk file "
+                    f"{chunk_file(store_path / name, array, c)} holding {name} rows {first}..{last} "
+                    f"cannot be read ({type(error).__name__}: {error}). The store was probably "
+                    "copied or synced incompletely; copy it again from its source, or embed again"
+                ) from error
+        raise
