@@ -11,6 +11,7 @@ from conftest import make_feature_plate, make_feature_store
 
 from plate_concepts.analysis.compare import RunSpec, compare, grid, sparsity_split
 from plate_concepts.cli import main
+from plate_concepts.dictionary.estimators import METHODS
 
 QUICK = ["--features", "8", "--steps", "30", "--batch-size", "64", "--device", "cpu"]
 
@@ -35,6 +36,16 @@ def test_sparsity_split_and_grid():
         RunSpec("icfl", "zca")
     with pytest.raises(ValueError, match="unknown dictionary method 'nmf'"):
         RunSpec("nmf", "pca")
+
+
+def test_every_registered_method_codes_a_token_with_the_matched_sparsity():
+    """Each method's settings say how it reaches S features per token (no switch on names)."""
+    for name, estimator_class in METHODS.items():
+        for sparsity in (1, 8, 12):
+            params = estimator_class.settings_class.at_sparsity(sparsity)
+            assert estimator_class.module_class(32, 16, **params).code_slots == sparsity, name
+    with pytest.raises(ValueError, match="positive whole number"):
+        METHODS["topk"].settings_class.at_sparsity(0)
 
 
 def test_compare_fits_at_matched_sparsity_and_finds_the_planted_feature(store):

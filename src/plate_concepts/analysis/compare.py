@@ -30,6 +30,7 @@ from plate_concepts._progress import Cancelled, cancel_requested
 from plate_concepts.analysis.evaluation import evaluate_dictionary
 from plate_concepts.dictionary.controls import control_mask
 from plate_concepts.dictionary.estimators import DictionaryEstimator, method_class
+from plate_concepts.dictionary.settings import sparsity_split
 from plate_concepts.dictionary.trainer import Cancel, FitMessage, TrainingEvent
 from plate_concepts.dictionary.whitening import METHODS as WHITEN_METHODS
 
@@ -39,15 +40,6 @@ DEFAULT_WHITENS = ("pca", "none")
 DEFAULT_SPARSITY = 8
 #: Average-selectivity thresholds counted per label (the publication's).
 THRESHOLDS = (0.5, 0.2)
-
-
-def sparsity_split(sparsity: int) -> tuple[int, int]:
-    """ICFL's rounds ``J`` and features per round ``L`` with ``J x L = sparsity``: ``J`` the
-    largest divisor of ``sparsity`` not above its square root."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, int | np.integer) or sparsity < 1:
-        raise ValueError(f"the sparsity S must be a positive whole number of features, got {sparsity!r}")
-    rounds = max(d for d in range(1, math.isqrt(int(sparsity)) + 1) if sparsity % d == 0)
-    return rounds, int(sparsity) // rounds
 
 
 @dataclass(frozen=True)
@@ -217,16 +209,18 @@ def compare(
     ``cancel`` (an Event or a callable) stops at the next step or block: the runs that finished
     are returned, with ``cancelled`` set.
     """
+    sparsity_split(sparsity)  # a bad S is one clear error before anything is read
     runs = list(runs) if runs is not None else grid()
     labels = [store.resolve_column(column, "label column") for column in dict.fromkeys(labels)]
     table = store.read_obs(columns=labels) if label_table is None else label_table
-    rounds, per_round = sparsity_split(sparsity)
+    matched = {name: method_class(name).settings_class.at_sparsity(sparsity)
+               for name in dict.fromkeys(run.method for run in runs)}
     controls = control_mask(store, control, label_table)
     result = Comparison([], labels, int(sparsity), n_features, _control_values(table, labels, controls))
     for index, spec in enumerate(runs, start=1):
         params = {**settings, "n_features": n_features, "whiten": spec.whiten, "shrinkage": spec.shrinkage,
                   "steps": steps, "batch_size": batch_size, "seed": seed, "device": device}
-        params |= {"n_rounds": rounds, "per_round": per_round} if spec.method == "icfl" else {"k": int(sparsity)}
+        params |= matched[spec.method]
         estimator = method_class(spec.method)(**params)
         notes: list[str] = []
         events = estimator.fit_iter(store, control, batch_column if spec.whiten == "pca-batch" else None,

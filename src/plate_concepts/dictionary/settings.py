@@ -123,6 +123,15 @@ def value_type(f: dataclasses.Field) -> type:
     return str
 
 
+def sparsity_split(sparsity: int) -> tuple[int, int]:
+    """ICFL's rounds ``J`` and features per round ``L`` with ``J x L = sparsity``: ``J`` the
+    largest divisor of ``sparsity`` not above its square root."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Integral) or sparsity < 1:
+        raise ValueError(f"the sparsity S must be a positive whole number of features, got {sparsity!r}")
+    rounds = max(d for d in range(1, math.isqrt(int(sparsity)) + 1) if sparsity % d == 0)
+    return rounds, int(sparsity) // rounds
+
+
 def pow2_floor(n: float) -> int:
     return 1 << max(int(n), 1).bit_length() - 1
 
@@ -240,6 +249,12 @@ class FitSettings:
     def model_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.model_fields()}
 
+    @classmethod
+    def at_sparsity(cls, sparsity: int) -> dict[str, int]:
+        """The model settings that code each token with ``sparsity`` features (a comparison
+        at matched sparsity)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to reach a sparsity")
+
 
 @dataclass
 class ICFLSettings(FitSettings):
@@ -272,6 +287,12 @@ class ICFLSettings(FitSettings):
         advanced=True,
     )
 
+    @classmethod
+    def at_sparsity(cls, sparsity: int) -> dict[str, int]:
+        """J x L = ``sparsity`` (:func:`sparsity_split`)."""
+        n_rounds, per_round = sparsity_split(sparsity)
+        return {"n_rounds": n_rounds, "per_round": per_round}
+
 
 @dataclass
 class TopKSettings(FitSettings):
@@ -296,6 +317,12 @@ class TopKSettings(FitSettings):
         "TopK: a feature is dead (and trained by AuxK) once silent for this many tokens.",
         "dictionary", minimum=1, advanced=True,
     )
+
+    @classmethod
+    def at_sparsity(cls, sparsity: int) -> dict[str, int]:
+        """k = ``sparsity``."""
+        sparsity_split(sparsity)  # the same check as ICFL's
+        return {"k": int(sparsity)}
 
 
 def _check(f: dataclasses.Field, value: Any) -> None:
