@@ -9,9 +9,10 @@ small ICFL dictionary on a sample, then measures
 - the peak resident memory of each worker process at N and at 8N (ratio near 1: a task holds
   one row chunk whatever the store's size),
 - opening the explorer from each pass on one plate (time, peak memory of this process) and a
-  feature click there (per-well values, top crops on the plate, activation per label value).
+  feature click there (per-well values, top crops on the plate, activation per label value),
+- with ``--gpu``, the pass over 8N tokens on every CUDA device (one worker each): tokens/s per GPU.
 
-Usage: ``python benchmarks/bench_screen.py [--tokens 1000000] [--factor 8] [--keep DIR]``
+Usage: ``python benchmarks/bench_screen.py [--tokens 1000000] [--factor 8] [--gpu] [--keep DIR]``
 (``--quick``: 100k and 400k tokens). Each pass runs in its own cluster; the machine's cores are
 shared by the workers (threads per worker = cores / workers).
 """
@@ -49,8 +50,9 @@ def worker_peak_mb(client) -> list[float]:
     return sorted(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024).values())
 
 
-def run_pass(store_path: Path, dictionary: Path, out: Path, workers: int) -> dict[str, float]:
-    """The pass on a local cluster of ``workers`` processes (the plugin's own cluster set-up)."""
+def run_pass(store_path: Path, dictionary: Path, out: Path, workers: int, device: str = "cpu") -> dict[str, float]:
+    """The pass on a local cluster of ``workers`` processes (the plugin's own cluster set-up;
+    with ``device="auto"`` and GPUs, one GPU per worker)."""
     from plate_concepts._dask import dask_cluster
     from plate_concepts.analysis.activation_pass import plan_pass
     from plate_concepts.analysis.activation_pass import run_pass as run
@@ -58,7 +60,7 @@ def run_pass(store_path: Path, dictionary: Path, out: Path, workers: int) -> dic
 
     store = EmbeddingStore.open(store_path)
     with dask_cluster(workers, None) as cluster:
-        spec = plan_pass(store, dictionary, out, labels=["cell_line"], device="cpu",
+        spec = plan_pass(store, dictionary, out, labels=["cell_line"], device=device,
                          threads=cluster.threads)
         address = cluster.client.scheduler.address
         started = time.perf_counter()
@@ -97,8 +99,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--factor", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="100k and 4 x 100k tokens")
+    parser.add_argument("--gpu", action="store_true", help="also the pass over 8N tokens on the GPUs")
     parser.add_argument("--keep", help="build the screens and passes in this folder and keep them")
     args = parser.parse_args()
+    gpus = 0
+    if args.gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            parser.error("--gpu: torch sees no CUDA device here")
     if args.quick:
         args.tokens, args.factor = 100_000, 4
     folder = Path(args.keep or tempfile.mkdtemp(prefix="bench-screen-"))
@@ -124,6 +134,10 @@ def main() -> None:
     one, two, big = rows.values()
     print(f"2 workers / 1 worker tokens/s: {two['tokens_per_s'] / one['tokens_per_s']:.2f}")
     print(f"peak memory per worker, {args.factor}N / N: {big['worker_peak_mb'] / two['worker_peak_mb']:.2f}")
+    if gpus:
+        gpu = run_pass(folder / f"screen-{sizes[1]}", dictionary, folder / "pass-8N-gpu", gpus, "auto")
+        print(f"{args.factor}N on {gpus} GPU(s), one worker each: {gpu['tokens_per_s']:,.0f} tokens/s, "
+              f"{gpu['tokens_per_s'] / gpus:,.0f} per GPU ({gpu['seconds']:.1f} s)")
 
     print("\nexplorer from the pass")
     for label, path in (("N", folder / "pass-N-2"), (f"{args.factor}N", folder / "pass-8N-2")):
