@@ -252,6 +252,10 @@ def test_a_truncated_chunk_fails_naming_file_and_rows(tmp_path):
     with pytest.raises(StoreDamagedError, match=message):
         sum(len(b) for b in damaged.iter_batches(4, rows=np.arange(10, 30)))
     np.testing.assert_array_equal(damaged.read_plate("B"), tokens[24:40])  # other rows still read
+    part = tmp_path / "s" / "obs" / "part-00002.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.raises(StoreDamagedError, match=rf"obs part {part} \(rows 24\.\.39\) cannot be read"):
+        EmbeddingStore.open(tmp_path / "s").read_obs(plate="B")
 
 
 def test_an_interrupted_embedding_makes_the_store_incomplete(tmp_path):

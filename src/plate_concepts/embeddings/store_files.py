@@ -181,17 +181,23 @@ def read_part(
     """One obs part (only ``columns``; a column the part lacks, which other plates' parts
     have, reads as missing values)."""
     file = store_path / part["file"]
+    rows = f"rows {part['start']}..{part['stop'] - 1}"
     try:
-        parquet = pq.ParquetFile(file)
+        with pq.ParquetFile(file) as parquet:
+            names = parquet.schema_arrow.names
+            present = None if columns is None else [c for c in columns if c in names]
+            frame = parquet.read(columns=present, use_pandas_metadata=True).to_pandas()
     except FileNotFoundError:
         raise StoreDamagedError(
-            f"embedding store {store_path} is damaged: obs part {file} (rows "
-            f"{part['start']}..{part['stop'] - 1}) listed in {STORE_FILE} is missing"
+            f"embedding store {store_path} is damaged: obs part {file} ({rows}) listed in "
+            f"{STORE_FILE} is missing"
         ) from None
-    with parquet:
-        names = parquet.schema_arrow.names
-        present = None if columns is None else [c for c in columns if c in names]
-        frame = parquet.read(columns=present, use_pandas_metadata=True).to_pandas()
+    except pa.ArrowException as error:  # truncated, or not parquet at all
+        raise StoreDamagedError(
+            f"embedding store {store_path} is damaged: obs part {file} ({rows}) cannot be read "
+            f"({error}). The store was probably copied or synced incompletely; copy it again "
+            "from its source, or embed again"
+        ) from error
     if len(frame) != part["stop"] - part["start"]:
         raise StoreDamagedError(
             f"obs part {file} has {len(frame)} rows but {STORE_FILE} records "
