@@ -35,6 +35,7 @@ from plate_concepts.dictionary import (
 from plate_concepts.dictionary.checkpoints import read_checkpoint
 from plate_concepts.dictionary.whitening import RankDeficientWarning
 from plate_concepts.embeddings.store import EmbeddingStore
+from plate_concepts.plates.platemap import ControlSpec
 
 torch.set_num_threads(1)
 
@@ -520,3 +521,16 @@ def test_files_of_every_earlier_layout_give_the_same_provenance(data, tmp_path):
             "spec": "treatment=DMSO", "n_controls": n_controls, "batch_column": "batch"}}
         assert recorded_batch_column(loaded) == "batch" and loaded.training_ == fitted.training_
     assert recorded_batch_column(fitted) is None  # fitted on labels given as an array
+
+
+def test_controls_given_as_numbers_are_recorded_as_the_spec_a_user_would_type(data, tmp_path):
+    """A ControlSpec of numbers (a dose column read as floats) selects the controls as text and is
+    recorded so (this failed after training: the spec could not be written as text)."""
+    tokens, is_control, _ = data
+    labels = pd.DataFrame({"dose": np.where(is_control, 0.0, 1.5)})
+    estimator = ICFL(16, n_rounds=1, per_round=2, steps=5, batch_size=64, device="cpu")
+    estimator.fit(tokens, is_control=ControlSpec("dose", [0.0]), labels=labels)
+    assert estimator.provenance_["control"]["spec"] == "dose=0"
+    assert estimator.provenance_["control"]["n_controls"] == int(is_control.sum())
+    loaded = ICFL.load(estimator.save(tmp_path / "dose.safetensors"))
+    assert loaded.provenance_["control"]["spec"] == "dose=0"

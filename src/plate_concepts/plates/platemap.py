@@ -344,7 +344,8 @@ class ControlSpec:
         return cls(column.strip(), values)
 
     def __str__(self) -> str:
-        return f"{self.column}={','.join(self.values)}"
+        """The spec as typed (``parse`` reads it back); values as compared (1.0 -> "1")."""
+        return f"{self.column}={','.join(as_text(v) for v in self.values)}"
 
 
 def control_mask(table: pd.DataFrame, spec: ControlSpec) -> np.ndarray:
