@@ -181,6 +181,10 @@ def test_fit_and_evaluate_failures_are_one_line(store, tmp_path, capsys):
     assert "k (--k) is a setting of TopK SAE, not of ICFL" in one_error_line(capsys)
     assert main(["fit", str(store), str(out), *QUICK, "--control", "treatment=water"]) == 2
     assert "no row has treatment in ['water']" in one_error_line(capsys)
+    assert main(["fit", str(store), str(out), *QUICK, "--control", "treatment"]) == 2
+    assert ("control column 'treatment' of embedding store" in (line := one_error_line(capsys))
+            and "not a column of booleans (its values: DMSO, drug)" in line
+            and "e.g. --control treatment=DMSO" in line)
     assert not any(tmp_path.iterdir())
 
     assert main(["evaluate", str(store), str(tmp_path)]) == 2
@@ -205,6 +209,16 @@ def test_a_numeric_batch_column_round_trips_through_fit_and_evaluate(store, tmp_
     out = tmp_path / "d.safetensors"
     assert main(["fit", str(store), str(out), *QUICK, "--whiten", "pca-batch", "--batch-column", "batch"]) == 0
     assert read_dictionary_metadata(out)["whitening"]["batches"] == ["1", "2"]
+    capsys.readouterr()
+    assert main(["evaluate", str(store), str(out), "--json"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["fvu"])
+
+
+def test_a_batch_column_spelled_as_in_the_imported_table_is_found_again_by_evaluate(store, tmp_path, capsys):
+    """fit --batch-column Metadata_Batch finds the store's 'batch'; evaluate, reading the column
+    the file records, must find it too (it refused: "store ... has no column 'Metadata_Batch'")."""
+    out = tmp_path / "d.safetensors"
+    assert main(["fit", str(store), str(out), *QUICK, "--whiten", "pca-batch", "--batch-column", "Metadata_Batch"]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(store), str(out), "--json"]) == 0
     assert np.isfinite(json.loads(capsys.readouterr().out)["fvu"])

@@ -60,10 +60,9 @@ def control_mask(data: Any, is_control: Controls = None, labels: pd.DataFrame | 
         mask = np.asarray(is_control)
         if mask.shape != (n,):
             raise ValueError(f"is_control must have one flag per token, shape ({n},), got {mask.shape}")
-        if mask.dtype != bool:
-            if mask.dtype.kind not in "iuf" or not np.isin(mask, (0, 1)).all():
-                raise ValueError(f"is_control must be boolean (or 0/1), got dtype {mask.dtype}")
-            mask = mask.astype(bool)
+        if not _are_flags(mask):
+            raise ValueError(f"is_control must be boolean (or 0/1), got dtype {mask.dtype}")
+        mask = mask.astype(bool)
     if not mask.any():
         raise ValueError(
             f"no control tokens: is_control selects 0 of {n} tokens; the whitening is fitted on controls"
@@ -85,14 +84,28 @@ def _mask_from_spec(data: Any, spec: str | ControlSpec, labels: pd.DataFrame | N
         except ValueError as err:
             raise ValueError(f"control spec {str(parsed)!r} on {where}: {err}") from err
     try:
-        table, _where = _label_column(data, labels, spec, "control column")
+        table, where = _label_column(data, labels, spec, "control column")
     except ValueError as err:
         hint = "; it was embedded without a control spec" if spec == DEFAULT_CONTROL else ""
         raise ValueError(
             f"{err}{hint}; give the controls as 'column=value' (e.g. --control treatment=DMSO), a "
             "column of booleans or 'all'"
         ) from None
-    return control_mask(data, table.iloc[:, 0].to_numpy())
+    column = table.iloc[:, 0]
+    if not _are_flags(column.to_numpy()):
+        values = [str(v) for v in pd.unique(column.dropna())]
+        shown = ", ".join(values[:6]) + (", ..." if len(values) > 6 else "")
+        raise ValueError(
+            f"control column {column.name!r} of {where} is not a column of booleans (its values: "
+            f"{shown}); give the controls as 'column=value', e.g. --control "
+            f"{column.name}={values[0] if values else 'VALUE'}"
+        )
+    return control_mask(data, column.to_numpy())
+
+
+def _are_flags(values: np.ndarray) -> bool:
+    """Booleans, or numbers that are all 0 or 1."""
+    return values.dtype == bool or (values.dtype.kind in "iuf" and np.isin(values, (0, 1)).all())
 
 
 def batch_values(data: Any, batches: Any, labels: pd.DataFrame | None = None) -> np.ndarray | None:
