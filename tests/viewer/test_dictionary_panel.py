@@ -240,6 +240,25 @@ def test_a_numeric_batch_column_fitted_in_the_panel_opens_in_the_features_panel(
 
 
 @pytest.mark.gui
+def test_a_batch_column_spelled_as_in_the_imported_table_opens_in_the_features_explorer(
+    make_napari_viewer, qtbot, numeric_batches
+):
+    """A dictionary whitened per batch of 'Metadata_batch' (what the store calls 'batch') is
+    browsed (the explorer was refused: "which the store's tokens do not carry")."""
+    from plate_concepts.dictionary import recorded_batch_column
+    from plate_concepts.viewer._dictionary_fit import fit_steps
+
+    fit = _settings(whiten="pca-batch", batch_column="Metadata_batch")
+    _events, estimator = _run(fit_steps(numeric_batches, fit))
+    assert recorded_batch_column(estimator) == "Metadata_batch"
+    _viewer, state, panel = _panel(make_napari_viewer, numeric_batches)
+    state.set_dictionary(estimator)
+    qtbot.waitUntil(lambda: not panel.is_busy, timeout=30_000)
+    assert state.explorer is not None, panel.explorer_label.text()
+    assert state.explorer.batch_column == "batch"
+
+
+@pytest.mark.gui
 def test_cancel_keeps_a_usable_dictionary_and_a_checkpoint(make_napari_viewer, qtbot, tiny):
     _plate, store = tiny
     _viewer, state, panel = _panel(make_napari_viewer, store)

@@ -85,9 +85,10 @@ def _batch_column(estimator: Any, store: EmbeddingStore) -> str | None:
             "this dictionary was whitened per batch, but its file does not say which column names "
             "the batches; it cannot pre-process this store's tokens"
         )
-    if column not in store.obs_columns:
+    try:  # as the user spelled it at fit time (Metadata_Batch finds batch)
+        return store.resolve_column(column, "batch column")
+    except ValueError:
         raise ValueError(
             f"this dictionary was whitened per batch of {column!r}, but store {store.path} has no "
             f"column {column!r} (columns: {store.obs_columns})"
-        )
-    return column
+        ) from None

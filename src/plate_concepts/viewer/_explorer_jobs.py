@@ -156,12 +156,15 @@ class ExplorerPreparer(QObject):
             )
             return None
         batch_column = recorded_batch_column(dictionary)
-        if batch_column is not None and batch_column not in store.obs_columns:
-            self._set_status(
-                f"This dictionary was whitened per batch of {batch_column!r}, which the store's tokens "
-                "do not carry; features can only be browsed on a store that has that column."
-            )
-            return None
+        if batch_column is not None:
+            try:  # as the user spelled it at fit time (Metadata_Batch finds batch)
+                batch_column = store.resolve_column(batch_column, "batch column")
+            except ValueError:
+                self._set_status(
+                    f"This dictionary was whitened per batch of {batch_column!r}, which the store's "
+                    "tokens do not carry; features can only be browsed on a store that has that column."
+                )
+                return None
         activation_pass = self.state.activation_pass
         if activation_pass is not None and Path(activation_pass.spec.store).resolve() != Path(store.path).resolve():
             activation_pass = None  # a pass over another store: encode this one
