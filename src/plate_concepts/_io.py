@@ -277,8 +277,18 @@ def _owner_alive(host: str | None, pid: str | None) -> bool | None:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by another user
-    return True
+        pass  # exists, owned by another user
+    return not _is_zombie(int(pid))
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether a process was killed but not yet reaped (Linux; in a container whose first
+    process reaps nothing, a killed run stays so): it writes nothing more."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] in (["Z"], ["X"])  # after "pid (command)"
 
 
 def _remove(path: Path) -> None:

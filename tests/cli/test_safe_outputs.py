@@ -142,6 +142,24 @@ def test_leftovers_of_dead_runs_are_cleaned_and_others_left_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["out.zarr"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="tells a killed, unreaped process by /proc")
+def test_the_leftover_of_a_killed_run_not_yet_reaped_is_cleaned(tmp_path):
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed.kill()
+        deadline = time.monotonic() + 10  # killed, not waited for: a zombie
+        while Path(f"/proc/{killed.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        leftover = tmp_path / f".out.zarr.partial-{_host_id()}-{killed.pid}-0123abcd"
+        leftover.mkdir()
+        with pytest.warns(UserWarning, match="removed"):
+            clean_leftovers(tmp_path / "out.zarr")
+        assert not leftover.exists()
+    finally:
+        killed.wait()
+
+
 def test_a_folder_moved_aside_by_a_killed_run_is_put_back(tmp_path):
     out = tmp_path / "out.zarr"
     old = tmp_path / f".out.zarr.old-{_host_id()}-{dead_pid()}-0123abcd"
