@@ -33,6 +33,7 @@ from plate_concepts.dictionary import (
     train,
 )
 from plate_concepts.dictionary.checkpoints import read_checkpoint
+from plate_concepts.dictionary.settings import setting_help
 from plate_concepts.dictionary.whitening import RankDeficientWarning
 from plate_concepts.embeddings.store import EmbeddingStore
 from plate_concepts.plates.platemap import ControlSpec
@@ -490,6 +491,20 @@ def test_settings_are_declared_once_and_read_by_the_estimators():
     with pytest.raises(TypeError, match="has no parameter"):
         ICFL(k=3)
     assert "n_rounds\n        ICFL: pursuit rounds J. (default: 20)" in ICFL.__doc__
+
+
+def test_the_learning_rate_help_is_each_models_own_rule():
+    """The lr help states each method's default_lr from the constants it computes with, so a
+    changed constant changes the help (it was a copy of the numbers)."""
+    from plate_concepts.dictionary import icfl, topk
+
+    help_text = setting_help(next(f for f in dataclasses.fields(ICFLSettings) if f.name == "lr"))
+    for estimator in METHODS.values():
+        assert estimator.module_class.lr_rule and estimator.module_class.lr_rule in help_text
+    assert ICFLModule.lr_rule == f"{icfl.LR_TURN:g}/sqrt(dim), at most {icfl.LR_MAX:g}"
+    assert ICFLModule(8, 64).default_lr() == pytest.approx(min(icfl.LR_MAX, icfl.LR_TURN / 8))
+    assert TopKModule.lr_rule == f"{topk.BASE_LR:g} x sqrt({topk.BASE_LR_FEATURES}/M)"
+    assert TopKModule(topk.BASE_LR_FEATURES // 4, 8, k=2).default_lr() == pytest.approx(2 * topk.BASE_LR)
 
 
 def _umask() -> int:

@@ -27,6 +27,8 @@ class DictionaryModule(torch.nn.Module, ABC):
     #: (which do not record them) meant them; :func:`~plate_concepts.dictionary.io.load_dictionary`
     #: fills them in.
     legacy_hyperparameters: ClassVar[dict[str, Any]] = {}
+    #: :meth:`default_lr` in words, for help texts (built from the constants it uses).
+    lr_rule: ClassVar[str] = ""
 
     def __init__(self, n_features: int, dim: int) -> None:
         super().__init__()

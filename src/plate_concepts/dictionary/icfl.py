@@ -111,6 +111,7 @@ class ICFLModule(DictionaryModule):
     method = "icfl"
     #: Files saved before ``offset`` existed learned their bias.
     legacy_hyperparameters: ClassVar[dict[str, Any]] = {"offset": "learned"}
+    lr_rule: ClassVar[str] = f"{LR_TURN:g}/sqrt(dim), at most {LR_MAX:g}"
 
     def __init__(
         self,

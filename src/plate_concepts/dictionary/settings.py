@@ -180,7 +180,7 @@ class FitSettings:
     )
     lr: float | None = setting(
         None, "Adam learning rate.", "training", label="learning rate", minimum=0,
-        auto="the method's: ICFL 0.04/sqrt(dim), at most 0.01; TopK 2e-4 x sqrt(16384/M)",
+        auto=f"the method's: ICFL {ICFLModule.lr_rule}; TopK {TopKModule.lr_rule}",
     )
     warmup_steps: int | None = setting(
         None, "Linear learning-rate warm-up from ~0.", "training", minimum=0, advanced=True,

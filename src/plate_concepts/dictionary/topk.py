@@ -11,7 +11,7 @@ therefore costs about one dense (n x dim) @ (dim x n_features) product plus O(n 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from plate_concepts.dictionary.codes import SparseCodes
 
 # Encode in row chunks so that the (rows x n_features) pre-activation stays around 256 MiB.
 _ENCODE_CHUNK_ELEMENTS = 1 << 26
+#: The default learning rate is ``BASE_LR`` at ``BASE_LR_FEATURES`` features, scaled by
+#: ``1/sqrt(M)`` (:meth:`TopKModule.lr_for`).
+BASE_LR, BASE_LR_FEATURES = 2e-4, 2**14
 
 
 class TopKModule(DictionaryModule):
@@ -48,6 +51,7 @@ class TopKModule(DictionaryModule):
     """
 
     method = "topk"
+    lr_rule: ClassVar[str] = f"{BASE_LR:g} x sqrt({BASE_LR_FEATURES}/M)"
 
     def __init__(
         self,
@@ -253,7 +257,7 @@ class TopKModule(DictionaryModule):
         return self.lr_for(self.n_features)
 
     @staticmethod
-    def lr_for(n_features: int, base_lr: float = 2e-4) -> float:
+    def lr_for(n_features: int, base_lr: float = BASE_LR) -> float:
         """Gao et al.'s learning-rate scaling with dictionary size: ``base_lr / sqrt(M / 2**14)``.
 
         They found the best Adam learning rate to fall roughly as 1/sqrt(n_latents), with 2e-4 at
@@ -262,7 +266,7 @@ class TopKModule(DictionaryModule):
         """
         if n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {n_features}")
-        return base_lr / math.sqrt(n_features / 2**14)
+        return base_lr / math.sqrt(n_features / BASE_LR_FEATURES)
 
 
 # ---------------------------------------------------------------------- sparse autograd pieces
