@@ -75,6 +75,8 @@ OUTPUT_KINDS: dict[str, tuple[str, bool, Callable[[Path], bool]]] = {
 }
 """Output kind -> (what it is called, whether it is a folder, how to recognise one)."""
 
+_EXAMPLE_FILE_NAMES = {"dictionary": "dictionary.safetensors", "report": "report.html", "figure": "figure.png"}
+
 
 def output_kind(path: str | os.PathLike, kinds: Iterable[str] = tuple(OUTPUT_KINDS)) -> str | None:
     """Which of ``kinds`` (keys of :data:`OUTPUT_KINDS`, all by default) of this package's
@@ -119,7 +121,7 @@ def replaceable_output(
     if not is_folder and path.is_dir():
         raise FileExistsError(
             f"{path} is a folder; the output ({what}) is a file: give a file path such as "
-            f"{path / ('dictionary.safetensors' if kind == 'dictionary' else 'output')}"
+            f"{path / _EXAMPLE_FILE_NAMES[kind]}"
         )
     for source in sources:
         relation = _overlap(path, Path(source))

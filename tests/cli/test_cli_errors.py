@@ -89,6 +89,10 @@ def test_output_paths_of_the_wrong_kind(tmp_path, capsys):
     assert "is a file; the output (an OME-Zarr plate) is a folder" in one_error_line(capsys, "convert")
     assert main(["demo", str(a_file), "--wells", "6", "--quiet"]) == 2
     assert "is a file" in one_error_line(capsys, "demo")
+    # A folder where a file goes: the line suggests a file name of the right kind.
+    assert main(["report", str(tmp_path), str(tmp_path / "d.safetensors"), str(tmp_path), "--quiet"]) == 2
+    assert f"is a folder; the output (an HTML report) is a file: give a file path such as {tmp_path / 'report.html'}" in (
+        one_error_line(capsys, "report"))
 
 
 @pytest.mark.parametrize(
