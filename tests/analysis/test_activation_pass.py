@@ -296,6 +296,26 @@ def test_evaluate_from_the_pass_equals_evaluate(screen, tmp_path, capsys):
     assert "no statistics for label column" in capsys.readouterr().err
 
 
+def test_a_pass_of_a_dictionary_fitted_again_in_its_place_is_refused(screen, tmp_path, capsys):
+    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.cli import main
+
+    root, store, dictionary, estimator, obs = screen
+    mine = tmp_path / "dict.safetensors"
+    estimator.save(mine)
+    run_pass(plan_pass(store, mine, tmp_path / "pass", rows_per_task=40), workers=0)
+    evaluate = ["evaluate", str(root / "store"), str(mine), "--codes", str(tmp_path / "pass"), "--json"]
+    assert main(evaluate) == 0
+    capsys.readouterr()
+    refitted = ICFL(n_features=M, n_rounds=2, per_round=2, steps=5, batch_size=64, device="cpu", seed=1)
+    refitted.fit(store.read(), is_control=obs["is_control"].to_numpy())
+    refitted.save(mine)  # `fit --overwrite` to the same file: the pass no longer describes it
+    assert main(evaluate) == 2
+    assert f"the dictionary file {mine} changed since the activation pass" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="changed since the activation pass"):
+        FeatureExplorer.from_pass(tmp_path / "pass")
+
+
 def test_explorer_from_a_written_pass_equals_one_prepared_in_memory(screen, tmp_path):
     from plate_concepts.analysis.explorer import FeatureExplorer
 

@@ -78,6 +78,7 @@ class PassSpec:
     code_slots: int
     device: str
     threads: int | None
+    dictionary_sha256: str | None = None  # the file's content: a file fitted again is another
 
     @property
     def n_chunks(self) -> int:
@@ -119,6 +120,12 @@ def forget_open_files() -> None:
     files (one deleted since the last run of a long-lived process fails, never reads as zeros)."""
     _store.cache_clear()
     _estimator.cache_clear()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, read in blocks."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _stamp(path: str | Path) -> tuple[int, int]:
@@ -298,6 +305,7 @@ def plan_pass(
         n_tokens=len(store), rows_per_task=rows, label_columns=tuple(labels),
         control_column=control_column, batch_column=batch_column, top_n=int(top_n),
         code_slots=int(dictionary.model_.code_slots), device=device, threads=threads,
+        dictionary_sha256=None if path is None else file_sha256(path),
     )
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from plate_concepts._progress import CancelLike
-from plate_concepts.analysis.activation_pass import ActivationPass, plan_pass, run_pass
+from plate_concepts.analysis.activation_pass import ActivationPass, file_sha256, plan_pass, run_pass
 from plate_concepts.dictionary.estimators import recorded_batch_column
 from plate_concepts.embeddings.store import EmbeddingStore
 
@@ -58,7 +58,8 @@ def evaluate_dictionary(
 
 
 def check_pass_matches(activation_pass: ActivationPass, store: EmbeddingStore, labels: Sequence[str] = ()) -> None:
-    """A clear error when a pass was not made on this store or lacks label columns."""
+    """A clear error when a pass was not made on this store, its dictionary file changed since,
+    or it lacks label columns."""
     from pathlib import Path
 
     spec = activation_pass.spec
@@ -66,6 +67,15 @@ def check_pass_matches(activation_pass: ActivationPass, store: EmbeddingStore, l
         raise ValueError(
             f"the activation pass {activation_pass.folder} was made on {spec.store} "
             f"({spec.n_tokens} tokens), not on {store.path} ({len(store)} tokens)"
+        )
+    recorded = spec.dictionary_sha256  # passes made before it was recorded: not checked
+    if spec.dictionary is not None and recorded is not None and (
+        not Path(spec.dictionary).is_file() or file_sha256(spec.dictionary) != recorded
+    ):
+        raise ValueError(
+            f"the dictionary file {spec.dictionary} changed since the activation pass "
+            f"{activation_pass.folder} was made (fitted again?), or is gone: its numbers would not "
+            "be this dictionary's; run encode again (--overwrite replaces the pass)"
         )
     missing = [c for c in labels if c not in activation_pass.label_columns]
     if missing:
