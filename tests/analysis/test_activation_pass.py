@@ -316,6 +316,32 @@ def test_a_pass_of_a_dictionary_fitted_again_in_its_place_is_refused(screen, tmp
         FeatureExplorer.from_pass(tmp_path / "pass")
 
 
+def test_a_pass_of_a_store_whose_plates_moved_is_refused(screen, tmp_path):
+    from plate_concepts.analysis.evaluation import check_pass_matches
+
+    _, store, dictionary, _, obs = screen
+    tokens = store.read()
+    first, second = (obs["plate"] == "P1").to_numpy(), (obs["plate"] == "P2").to_numpy()
+
+    def make(order):  # P1 and P2, in this order, at the same path (as --overwrite leaves it)
+        if (tmp_path / "s").exists():
+            import shutil
+
+            shutil.rmtree(tmp_path / "s")
+        made = EmbeddingStore.create(tmp_path / "s", dim=DIM, chunk_rows=40)
+        for rows in order:
+            made.append(tokens[rows].astype(np.float32), obs[rows].reset_index(drop=True))
+        return EmbeddingStore.open(tmp_path / "s")
+
+    made = make([first, second])
+    result = run_pass(plan_pass(made, dictionary, tmp_path / "pass", rows_per_task=40), workers=0)
+    check_pass_matches(result, made)
+    # Same path, same number of tokens, but P2's rows come first now: the codes of a row are
+    # another token's (after `embed --append --replace-plate P1`, P1 moves to the end).
+    with pytest.raises(ValueError, match=r"plates of .* changed since the activation pass"):
+        check_pass_matches(ActivationPass.open(tmp_path / "pass"), make([second, first]))
+
+
 def test_explorer_from_a_written_pass_equals_one_prepared_in_memory(screen, tmp_path):
     from plate_concepts.analysis.explorer import FeatureExplorer
 

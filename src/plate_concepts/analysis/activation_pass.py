@@ -79,6 +79,7 @@ class PassSpec:
     device: str
     threads: int | None
     dictionary_sha256: str | None = None  # the file's content: a file fitted again is another
+    store_plates: str | None = None  # store_plates_digest: the plates' order and sizes
 
     @property
     def n_chunks(self) -> int:
@@ -126,6 +127,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's content, read in blocks."""
     with open(path, "rb") as file:
         return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def store_plates_digest(store: Any) -> str:
+    """A digest of a store's plates in row order with their token counts: a pass's codes are
+    by row, so a store whose plates were replaced or reordered is another store."""
+    plates = json.dumps(list(store.tokens_per_plate().items()))
+    return hashlib.sha256(plates.encode()).hexdigest()
 
 
 def _stamp(path: str | Path) -> tuple[int, int]:
@@ -306,6 +314,7 @@ def plan_pass(
         control_column=control_column, batch_column=batch_column, top_n=int(top_n),
         code_slots=int(dictionary.model_.code_slots), device=device, threads=threads,
         dictionary_sha256=None if path is None else file_sha256(path),
+        store_plates=store_plates_digest(store),
     )
 
 

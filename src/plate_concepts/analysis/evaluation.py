@@ -11,7 +11,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from plate_concepts._progress import CancelLike
-from plate_concepts.analysis.activation_pass import ActivationPass, file_sha256, plan_pass, run_pass
+from plate_concepts.analysis.activation_pass import (
+    ActivationPass,
+    file_sha256,
+    plan_pass,
+    run_pass,
+    store_plates_digest,
+)
 from plate_concepts.dictionary.estimators import recorded_batch_column
 from plate_concepts.embeddings.store import EmbeddingStore
 
@@ -58,8 +64,8 @@ def evaluate_dictionary(
 
 
 def check_pass_matches(activation_pass: ActivationPass, store: EmbeddingStore, labels: Sequence[str] = ()) -> None:
-    """A clear error when a pass was not made on this store, its dictionary file changed since,
-    or it lacks label columns."""
+    """A clear error when a pass was not made on this store (as it is now: same plates in the
+    same order), its dictionary file changed since, or it lacks label columns."""
     from pathlib import Path
 
     spec = activation_pass.spec
@@ -67,6 +73,12 @@ def check_pass_matches(activation_pass: ActivationPass, store: EmbeddingStore, l
         raise ValueError(
             f"the activation pass {activation_pass.folder} was made on {spec.store} "
             f"({spec.n_tokens} tokens), not on {store.path} ({len(store)} tokens)"
+        )
+    if spec.store_plates is not None and spec.store_plates != store_plates_digest(store):
+        raise ValueError(
+            f"the plates of {store.path} changed since the activation pass {activation_pass.folder} "
+            "was made (a plate replaced, appended or reordered): its codes would be other tokens'; "
+            "run encode again (--overwrite replaces the pass)"
         )
     recorded = spec.dictionary_sha256  # passes made before it was recorded: not checked
     if spec.dictionary is not None and recorded is not None and (
