@@ -113,6 +113,7 @@ def replaceable_output(
     what, is_folder, recognise = OUTPUT_KINDS[kind]
     path = Path(path)
     if not path.exists():
+        check_writable_folder(path)
         return path
     if is_folder and not path.is_dir():
         raise FileExistsError(
@@ -142,6 +143,19 @@ def replaceable_output(
             "--overwrite (overwrite=True from Python)"
         )
     return path
+
+
+def check_writable_folder(path: str | os.PathLike) -> None:
+    """Fail before the work, not after, when ``path`` cannot be written: the nearest folder that
+    exists above it is a file, or is not writable."""
+    path = Path(path)
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: no permission to write in {folder}")
 
 
 def _overlap(output: Path, source: Path) -> str:

@@ -89,6 +89,12 @@ def test_output_paths_of_the_wrong_kind(tmp_path, capsys):
     assert "is a file; the output (an OME-Zarr plate) is a folder" in one_error_line(capsys, "convert")
     assert main(["demo", str(a_file), "--wells", "6", "--quiet"]) == 2
     assert "is a file" in one_error_line(capsys, "demo")
+    # A path under a file: said at once (before any work), for every kind of output.
+    for command in (["convert", str(NF1 / "images"), str(a_file / "x.zarr")],
+                    ["report", str(tmp_path), str(tmp_path / "d.safetensors"), str(a_file / "r.html")]):
+        assert main([*command, "--quiet"]) == 2
+        assert f"cannot write {a_file}/" in (line := one_error_line(capsys, command[0]))
+        assert f"{a_file} is a file, not a folder" in line
     # A folder where a file goes: the line suggests a file name of the right kind.
     assert main(["report", str(tmp_path), str(tmp_path / "d.safetensors"), str(tmp_path), "--quiet"]) == 2
     assert f"is a folder; the output (an HTML report) is a file: give a file path such as {tmp_path / 'report.html'}" in (

@@ -199,7 +199,6 @@ class DictionaryEstimator(BaseEstimator):
             out_path = Path(out_path)
             sources = [data.path] if is_store(data) else []
             replaceable_output(out_path, "dictionary", overwrite=overwrite, sources=sources)
-            _check_writable_folder(out_path)
             if checkpoint_path is None:
                 checkpoint_path = default_checkpoint_path(out_path)
         resume_from = _resume_path(resume, checkpoint_path)
@@ -466,17 +465,6 @@ def _check_checkpoint_free(path: Path, overwrite: bool) -> None:
             f"{path} holds the checkpoint of an interrupted fit (step {meta['step']} of "
             f"{meta['total_steps']}): continue it with --resume, or start over with --overwrite"
         )
-
-
-def _check_writable_folder(out_path: Path) -> None:
-    """Fail before training, not after, when the output's folder cannot be written."""
-    folder = out_path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"cannot write {out_path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {out_path}: no permission to write in {folder}")
 
 
 def _as_tokens(X: Any, name: str, expected_dim: int | None = None, what: str = "tokens") -> torch.Tensor:
