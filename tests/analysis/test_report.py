@@ -95,6 +95,20 @@ def test_report_is_one_self_contained_file_with_crops_and_names(world, tmp_path)
     assert len(re.findall(r"<h3>perturbation = ", text)) == 2
 
 
+def test_a_true_false_label_gets_every_value_in_its_heatmap(world, tmp_path, monkeypatch):
+    from plate_concepts.analysis import perturbations, report_figures
+
+    _, _, store, dictionary, _ = world
+    activation_pass = run_pass(plan_pass(store, dictionary, None, labels=["is_control"]))
+    profiled = list(perturbations.perturbation_profiles(activation_pass, "is_control").values)
+    drawn = []
+    heatmap = report_figures.profile_heatmap
+    monkeypatch.setattr(report_figures, "profile_heatmap", lambda z, *args: drawn.append(z) or heatmap(z, *args))
+    write_report(tmp_path / "r.html", activation_pass, dictionary, labels=["is_control"], store=store)
+    # Values True/False are labels, not a mask that selects rows.
+    assert profiled and [list(z.index) for z in drawn] == [profiled]
+
+
 def test_report_says_when_the_plate_images_are_not_found(world, tmp_path):
     _, _, store, dictionary, activation_pass = world
     out = write_report(tmp_path / "r.html", activation_pass, dictionary, labels=["perturbation"], store=store,

@@ -222,7 +222,8 @@ def _label_section(context: _Context, column: str, confounds: ConfoundScores) ->
             if int(feature) not in features and len(features) < settings.heatmap_features:
                 features.append(int(feature))
     if features:
-        z = profiles.z_table(features).loc[shown_values]
+        z = profiles.z_table(features)
+        z = z.iloc[z.index.get_indexer(shown_values)]  # by label: True/False values are no mask
         parts.append(_image(figures.profile_heatmap(z, [context.feature(f) for f in features], column),
                             f"profile heatmap of {column}"))
     summary = [
