@@ -154,10 +154,14 @@ def restore(
     generator: torch.Generator,
 ) -> None:
     """Load a checkpoint's model, optimiser and generator state into fresh ones."""
-    if meta["method"] != model.method or meta["hyperparameters"] != model.hyperparameters():
+    then, now = meta["hyperparameters"], model.hyperparameters()
+    if meta["method"] != model.method or then != now:
+        differing = [f"{k} {then.get(k)} there, {now.get(k)} now" for k in sorted({*then, *now})
+                     if then.get(k) != now.get(k)]  # only what differs: the rest says nothing
         raise ValueError(
-            f"checkpoint {path} is for a {meta['method']!r} model with {meta['hyperparameters']}, "
-            f"not this {model.method!r} model with {model.hyperparameters()}"
+            f"checkpoint {path} is for a {meta['method']!r} model, not this {model.method!r} model"
+            if meta["method"] != model.method
+            else f"checkpoint {path} is of a fit with other settings ({'; '.join(differing)})"
         )
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_state, strict=True)
