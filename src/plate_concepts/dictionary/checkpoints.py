@@ -161,7 +161,8 @@ def restore(
         raise ValueError(
             f"checkpoint {path} is for a {meta['method']!r} model, not this {model.method!r} model"
             if meta["method"] != model.method
-            else f"checkpoint {path} is of a fit with other settings ({'; '.join(differing)})"
+            else f"checkpoint {path} is of a fit with other settings ({'; '.join(differing)}): "
+            "resume it with its settings, or start over without resuming (--overwrite)"
         )
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_state, strict=True)
