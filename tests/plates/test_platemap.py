@@ -77,6 +77,10 @@ def test_tsv_parquet_and_explicit_well_column(tmp_path):
     parquet = tmp_path / "map.parquet"
     table.rename(columns={"position": "Well"}).to_parquet(parquet)
     assert read_platemap(parquet).loc["C12", "site"] == "y"
+    # Excel's "CSV" where a comma is the decimal mark: semicolons between the cells.
+    excel = tmp_path / "map.csv"
+    excel.write_bytes("\ufeffWell;dose;site\r\nB7;0,5;x\r\nC12;1;y\r\n".encode())
+    assert read_platemap(excel)[["dose", "site"]].to_dict("index") == {"B07": {"dose": 0.5, "site": "x"}, "C12": {"dose": 1.0, "site": "y"}}
     with pytest.raises(ValueError, match="unknown file type '.xlsx'"):
         (tmp_path / "map.xlsx").write_text("x")
         read_platemap(tmp_path / "map.xlsx")

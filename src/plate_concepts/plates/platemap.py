@@ -221,6 +221,8 @@ def read_platemap(
     kind = suffixes[-1] if suffixes else ""
     if kind == ".csv":
         table = pd.read_csv(path)
+        if table.shape[1] == 1 and ";" in str(table.columns[0]):  # Excel's CSV where 0,5 is a number
+            table = pd.read_csv(path, sep=";", decimal=",")
     elif kind in {".tsv", ".tab", ".txt"}:
         table = pd.read_csv(path, sep="\t")
     elif kind in {".parquet", ".pq"}:
