@@ -76,6 +76,13 @@ def test_ambiguous_or_empty_folders_say_which_folder_to_pass(tmp_path, capsys):
     (tmp_path / "notes" / "a.txt").write_text("x")
     assert main(["info", str(tmp_path / "notes")]) == 2
     assert "holds no plate: no TIFF images, OME-Zarr plate or LoadData CSV" in capsys.readouterr().err
+    # A work folder of stores and dictionaries (demo-run's) says how to look at them.
+    from plate_concepts.embeddings.store import EmbeddingStore
+
+    EmbeddingStore.create(tmp_path / "notes" / "tokens", dim=4)
+    assert main(["info", str(tmp_path / "notes")]) == 2
+    assert f"'plate-concepts info {tmp_path / 'notes' / 'tokens'}' describes the embedding store" in (
+        capsys.readouterr().err)
     assert main(["info", str(NF1 / "masks")]) == 2
     assert "is a folder of segmentation masks: pass the folder of the images" in capsys.readouterr().err
 

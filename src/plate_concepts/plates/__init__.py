@@ -99,8 +99,20 @@ def locate_plate(path: str | PathLike, pattern: str | None = None) -> Path:
         )
     raise ValueError(
         f"{path} holds no plate: no TIFF images, OME-Zarr plate or LoadData CSV, in it or in its "
-        "subfolders; pass the folder that holds the plate's image files"
+        f"subfolders; pass the folder that holds the plate's image files{_other_outputs_in(path)}"
     )
+
+
+def _other_outputs_in(folder: Path) -> str:
+    """What to do with the stores and dictionaries a folder holds instead (a demo-run's work
+    folder): '' when none."""
+    from plate_concepts._io import output_kind
+
+    stores = [f for f in _subfolders(folder) if output_kind(f, ["embedding-store"])]
+    dictionaries = [f for f in sorted(folder.glob("*.safetensors")) if output_kind(f, ["dictionary"])]
+    said = [f"'plate-concepts info {stores[0]}' describes the embedding store"] if stores else []
+    said += [f"'plate-concepts view {dictionaries[0]}' opens the dictionary"] if dictionaries else []
+    return f" (it holds plate-concepts outputs: {'; '.join(said)})" if said else ""
 
 
 def _subfolders(folder: Path) -> list[Path]:
