@@ -186,6 +186,27 @@ def test_every_option_has_help_and_shows_its_default(command):
             assert re.search(rf"default:?\s+{re.escape(str(option.default))}", text), option.dest
 
 
+def test_ctrl_c_during_embed_is_one_prefixed_line(tmp_path, capsys, monkeypatch):
+    from conftest import REAL_DATA
+
+    from plate_concepts.embeddings import embed as command
+    from plate_concepts.embeddings.profiles import from_numpy
+
+    def interrupted(plates, path, *args, cancel, **kwargs):  # Ctrl-C after 4 of the plate's tokens
+        obs = pd.DataFrame({"plate": plates[0].name, "well": "B07", "field": 0, "crop_y": np.arange(4),
+                            "crop_x": 0, "crop_size": 32})  # fmt: skip
+        store = from_numpy(np.ones((4, 2)), obs, path)
+        store.update_provenance(plates={plates[0].name: {"complete": False}}, pending_plates=[plates[0].name])
+        cancel.set()
+        return EmbeddingStore.open(path)
+
+    monkeypatch.setattr(command, "embed_plates", interrupted)
+    assert main(["embed", str(REAL_DATA / "nf1_plate2"), str(tmp_path / "s"), "--quiet"]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [("plate-concepts embed: interrupted: 4 tokens are stored; run the same command again "
+                    "to finish (it resumes where it stopped)")]
+
+
 def test_fit_and_evaluate_refuse_an_incomplete_store_unless_allowed(tmp_path, capsys):
     from plate_concepts.embeddings.profiles import from_numpy
 

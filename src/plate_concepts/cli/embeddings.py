@@ -250,8 +250,8 @@ def embed(args: argparse.Namespace) -> int:
             else ""
         )
         print(
-            f"interrupted: {len(store)} tokens are stored; {where}run the same command again to "
-            "finish (it resumes where it stopped)",
+            f"plate-concepts embed: interrupted: {len(store)} tokens are stored; {where}run the "
+            "same command again to finish (it resumes where it stopped)",
             file=sys.stderr,
         )
         return 130
@@ -259,8 +259,9 @@ def embed(args: argparse.Namespace) -> int:
         f"{args.store}: {len(store)} tokens of dimension {store.dim} from {len(store.plates)} plate(s)"
     )
     if not store.is_complete:  # left so by an earlier run
-        print(f"note: the embedding of {', '.join(store.incomplete_plates())} (an earlier run) was "
-              "interrupted; the store is incomplete until it is finished")  # fmt: skip
+        print(f"plate-concepts embed: note: the embedding of {', '.join(store.incomplete_plates())} "
+              "(an earlier run) was interrupted; the store is incomplete until it is finished",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
