@@ -160,3 +160,17 @@ def test_a_bare_key_error_is_a_bug_not_bad_input(monkeypatch, capsys):
     assert main(["info", str(NF1 / "images")]) == 1
     line = one_error_line(capsys, "info")
     assert "KeyError: 'n_wells'" in line and "--debug" in line
+
+
+def test_view_a_feature_the_dictionary_lacks_is_one_line_before_any_work(tmp_path, capsys):
+    import numpy as np
+
+    from plate_concepts.dictionary import ICFL
+
+    tokens = np.random.default_rng(0).normal(size=(64, 4))
+    ICFL(n_features=8, n_rounds=1, per_round=2, steps=1, batch_size=32, device="cpu").fit(
+        tokens, is_control=np.ones(64, bool)).save(tmp_path / "d.safetensors")
+    for feature in ("8", "-1"):
+        assert main(["view", str(tmp_path / "d.safetensors"), "--feature", feature]) == 2
+        assert f"--feature {feature} is not a feature of {tmp_path / 'd.safetensors'} (it has 8: 0..7)" in (
+            one_error_line(capsys, "view"))

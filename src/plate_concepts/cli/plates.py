@@ -220,11 +220,16 @@ def view(args: argparse.Namespace) -> int:
         raise CommandError("--store and --feature go with a dictionary file or an activation pass")
     if args.codes and kind != "dictionary":
         raise CommandError("--codes goes with a dictionary file (an activation pass opens alone)")
+    if kind == "dictionary":
+        from plate_concepts.dictionary import read_dictionary_metadata
+
+        _check_feature(args.feature, read_dictionary_metadata(args.path)["n_features"], args.path)
     ensure_display(args)  # before anything slow: without a display this may run again
     estimator = store = explorer = activation_pass = dictionary_path = None
     if kind == "activation-pass":
         activation_pass, estimator, store = _pass_dictionary_and_store(args.path, args.store)
         dictionary_path = activation_pass.spec.dictionary
+        _check_feature(args.feature, activation_pass.n_features, dictionary_path)
     elif kind == "dictionary":
         estimator, store = _dictionary_and_store(args)
         dictionary_path = args.path
@@ -249,6 +254,13 @@ def view(args: argparse.Namespace) -> int:
     if feature is not None:
         print(f"showing feature {feature} of {args.path}")
     return run_or_screenshot(viewer, args.screenshot)
+
+
+def _check_feature(feature: int | None, n_features: int, dictionary: Any) -> None:
+    if feature is not None and not 0 <= feature < n_features:
+        raise CommandError(
+            f"--feature {feature} is not a feature of {dictionary} (it has {n_features}: 0..{n_features - 1})"
+        )
 
 
 def _dictionary_and_store(args: argparse.Namespace) -> tuple[Any, Any]:
