@@ -89,6 +89,8 @@ def test_output_paths_of_the_wrong_kind(tmp_path, capsys):
     assert "is a file; the output (an OME-Zarr plate) is a folder" in one_error_line(capsys, "convert")
     assert main(["demo", str(a_file), "--wells", "6", "--quiet"]) == 2
     assert "is a file" in one_error_line(capsys, "demo")
+    assert main(["demo-run", str(a_file), "--no-viewer"]) == 2  # said before any work
+    assert f"{a_file} is a file; demo-run's work folder is a folder" in one_error_line(capsys, "demo-run")
     # A path under a file: said at once (before any work), for every kind of output.
     for command in (["convert", str(NF1 / "images"), str(a_file / "x.zarr")],
                     ["report", str(tmp_path), str(tmp_path / "d.safetensors"), str(a_file / "r.html")]):

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from plate_concepts.cli._common import (
+    CommandError,
     CommandProgress,
     ensure_display,
     progress_bar,
@@ -57,9 +58,14 @@ def demo(args: argparse.Namespace) -> int:
 
 def demo_run(args: argparse.Namespace) -> int:
     """The main job: the whole pipeline on the demo plate, then the result in napari."""
+    from plate_concepts._io import check_writable_folder
     from plate_concepts.demo import CACHE_ENV_VAR, demo_plate_folder
     from plate_concepts.demo_pipeline import DemoSettings, format_report, run_demo_pipeline
 
+    if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+        raise CommandError(f"{args.workdir} is a file; demo-run's work folder is a folder: choose "
+                           "another path (or leave it out for out/demo)")
+    check_writable_folder(Path(args.workdir) / "concept_report.json")
     if not args.no_viewer:
         ensure_display(args)  # before the long run: without a display this may run again
     print(f"demo plate: {demo_plate_folder(n_wells=args.wells)} (written on first use, then "
