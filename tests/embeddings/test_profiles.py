@@ -126,6 +126,12 @@ def test_a_text_cell_in_a_feature_column_is_an_error_naming_it(tmp_path):
     table.astype({"Nuclei_Texture_Contrast": str}).to_parquet(tmp_path / "t.parquet", index=False)
     with pytest.raises(ValueError, match=r"holds text in data row 6 \('#DIV/0!'\)"):
         import_profiles(tmp_path / "t.parquet", tmp_path / "s")
+    # An empty or damaged file is named.
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "t.parquet").read_bytes()[:100])
+    for name, kind in (("empty.csv", "csv"), ("cut.parquet", "parquet")):
+        with pytest.raises(ValueError, match=rf"profile table {tmp_path / name} cannot be read as a {kind} table"):
+            import_profiles(tmp_path / name, tmp_path / "s")
     # A column of text only is not a feature: left out with a warning.
     plate_table("P1").assign(Image_FileName="a.tif").to_csv(tmp_path / "names.csv", index=False)
     with pytest.warns(UserWarning, match=r"text columns \['Image_FileName'\] are neither"):

@@ -66,24 +66,10 @@ class ProfileTable:
         if not path.is_file():
             raise FileNotFoundError(f"profile table {path} does not exist")
         kind = table_kind(path)
-        if kind == "parquet":
-            schema = pq.read_schema(path)
-            columns = list(schema.names)
-            numeric = [
-                name
-                for name, field_type in zip(columns, schema.types, strict=True)
-                if pa.types.is_integer(field_type)
-                or pa.types.is_floating(field_type)
-                or pa.types.is_decimal(field_type)
-            ]
-        else:
-            sample = pd.read_csv(path, nrows=_SAMPLE_ROWS, dtype=csv_string_columns(path))
-            columns = list(sample.columns)
-            numeric = [
-                c
-                for c in columns
-                if pd.api.types.is_numeric_dtype(sample[c]) and sample[c].dtype != bool
-            ]
+        try:
+            columns, numeric = _columns_and_numeric(path, kind)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, pa.ArrowException, UnicodeDecodeError) as error:
+            raise ValueError(f"profile table {path} cannot be read as a {kind} table: {error}") from None
         metadata = [c for c in columns if c.startswith(METADATA_PREFIX)]
         renames, source_names = metadata_renames(metadata, path)
         if "well" not in renames.values():
@@ -260,6 +246,23 @@ def table_kind(path: Path) -> str:
     ):
         return "csv"
     raise ValueError(f"{path}: expected a .parquet or .csv profile table")
+
+
+def _columns_and_numeric(path: Path, kind: str) -> tuple[list[str], list[str]]:
+    """A table's columns and those holding numbers (CSV: judged on a sample of rows)."""
+    if kind == "parquet":
+        schema = pq.read_schema(path)
+        numeric = [
+            name
+            for name, field_type in zip(schema.names, schema.types, strict=True)
+            if pa.types.is_integer(field_type)
+            or pa.types.is_floating(field_type)
+            or pa.types.is_decimal(field_type)
+        ]
+        return list(schema.names), numeric
+    sample = pd.read_csv(path, nrows=_SAMPLE_ROWS, dtype=csv_string_columns(path))
+    numeric = [c for c in sample.columns if pd.api.types.is_numeric_dtype(sample[c]) and sample[c].dtype != bool]
+    return list(sample.columns), numeric
 
 
 def csv_string_columns(path: Path) -> dict[str, type]:
