@@ -86,6 +86,13 @@ def test_tsv_parquet_and_explicit_well_column(tmp_path):
         read_platemap(tmp_path / "map.xlsx")
     with pytest.raises(FileNotFoundError):
         read_platemap(tmp_path / "absent.csv")
+    # An empty, damaged or mis-quoted file is named.
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "cut.parquet").write_bytes(parquet.read_bytes()[:100])
+    (tmp_path / "quote.csv").write_text('well,x\n"B7,1\n')
+    for name, kind in (("empty.csv", "csv"), ("cut.parquet", "parquet"), ("quote.csv", "csv")):
+        with pytest.raises(ValueError, match=rf"plate map {tmp_path / name} cannot be read as a {kind} table: "):
+            read_platemap(tmp_path / name)
 
 
 def test_attach_warns_for_unmapped_wells_and_fails_when_none_match(tmp_path):

@@ -219,18 +219,21 @@ def read_platemap(
     if suffixes and suffixes[-1] in {".gz", ".bz2", ".xz", ".zst", ".zip"}:
         suffixes = suffixes[:-1]
     kind = suffixes[-1] if suffixes else ""
-    if kind == ".csv":
-        table = pd.read_csv(path)
-        if table.shape[1] == 1 and ";" in str(table.columns[0]):  # Excel's CSV where 0,5 is a number
-            table = pd.read_csv(path, sep=";", decimal=",")
-    elif kind in {".tsv", ".tab", ".txt"}:
-        table = pd.read_csv(path, sep="\t")
-    elif kind in {".parquet", ".pq"}:
-        table = pd.read_parquet(path)
-    else:
+    if kind not in {".csv", ".tsv", ".tab", ".txt", ".parquet", ".pq"}:
         raise ValueError(
             f"plate map {path}: unknown file type {path.suffix!r}; expected .csv, .tsv or .parquet"
         )
+    try:
+        if kind == ".csv":
+            table = pd.read_csv(path)
+            if table.shape[1] == 1 and ";" in str(table.columns[0]):  # Excel's, where 0,5 is a number
+                table = pd.read_csv(path, sep=";", decimal=",")
+        elif kind in {".parquet", ".pq"}:
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, sep="\t")
+    except (ValueError, OSError) as error:  # empty, cut short, not this format (pandas, pyarrow)
+        raise ValueError(f"plate map {path} cannot be read as a {kind.lstrip('.')} table: {error}") from None
     return normalize_platemap(table, well_column, source=f"plate map {path}")
 
 
