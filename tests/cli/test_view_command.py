@@ -49,7 +49,7 @@ def test_show_results_docks_the_panels_and_selects_the_best_feature(make_napari_
     assert get_state(viewer).store is store
 
     explorer = FeatureExplorer(store, dictionary, plate=plate).prepare()
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     feature = show_results(viewer, plate, explorer=explorer)
     table = explorer.feature_table()
     live = table[~table["dead"]]
@@ -61,6 +61,14 @@ def test_show_results_docks_the_panels_and_selects_the_best_feature(make_napari_
         lambda: any(layer.name.startswith(f"feature {feature}") for layer in viewer.layers),
         timeout=20000,
     )
+    # The Features tab is the one shown (not the last docked), and the tall panels scroll
+    # inside a 900-px window rather than making it taller than the screen.
+    from qtpy.QtWidgets import QTabBar
+
+    tabs = [bar for bar in viewer.window._qt_window.findChildren(QTabBar) if bar.count() >= 4]
+    assert [bar.tabText(bar.currentIndex()).split(" (")[0] for bar in tabs] == ["Features"]
+    viewer.window.resize(1200, 900)
+    qtbot.waitUntil(lambda: viewer.window._qt_window.height() <= 900, timeout=5000)
 
 
 def test_view_says_what_to_pass_when_the_store_or_plate_is_gone(fitted, tmp_path, capsys):

@@ -105,10 +105,11 @@ def show_results(
             from plate_concepts.viewer._embedding_views import crop_points_layer_data
 
             viewer.add_layer(Layer.create(*crop_points_layer_data(store, mosaic)))
-    for index, panel in enumerate(panels):
-        viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=index > 0)
+    docks = {panel: viewer.window.add_plugin_dock_widget(PLUGIN, panel, tabify=index > 0)[0]
+             for index, panel in enumerate(panels)}  # fmt: skip
     if explorer is None:
         return None
+    docks["Features"].raise_()  # the tab that shows the selected feature, not the last docked
     activation_pass = explorer.activation_pass
     path = dictionary_path or activation_pass.spec.dictionary
     state.set_dictionary(explorer.estimator, path, activation_pass if activation_pass.folder else None)

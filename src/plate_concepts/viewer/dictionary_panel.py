@@ -29,7 +29,6 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QProgressBar,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -52,6 +51,7 @@ from plate_concepts.viewer._dictionary_fit import (
 )
 from plate_concepts.viewer._explorer_jobs import explorer_preparer
 from plate_concepts.viewer._jobs import Job, Progress, start_job
+from plate_concepts.viewer._layout import scrolled_body
 from plate_concepts.viewer._plots import LossCurve
 from plate_concepts.viewer.state import connect_while_alive, get_state
 
@@ -137,7 +137,7 @@ class DictionaryPanel(QWidget):
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = scrolled_body(self)
 
         self.store_label = QLabel()
         self.store_label.setWordWrap(True)

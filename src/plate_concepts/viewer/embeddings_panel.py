@@ -19,6 +19,7 @@ from magicgui.widgets import (
     SpinBox,
     Table,
 )
+from qtpy.QtWidgets import QSizePolicy
 
 from plate_concepts.embeddings.store import EmbeddingStore
 from plate_concepts.plates.model import Plate
@@ -94,6 +95,9 @@ class EmbeddingsPanel(Container):
                 self.open_button, self.store_info, self.count_by, self.per_label, self.per_well,
             ],
         )  # fmt: skip
+        # A long store name is cut at the panel's edge (whole in the tooltip) rather than
+        # widening every panel docked beside this one.
+        self.store_info.native.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.module.native.setPlaceholderText("package.module:callable returning a torch.nn.Module")
         self.control_values.tooltip = (
             "Wells whose control column has one of these values are controls"
@@ -250,7 +254,7 @@ class EmbeddingsPanel(Container):
     # ------------------------------------------------------------------ showing
     def _show_store(self, store: EmbeddingStore) -> None:
         obs = store.obs
-        self.store_info.value = store_summary(store)
+        self.store_info.value = self.store_info.tooltip = store_summary(store)
         labels = obs_label_columns(obs)
         self.per_well.value = tokens_per_well(obs, [c for c in labels if c != "well"])
         preferred = self._control_spec_column(store)

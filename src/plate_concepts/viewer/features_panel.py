@@ -39,7 +39,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -64,6 +63,7 @@ from plate_concepts.viewer._feature_layers import (
 )
 from plate_concepts.viewer._feature_table import FeatureFilter, FeatureTableModel
 from plate_concepts.viewer._jobs import Job, start_job
+from plate_concepts.viewer._layout import scrolled_body
 from plate_concepts.viewer._notes_editor import NotesEditor
 from plate_concepts.viewer._plate_chooser import PlateChooser
 from plate_concepts.viewer._plots import BarChart, ColorScales, rgb_pixmap
@@ -127,7 +127,7 @@ class FeaturesPanel(QWidget):
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = scrolled_body(self)
         self.setMinimumWidth(PANEL_MIN_WIDTH)
         self.status = QLabel()
         self.status.setWordWrap(True)

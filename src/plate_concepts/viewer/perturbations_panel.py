@@ -26,13 +26,13 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QLabel,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
 from plate_concepts.viewer._explorer_jobs import explorer_preparer
 from plate_concepts.viewer._feature_table import FeatureTableModel
 from plate_concepts.viewer._jobs import Job, start_job
+from plate_concepts.viewer._layout import scrolled_body
 from plate_concepts.viewer._plots import rgb_pixmap
 from plate_concepts.viewer._screen_profiles import ScreenCrops, ScreenProfiles, describe_value
 from plate_concepts.viewer._table_tooltips import row_table
@@ -77,7 +77,7 @@ class PerturbationsPanel(QWidget):
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
-        layout = QVBoxLayout(self)
+        layout = scrolled_body(self)
         self.status = QLabel()
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
