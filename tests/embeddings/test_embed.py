@@ -375,6 +375,9 @@ def test_append_adds_plates_and_refuses_repeats_other_settings_and_strangers(tmp
         ValueError, match=r"channels \['Mito'\] are not among the channels of plate 'P3'"
     ):
         embed_plates([bare], path, MeanPool(), append=True, **SETTINGS)
+    with pytest.raises(ValueError, match=r"channels \['DNA', 'dna'\] are given more than once"):
+        embed_plates([second], tmp_path / "t", MeanPool(), **{**SETTINGS, "channels": ["DNA", "ER", "dna"]})
+    assert not (tmp_path / "t").exists()
 
     store = embed_plates([second], path, MeanPool(), append=True, **SETTINGS)
     assert store.plates == ["P1", "P2"] and len(store) == 72

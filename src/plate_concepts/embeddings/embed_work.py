@@ -361,6 +361,9 @@ def channel_indices(plate: Plate, channels: list[str] | None) -> list[int]:
             f"channels {missing or channels} are not among the channels of plate "
             f"{plate.name!r}: {plate.channels}"
         )
+    repeated = sorted({c for c in channels if [d.lower() for d in channels].count(c.lower()) > 1})
+    if repeated:  # the model would see the same stain twice, and the store say so nowhere
+        raise ValueError(f"channels {repeated} are given more than once: name each channel once")
     return [lowered.index(c.lower()) for c in channels]
 
 
