@@ -168,6 +168,22 @@ def test_evaluate_says_when_a_dictionary_is_partial(store, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["dictionary"]["cancelled"] is False
 
 
+def test_evaluate_json_is_strict_json_when_a_number_is_undefined(tmp_path, capsys):
+    flat = EmbeddingStore.create(tmp_path / "flat.store", dim=DIM)  # tokens that do not vary: FVU 0/0
+    flat.append(np.ones((64, DIM), np.float32), pd.DataFrame({
+        "plate": "P1", "well": "B02", "field": 1, "crop_y": np.arange(64), "crop_x": 0, "crop_size": 64,
+        "is_control": True}))  # fmt: skip
+    out = tmp_path / "d.safetensors"
+    assert main(["fit", str(tmp_path / "flat.store"), str(out), *QUICK, "--whiten", "none"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "flat.store"), str(out), "--json"]) == 0
+
+    def not_json(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert json.loads(capsys.readouterr().out, parse_constant=not_json)["fvu"] is None
+
+
 # ---------------------------------------------------------------------- one clear line
 def test_fit_and_evaluate_failures_are_one_line(store, tmp_path, capsys):
     out = tmp_path / "d.safetensors"

@@ -4,15 +4,33 @@ a display for napari, and the napari hand-over of ``view`` and ``demo-run``."""
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import re
 import shutil
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+
+def print_json(value: Any, indent: int = 2) -> None:
+    """Print ``value`` as strict JSON: a NaN or infinite number (an undefined mAP, an FVU of
+    tokens that do not vary) is ``null``, which every JSON reader accepts (``NaN`` is not JSON)."""
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    print(json.dumps(finite(value), indent=indent, allow_nan=False))
 
 
 class CommandError(Exception):

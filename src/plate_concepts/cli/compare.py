@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from plate_concepts.cli._common import CommandError, progress_bar
+from plate_concepts.cli._common import CommandError, print_json, progress_bar
 from plate_concepts.cli.dictionary import _positive_int
 
 COMPARE_HELP = """\
@@ -124,7 +123,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace, comparison: Any) -> None:
     if args.json:
-        print(json.dumps(comparison.to_json(), indent=2))
+        print_json(comparison.to_json())
     else:
         for run in comparison.runs:
             whitening = next((note for note in run.notes if note.startswith("whitening:")), None)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from plate_concepts.cli._common import progress_bar
+from plate_concepts.cli._common import print_json, progress_bar
 
 FIT_HELP = """\
 Writes OUT only when the fit finishes, and never replaces an existing file unless --overwrite is
@@ -209,7 +208,7 @@ def evaluate(args: argparse.Namespace) -> int:
     result = evaluate_dictionary(estimator, store, args.label or [], batch_size=args.batch_size,
                                  activation_pass=activation_pass)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_json(result)
         return 0
     print(f"{args.dictionary} on {args.store} ({result['n_tokens']} tokens):")
     fitted = result["dictionary"]

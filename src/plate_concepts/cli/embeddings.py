@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from plate_concepts.cli._common import CommandError, progress_bar
+from plate_concepts.cli._common import CommandError, print_json, progress_bar
 
 LIST_HELP = "(or @LIST.txt: a text file naming one per line; # starts a comment)"
 
@@ -348,7 +347,7 @@ def store_info(args: argparse.Namespace) -> int:
         missing = {name: ids for name, ids in store.missing_chunks().items() if ids}
         summary["missing_chunks"] = missing
     if getattr(args, "json", False):
-        print(json.dumps(summary, indent=2))
+        print_json(summary)
     else:
         _print_store(summary)
     return 1 if getattr(args, "strict", False) and missing else 0

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from plate_concepts.cli._common import CommandError, ensure_display, progress_bar, run_or_screenshot
+from plate_concepts.cli._common import (
+    CommandError,
+    ensure_display,
+    print_json,
+    progress_bar,
+    run_or_screenshot,
+)
 
 PLATE_HELP = (
     "the plate: an OME-Zarr HCS plate, a folder of TIFF exports (or the plate folder holding "
@@ -102,7 +107,7 @@ def info(args: argparse.Namespace) -> int:
         missing = _missing_chunks(plate)
         summary["missing_chunks"] = missing
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print_json(summary)
     else:
         _print_summary(summary, plate.wells)
     return 1 if args.strict and missing and missing["files"] else 0

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from plate_concepts.cli._common import CommandError, progress_bar
+from plate_concepts.cli._common import CommandError, print_json, progress_bar
 from plate_concepts.cli.dictionary import ALLOW_INCOMPLETE_HELP
 
 CODES_HELP = ("an activation pass of this dictionary over this store (plate-concepts encode) to "
@@ -124,7 +124,7 @@ def profiles(args: argparse.Namespace) -> int:
     floor = {} if args.min_score is None else {"min_score": args.min_score}
     confounds = confound_scores(activation_pass, None, batch, **floor)  # against every label of the pass
     if args.json:
-        print(json.dumps(result.to_json(args.top, confounds.flags), indent=1))
+        print_json(result.to_json(args.top, confounds.flags), indent=1)
         return 0
     notes = FeatureNotes.load(args.dictionary, activation_pass.n_features)
     print(f"{label}: {len(result.values)} value(s) profiled against the control wells "
