@@ -176,3 +176,21 @@ def test_view_a_feature_the_dictionary_lacks_is_one_line_before_any_work(tmp_pat
         assert main(["view", str(tmp_path / "d.safetensors"), "--feature", feature]) == 2
         assert f"--feature {feature} is not a feature of {tmp_path / 'd.safetensors'} (it has 8: 0..7)" in (
             one_error_line(capsys, "view"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", "s3://bucket/screen.store"],
+    ["encode", "/data/screen.store", "gs://bucket/dict.safetensors", "/data/screen.pass"],
+    ["embed", "https://example.org/plate.zarr", "out.store", "--quiet"],
+])
+def test_a_url_for_a_path_is_one_line_saying_why(argv, capsys):
+    assert main(argv) == 2
+    line = one_error_line(capsys, argv[0])
+    url = next(a for a in argv if "://" in a)
+    assert f"error: {url} is a URL" in line and "mount it" in line
+
+
+def test_a_scheduler_address_is_not_taken_for_a_path(tmp_path, capsys):
+    assert main(["encode", str(tmp_path / "none.store"), str(tmp_path / "d.safetensors"),
+                 str(tmp_path / "p.pass"), "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert "none.store does not exist" in capsys.readouterr().err

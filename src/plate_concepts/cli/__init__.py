@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{prefix}: warning: {_one_line(str(message))}", file=sys.stderr
         )
         try:
+            refuse_urls(args)
             return args.run(args)
         except KeyboardInterrupt:
             print(f"{prefix}: interrupted", file=sys.stderr)
@@ -74,6 +75,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"{prefix}: error: {describe_error(error)}", file=sys.stderr)
             return 2 if is_expected(error) else 1
+
+
+#: Options whose value is a network address, not a file.
+ADDRESS_OPTIONS = frozenset({"scheduler"})
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def refuse_urls(args: argparse.Namespace) -> None:
+    """Refuse a URL where a path is expected (``s3://...`` would otherwise be read as the local
+    path ``s3:/...``), saying why and what to give instead."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if name not in ADDRESS_OPTIONS and isinstance(item, str) and URL.match(item):
+                raise CommandError(
+                    f"{item} is a URL, but plates, stores, dictionaries and passes are read and "
+                    "written on a file system (local, or one every Dask worker mounts, such as "
+                    "NFS): outputs are committed by an atomic rename, which object stores do not "
+                    "offer. Copy it or mount it (s3fs, rclone mount, gcsfuse) and give its path"
+                )
 
 
 EXPECTED_ERRORS = (
