@@ -32,6 +32,9 @@ from plate_concepts._progress import Cancelled
 from plate_concepts.analysis.explorer import FeatureExplorer
 
 CONTROL = "perturbation=DMSO"
+REPORT_NAME = "concept_report.json"
+#: Keys every record of the concept report has (what ``check_report_replaceable`` recognises).
+REPORT_KEYS = frozenset({"label", "concept", "feature", "max_selectivity", "cell_auc"})
 CONCEPT_COLUMNS = ("perturbation", "cell_type")
 
 
@@ -86,6 +89,8 @@ def run_demo_pipeline(
     settings = settings or DemoSettings()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    report_path = workdir / REPORT_NAME
+    check_report_replaceable(report_path)  # before the long steps, not after them
     progress = progress_factory or (lambda _name: None)
 
     log("1/4 demo plate (generated once, then cached)")
@@ -139,9 +144,27 @@ def run_demo_pipeline(
     explorer.prepare(progress=progress("tokens"), cancel=cancel)
     ground_truth = pd.read_parquet(plate_dir / "ground_truth.parquet")
     report = concept_report(explorer, ground_truth)
-    with atomic_path(workdir / "concept_report.json") as tmp:
+    with atomic_path(report_path) as tmp:
         tmp.write_text(json.dumps(report.to_dict(orient="records"), indent=2))
     return DemoRun(plate_dir, store_path, dictionary_path, report, explorer)
+
+
+def check_report_replaceable(path: Path) -> None:
+    """Refuse to write the concept report over a file that is not one (a user's own
+    ``concept_report.json`` in the work folder): a report is a JSON list of records, each with
+    the concept, its best feature and the scores."""
+    if not path.exists():
+        return
+    try:
+        records = json.loads(path.read_text())
+        if isinstance(records, list) and all(isinstance(r, dict) and REPORT_KEYS <= r.keys() for r in records):
+            return
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise FileExistsError(
+        f"{path} is not a concept report of this demo, and the demo writes its report there: "
+        "move that file, or give the demo another work folder"
+    )
 
 
 def concept_report(explorer: FeatureExplorer, ground_truth: pd.DataFrame,

@@ -91,6 +91,14 @@ def test_output_paths_of_the_wrong_kind(tmp_path, capsys):
     assert "is a file" in one_error_line(capsys, "demo")
     assert main(["demo-run", str(a_file), "--no-viewer"]) == 2  # said before any work
     assert f"{a_file} is a file; demo-run's work folder is a folder" in one_error_line(capsys, "demo-run")
+    # A work folder holding a user's own concept_report.json: refused before any work, kept.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "concept_report.json").write_text('{"my": "notes"}')
+    assert main(["demo-run", str(work), "--no-viewer"]) == 2
+    assert "concept_report.json is not a concept report of this demo" in one_error_line(capsys, "demo-run")
+    assert (work / "concept_report.json").read_text() == '{"my": "notes"}'
+    assert sorted(p.name for p in work.iterdir()) == ["concept_report.json"]
     # A path under a file: said at once (before any work), for every kind of output.
     for command in (["convert", str(NF1 / "images"), str(a_file / "x.zarr")],
                     ["report", str(tmp_path), str(tmp_path / "d.safetensors"), str(a_file / "r.html")]):

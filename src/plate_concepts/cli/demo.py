@@ -60,12 +60,19 @@ def demo_run(args: argparse.Namespace) -> int:
     """The main job: the whole pipeline on the demo plate, then the result in napari."""
     from plate_concepts._io import check_writable_folder
     from plate_concepts.demo import CACHE_ENV_VAR, demo_plate_folder
-    from plate_concepts.demo_pipeline import DemoSettings, format_report, run_demo_pipeline
+    from plate_concepts.demo_pipeline import (
+        REPORT_NAME,
+        DemoSettings,
+        check_report_replaceable,
+        format_report,
+        run_demo_pipeline,
+    )
 
     if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
         raise CommandError(f"{args.workdir} is a file; demo-run's work folder is a folder: choose "
                            "another path (or leave it out for out/demo)")
-    check_writable_folder(Path(args.workdir) / "concept_report.json")
+    check_writable_folder(Path(args.workdir) / REPORT_NAME)
+    check_report_replaceable(Path(args.workdir) / REPORT_NAME)
     if not args.no_viewer:
         ensure_display(args)  # before the long run: without a display this may run again
     print(f"demo plate: {demo_plate_folder(n_wells=args.wells)} (written on first use, then "
@@ -86,7 +93,7 @@ def demo_run(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     print(format_report(run.report))
-    print(f"(report saved to {Path(args.workdir) / 'concept_report.json'})")
+    print(f"(report saved to {Path(args.workdir) / REPORT_NAME})")
     if args.no_viewer:
         return 0
     # What selecting a feature reads (labels, top crops, patch tokens), so the viewer answers
