@@ -202,3 +202,17 @@ def test_a_scheduler_address_is_not_taken_for_a_path(tmp_path, capsys):
     assert main(["encode", str(tmp_path / "none.store"), str(tmp_path / "d.safetensors"),
                  str(tmp_path / "p.pass"), "--scheduler", "tcp://127.0.0.1:1"]) == 2
     assert "none.store does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--per-round", "0"], "argument --per-round: must be >= 1, got 0"),
+    (["--method", "topk", "--k", "0"], "argument --k: must be >= 1, got 0"),
+    (["--shrinkage", "2"], "argument --shrinkage: must be none, auto"),
+])
+def test_a_bad_setting_names_its_option_before_any_work(options, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", str(tmp_path / "no.store"), str(tmp_path / "d.safetensors"), *options])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "batch_size" not in err and "per_round" not in err

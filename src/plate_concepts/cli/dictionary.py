@@ -117,8 +117,8 @@ def _parser_of(f: dataclasses.Field):  # -> Callable[[str], Any]
     def parse(text: str) -> Any:
         try:
             return parse_value(f, text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+        except ValueError as err:  # "argument --batch-size: must be >= 1", not the field's name
+            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{f.name} ")) from None
 
     parse.__name__ = f.name
     return parse

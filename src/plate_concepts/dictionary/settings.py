@@ -106,12 +106,15 @@ def parse_value(f: dataclasses.Field, text: str) -> Any:
     """A setting from text (command line, panel): its parser, or its type's."""
     info = setting_info(f)
     if info.parse is not None:
-        return info.parse(text)
-    kind = value_type(f)
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{f.name} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        value = info.parse(text)
+    else:
+        kind = value_type(f)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"{f.name} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    _check(f, value)  # said where it was typed (--batch-size 0), not when the fit starts
+    return value
 
 
 def value_type(f: dataclasses.Field) -> type:
