@@ -338,8 +338,12 @@ def test_a_pass_of_a_store_whose_plates_moved_is_refused(screen, tmp_path):
     check_pass_matches(result, made)
     # Same path, same number of tokens, but P2's rows come first now: the codes of a row are
     # another token's (after `embed --append --replace-plate P1`, P1 moves to the end).
-    with pytest.raises(ValueError, match=r"plates of .* changed since the activation pass"):
+    with pytest.raises(ValueError, match=r"changed since the activation pass .* reordered"):
         check_pass_matches(ActivationPass.open(tmp_path / "pass"), make([second, first]))
+    # Made again with the same plates, order and sizes (other tokens: embedded again with
+    # another normalisation, say): another store all the same.
+    with pytest.raises(ValueError, match=r"changed since the activation pass .*made again"):
+        check_pass_matches(ActivationPass.open(tmp_path / "pass"), make([first, second]))
 
 
 def test_explorer_from_a_written_pass_equals_one_prepared_in_memory(screen, tmp_path):

@@ -130,10 +130,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def store_plates_digest(store: Any) -> str:
-    """A digest of a store's plates in row order with their token counts: a pass's codes are
-    by row, so a store whose plates were replaced or reordered is another store."""
-    plates = json.dumps(list(store.tokens_per_plate().items()))
-    return hashlib.sha256(plates.encode()).hexdigest()
+    """A digest of what a store's rows are (:meth:`EmbeddingStore.rows_identity`): a pass's
+    codes are by row, so a store made again, or whose plates were replaced or reordered, is
+    another store."""
+    return hashlib.sha256(json.dumps(store.rows_identity()).encode()).hexdigest()
 
 
 def _stamp(path: str | Path) -> tuple[int, int]:

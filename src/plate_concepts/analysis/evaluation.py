@@ -76,8 +76,8 @@ def check_pass_matches(activation_pass: ActivationPass, store: EmbeddingStore, l
         )
     if spec.store_plates is not None and spec.store_plates != store_plates_digest(store):
         raise ValueError(
-            f"the plates of {store.path} changed since the activation pass {activation_pass.folder} "
-            "was made (a plate replaced, appended or reordered): its codes would be other tokens'; "
+            f"{store.path} changed since the activation pass {activation_pass.folder} was made (made "
+            "again, or a plate replaced, appended or reordered): its codes would be other tokens'; "
             "run encode again (--overwrite replaces the pass)"
         )
     recorded = spec.dictionary_sha256  # passes made before it was recorded: not checked

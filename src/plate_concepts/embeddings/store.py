@@ -273,6 +273,16 @@ class EmbeddingStore:
         """The plates with tokens in the store, in the order they were first appended."""
         return list(self._plate_entries())
 
+    def rows_identity(self) -> dict[str, Any]:
+        """What says which tokens the rows are: the store's creation id (None for stores
+        written before it was recorded) and the files holding the rows (a plate embedded again
+        goes to new files), with every plate's token count in row order."""
+        return {
+            "uid": self._meta.get("uid"),
+            "parts": [[part["file"], part["start"], part["stop"]] for part in self._meta.get("parts", [])],
+            "plates": list(self.tokens_per_plate().items()),
+        }
+
     def tokens_per_plate(self) -> dict[str, int]:
         return {name: int(e["n_tokens"]) for name, e in self._plate_entries().items()}
 

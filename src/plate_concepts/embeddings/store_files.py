@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,6 +74,8 @@ def new_meta(
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        # Which store this is: one made again at the same path (--overwrite) is another.
+        "uid": uuid.uuid4().hex,
         "n_tokens": 0,
         "dim": dim,
         "dtype": dtype,
