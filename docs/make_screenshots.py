@@ -165,6 +165,9 @@ def dictionary_panel(out_dir: Path) -> Path:
             return panel.fit_button.isEnabled()  # back when the fit has ended
 
         _wait_until(lambda: panel.progress.value() >= 450 or done(), what="the fit to progress")
+        from qtpy.QtWidgets import QScrollArea
+
+        panel.findChild(QScrollArea).ensureWidgetVisible(panel.loss_curve)  # the panel scrolls
         _settle(0.5)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "dictionary-panel.png"
