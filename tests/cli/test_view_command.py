@@ -62,13 +62,13 @@ def test_show_results_docks_the_panels_and_selects_the_best_feature(make_napari_
         timeout=20000,
     )
     # The Features tab is the one shown (not the last docked), and the tall panels scroll
-    # inside a 900-px window rather than making it taller than the screen.
+    # inside a laptop-sized window rather than making it taller than the screen.
     from qtpy.QtWidgets import QTabBar
 
     tabs = [bar for bar in viewer.window._qt_window.findChildren(QTabBar) if bar.count() >= 4]
     assert [bar.tabText(bar.currentIndex()).split(" (")[0] for bar in tabs] == ["Features"]
-    viewer.window.resize(1200, 900)
-    qtbot.waitUntil(lambda: viewer.window._qt_window.height() <= 900, timeout=5000)
+    viewer.window.resize(1200, 720)
+    qtbot.waitUntil(lambda: viewer.window._qt_window.height() <= 720, timeout=5000)
 
 
 def test_view_says_what_to_pass_when_the_store_or_plate_is_gone(fitted, tmp_path, capsys):

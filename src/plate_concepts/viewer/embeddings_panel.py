@@ -94,6 +94,7 @@ class EmbeddingsPanel(Container):
                 self.cancel_button, self.progress, self.message, self.open_path,
                 self.open_button, self.store_info, self.count_by, self.per_label, self.per_well,
             ],
+            scrollable=True,
         )  # fmt: skip
         # A long store name is cut at the panel's edge (whole in the tooltip) rather than
         # widening every panel docked beside this one.
@@ -123,6 +124,13 @@ class EmbeddingsPanel(Container):
             self._on_plate_changed(state.plate)
         if state.store is not None:
             self._show_store(state.store)
+
+    @property
+    def native(self) -> Any:
+        """The scroll area around the panel: napari docks a widget's ``native``, and docking
+        the contents alone would make the panel as tall as all its rows (and napari's window
+        taller than a laptop's screen)."""
+        return self.root_native_widget
 
     # ------------------------------------------------------------------ computing
     def compute(self) -> Any:
