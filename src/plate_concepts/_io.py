@@ -60,6 +60,12 @@ def _is_report(path: Path) -> bool:
     return is_report(path)
 
 
+def _is_concept_report(path: Path) -> bool:
+    from plate_concepts.demo_pipeline import is_concept_report
+
+    return is_concept_report(path)
+
+
 def _is_png(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -72,10 +78,12 @@ OUTPUT_KINDS: dict[str, tuple[str, bool, Callable[[Path], bool]]] = {
     "dictionary": ("a dictionary file", False, _is_dictionary_file),
     "report": ("an HTML report", False, _is_report),
     "figure": ("a PNG image", False, _is_png),
+    "concept-report": ("a concept report of this demo", False, _is_concept_report),
 }
 """Output kind -> (what it is called, whether it is a folder, how to recognise one)."""
 
-_EXAMPLE_FILE_NAMES = {"dictionary": "dictionary.safetensors", "report": "report.html", "figure": "figure.png"}
+_EXAMPLE_FILE_NAMES = {"dictionary": "dictionary.safetensors", "report": "report.html", "figure": "figure.png",
+                       "concept-report": "concept_report.json"}
 
 
 def output_kind(path: str | os.PathLike, kinds: Iterable[str] = tuple(OUTPUT_KINDS)) -> str | None:

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from plate_concepts._io import atomic_path
+from plate_concepts._io import atomic_path, replaceable_output
 from plate_concepts._progress import Cancelled
 from plate_concepts.analysis.explorer import FeatureExplorer
 
 CONTROL = "perturbation=DMSO"
 REPORT_NAME = "concept_report.json"
-#: Keys every record of the concept report has (what ``check_report_replaceable`` recognises).
+#: Keys every record of the concept report has (what :func:`is_concept_report` recognises).
 REPORT_KEYS = frozenset({"label", "concept", "feature", "max_selectivity", "cell_auc"})
 CONCEPT_COLUMNS = ("perturbation", "cell_type")
 
@@ -88,9 +88,9 @@ def run_demo_pipeline(
 
     settings = settings or DemoSettings()
     workdir = Path(workdir)
+    # Before the long steps: the report is written last, and replaces only an earlier report.
+    report_path = replaceable_output(workdir / REPORT_NAME, "concept-report", overwrite=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    report_path = workdir / REPORT_NAME
-    check_report_replaceable(report_path)  # before the long steps, not after them
     progress = progress_factory or (lambda _name: None)
 
     log("1/4 demo plate (generated once, then cached)")
@@ -149,22 +149,14 @@ def run_demo_pipeline(
     return DemoRun(plate_dir, store_path, dictionary_path, report, explorer)
 
 
-def check_report_replaceable(path: Path) -> None:
-    """Refuse to write the concept report over a file that is not one (a user's own
-    ``concept_report.json`` in the work folder): a report is a JSON list of records, each with
-    the concept, its best feature and the scores."""
-    if not path.exists():
-        return
+def is_concept_report(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a concept report (:func:`run_demo_pipeline` writes one): a JSON
+    list of records, each with the concept, its best feature and the scores."""
     try:
-        records = json.loads(path.read_text())
-        if isinstance(records, list) and all(isinstance(r, dict) and REPORT_KEYS <= r.keys() for r in records):
-            return
+        records = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    raise FileExistsError(
-        f"{path} is not a concept report of this demo, and the demo writes its report there: "
-        "move that file, or give the demo another work folder"
-    )
+        return False
+    return isinstance(records, list) and all(isinstance(r, dict) and REPORT_KEYS <= r.keys() for r in records)
 
 
 def concept_report(explorer: FeatureExplorer, ground_truth: pd.DataFrame,

@@ -96,7 +96,8 @@ def test_output_paths_of_the_wrong_kind(tmp_path, capsys):
     work.mkdir()
     (work / "concept_report.json").write_text('{"my": "notes"}')
     assert main(["demo-run", str(work), "--no-viewer"]) == 2
-    assert "concept_report.json is not a concept report of this demo" in one_error_line(capsys, "demo-run")
+    assert "concept_report.json already exists and is not a concept report of this demo" in one_error_line(
+        capsys, "demo-run")
     assert (work / "concept_report.json").read_text() == '{"my": "notes"}'
     assert sorted(p.name for p in work.iterdir()) == ["concept_report.json"]
     # A path under a file: said at once (before any work), for every kind of output.

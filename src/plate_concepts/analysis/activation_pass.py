@@ -79,7 +79,7 @@ class PassSpec:
     device: str
     threads: int | None
     dictionary_sha256: str | None = None  # the file's content: a file fitted again is another
-    store_plates: str | None = None  # store_plates_digest: the plates' order and sizes
+    store_plates: str | None = None  # store_plates_digest: which store, its row files and plates
 
     @property
     def n_chunks(self) -> int:

@@ -58,12 +58,10 @@ def demo(args: argparse.Namespace) -> int:
 
 def demo_run(args: argparse.Namespace) -> int:
     """The main job: the whole pipeline on the demo plate, then the result in napari."""
-    from plate_concepts._io import check_writable_folder
     from plate_concepts.demo import CACHE_ENV_VAR, demo_plate_folder
     from plate_concepts.demo_pipeline import (
         REPORT_NAME,
         DemoSettings,
-        check_report_replaceable,
         format_report,
         run_demo_pipeline,
     )
@@ -71,8 +69,6 @@ def demo_run(args: argparse.Namespace) -> int:
     if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
         raise CommandError(f"{args.workdir} is a file; demo-run's work folder is a folder: choose "
                            "another path (or leave it out for out/demo)")
-    check_writable_folder(Path(args.workdir) / REPORT_NAME)
-    check_report_replaceable(Path(args.workdir) / REPORT_NAME)
     if not args.no_viewer:
         ensure_display(args)  # before the long run: without a display this may run again
     print(f"demo plate: {demo_plate_folder(n_wells=args.wells)} (written on first use, then "
