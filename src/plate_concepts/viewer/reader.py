@@ -176,7 +176,7 @@ def fitted_store_path(estimator: Any) -> Path | None:
 
 def is_activation_pass(path: Path) -> bool:
     """Whether ``path`` is a folder written by ``plate-concepts encode``."""
-    from plate_concepts.analysis.activation_pass import PASS_FILE
+    from plate_concepts.analysis.pass_results import PASS_FILE
 
     return path.is_dir() and (path / PASS_FILE).is_file()
 
