@@ -14,6 +14,8 @@ from plate_concepts.analysis.activation_pass import pass_of_codes, plan_pass, ru
 from plate_concepts.analysis.confounds import confound_scores, epsilon_squared, gradient_fraction
 from plate_concepts.analysis.perturbations import (
     MAD_SCALE,
+    ValueProfile,
+    most_selective_text,
     perturbation_profiles,
     robust_z,
     well_profiles,
@@ -134,6 +136,27 @@ def test_planted_values_top_their_feature_with_agreeing_replicates(planted, prof
     assert profiles.values["noise"].z.max() < 3
 
 
+def test_max_selectivity_beside_z_equals_a_hand_computation(planted, profiles):
+    obs, dense, _ = planted
+    rates = {v: (dense[(obs["treatment"] == v).to_numpy()] != 0).mean(axis=0) for v in obs["treatment"].unique()}
+    for value, feature in PLANTED.items():
+        expected = rates[value] - np.max([r for v, r in rates.items() if v != value], axis=0)
+        profile = profiles.values[value]
+        np.testing.assert_allclose(profile.max_selectivity, expected, atol=1e-6)
+        assert profile.most_selective() == (feature, pytest.approx(expected[feature]), 1)
+        np.testing.assert_allclose(profile.top(M)["max_selectivity"], expected[profile.top(M)["feature"]], atol=1e-6)
+        assert most_selective_text(profile) == f"most selective: feature {feature} (max selectivity {expected[feature]:.3f}), first by z"
+
+
+def test_most_selective_feature_ranked_by_z_when_they_disagree():
+    # Feature 2 is the most selective but third by z (feature 0 is almost silent on controls).
+    z, selectivity = np.array([9.0, 5.0, 4.0, 1.0]), np.array([0.30, 0.10, 0.45, 0.0])
+    blank = np.zeros(4)
+    profile = ValueProfile("drug", 2, 1, 64, z, blank, blank, blank, selectivity)
+    assert profile.most_selective() == (2, 0.45, 3)
+    assert most_selective_text(profile) == "most selective: feature 2 (max selectivity 0.450), 3rd by z"
+
+
 def test_map_separates_planted_replicates_from_noise(profiles):
     for value in PLANTED:
         assert profiles.values[value].map > 0.9 and profiles.values[value].map_p_value < 0.01
@@ -146,8 +169,10 @@ def test_json_record_has_the_documented_keys(profiles, planted):
     record = profiles.to_json(top=5, confounds=flags)
     assert set(record) == {"label", "values", "confounds"} and record["label"] == "treatment"
     entry = record["values"]["A"]
-    assert set(entry) == {"n_wells", "map", "features"} and len(entry["features"]) == 5
-    assert set(entry["features"][0]) == {"feature", "z", "replicate_fraction", "mean"}
+    assert set(entry) == {"n_wells", "map", "features", "most_selective"} and len(entry["features"]) == 5
+    assert set(entry["features"][0]) == {"feature", "z", "replicate_fraction", "mean", "max_selectivity"}
+    assert entry["most_selective"] == {"feature": PLANTED["A"], "rank_by_z": 1,
+                                       "max_selectivity": pytest.approx(entry["features"][0]["max_selectivity"])}
     zs = [f["z"] for f in entry["features"]]
     assert zs == sorted(zs, reverse=True)
     assert record["confounds"][str(BATCH_FEATURE)] == {"by": "batch", "score": pytest.approx(flags[BATCH_FEATURE].score)}

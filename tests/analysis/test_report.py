@@ -93,6 +93,8 @@ def test_report_is_one_self_contained_file_with_crops_and_names(world, tmp_path)
     for value in ("er-stress", "mito-fragmentation", "multinucleation", "nuclear-enlargement"):
         assert f"<tr><td>{value}</td>" in text
     assert len(re.findall(r"<h3>perturbation = ", text)) == 2
+    assert len(re.findall(r"most selective: feature \d+ \(max selectivity [-0-9.]+\), \w+ by z", text)) == 2
+    assert text.count("<th>max selectivity</th>") == 2
 
 
 def test_a_true_false_label_gets_every_value_in_its_heatmap(world, tmp_path, monkeypatch):
@@ -174,13 +176,16 @@ def test_profiles_report_and_names_commands(world, tmp_path, capsys):
     assert set(record) == {"label", "values", "confounds"} and record["label"] == "perturbation"
     assert set(record["values"]) == {"er-stress", "mito-fragmentation", "multinucleation", "nuclear-enlargement"}
     entry = record["values"]["er-stress"]
-    assert set(entry) == {"n_wells", "map", "features"} and entry["n_wells"] == 1 and entry["map"] is None
-    assert len(entry["features"]) == 4 and set(entry["features"][0]) == {"feature", "z", "replicate_fraction", "mean"}
+    assert set(entry) == {"n_wells", "map", "features", "most_selective"} and entry["n_wells"] == 1 and entry["map"] is None
+    assert len(entry["features"]) == 4
+    assert set(entry["features"][0]) == {"feature", "z", "replicate_fraction", "mean", "max_selectivity"}
+    assert set(entry["most_selective"]) == {"feature", "max_selectivity", "rank_by_z"}
     for flag in record["confounds"].values():
         assert set(flag) == {"by", "score"}
 
     assert main(["profiles", str(store.path), str(dictionary), "--label", "perturbation", "--quiet"]) == 0
-    assert "er-stress: 1 well(s)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "er-stress: 1 well(s)" in text and "max sel" in text and "most selective: feature " in text
 
     out = tmp_path / "report.html"
     assert main(["report", str(store.path), str(dictionary), str(out), "--label", "perturbation",

@@ -201,6 +201,11 @@ def test_the_perturbations_panel_selects_features_everywhere(open_screen, qtbot)
     assert int(perturbations.proxy.index(0, 0).data()) == feature  # best z first
     assert shown.set_index("feature").loc[feature, "z"] == pytest.approx(z)
     assert "1 well" in perturbations.summary.text() and "drug2" in perturbations.summary.text()
+    selectivity = explorer.activation_pass.selectivity("treatment")
+    expected = selectivity.maximum[list(selectivity.values).index("drug2")]
+    np.testing.assert_allclose(shown["max selectivity"], expected[shown["feature"].to_numpy()], atol=1e-6)
+    best = int(np.argmax(expected))
+    assert f"most selective: feature {best} (max selectivity {expected[best]:.3f})" in perturbations.summary.text()
     flags = confound_scores(explorer.activation_pass, ["treatment"], "batch").flags
     for row in shown.itertuples():
         flag = flags.get(int(row.feature))

@@ -33,6 +33,16 @@ analyses): each replicate well ranks all its replicates and all control wells by
 similarity of their well profiles (the per-well z-scores of every feature), and the average
 precision says how far up its replicates come; the mAP is their mean, with a permutation
 p-value. Wells of the controls themselves form no profile: they are the reference.
+
+**Max selectivity** sits beside z (see the method's metrics): ``P(active | value) - max over
+other values of P(active | other)``, over all the value's tokens. The two answer different
+questions and need not agree on the first feature: z ranks how far a feature moves from the
+controls *in units of the controls' own spread* (so a feature almost silent on controls ranks
+high), max selectivity how exclusively it fires for this value rather than any other. When a
+concept is split over several co-active features their max selectivities often tie within
+sampling error (about ``sqrt(p (1 - p) / n)``, 0.02 for 640 tokens), and which one z puts first
+then varies with the fit's seed. :meth:`ValueProfile.most_selective` says where the most
+selective feature ranks by z.
 """
 
 from __future__ import annotations
@@ -191,7 +201,8 @@ class ValueProfile:
     """One label value's profile over every feature (see the module docstring): ``z`` the mean
     of its replicate wells' z-scores, ``replicate_fraction`` the fraction of them above 2,
     ``mean`` and ``fraction`` the mean activation and fraction of active tokens over all its
-    tokens; ``map`` and ``map_p_value`` its phenotypic activity (NaN with one replicate)."""
+    tokens, ``max_selectivity`` each feature's max selectivity for the value; ``map`` and
+    ``map_p_value`` its phenotypic activity (NaN with one replicate)."""
 
     value: Hashable
     n_wells: int
@@ -201,6 +212,7 @@ class ValueProfile:
     replicate_fraction: np.ndarray
     mean: np.ndarray
     fraction: np.ndarray
+    max_selectivity: np.ndarray
     map: float = float("nan")
     map_p_value: float = float("nan")
 
@@ -213,7 +225,15 @@ class ValueProfile:
             "replicate_fraction": self.replicate_fraction[order].astype(float),
             "mean": self.mean[order].astype(float),
             "fraction_active": self.fraction[order].astype(float),
+            "max_selectivity": self.max_selectivity[order].astype(float),
         })
+
+    def most_selective(self) -> tuple[int, float, int]:
+        """(feature, its max selectivity, its rank by z from 1) of the feature most selective
+        for this value (ties: lower feature)."""
+        feature = int(np.argmax(self.max_selectivity))
+        order = np.lexsort((np.arange(len(self.z)), -self.z))
+        return feature, float(self.max_selectivity[feature]), int(np.flatnonzero(order == feature)[0]) + 1
 
 
 @dataclass
@@ -236,19 +256,23 @@ class PerturbationProfiles:
 
     def to_json(self, top: int = 20, confounds: dict[int, Any] | None = None) -> dict[str, Any]:
         """The ``profiles --json`` record: ``{"label", "values": {VALUE: {"n_wells", "map",
-        "features": [{"feature", "z", "replicate_fraction", "mean"}, ...]}}}`` (top ``top``
-        features by z), plus ``"confounds"`` when given (see :mod:`.confounds`)."""
+        "features": [{"feature", "z", "replicate_fraction", "mean", "max_selectivity"}, ...],
+        "most_selective": {"feature", "max_selectivity", "rank_by_z"}}}}`` (top ``top`` features
+        by z), plus ``"confounds"`` when given (see :mod:`.confounds`)."""
         values = {}
         for value, profile in self.values.items():
             best = profile.top(top)
+            feature, selectivity, rank = profile.most_selective()
             values[str(value)] = {
                 "n_wells": profile.n_wells,
                 "map": _json_float(profile.map),
                 "features": [
                     {"feature": int(row.feature), "z": float(row.z),
-                     "replicate_fraction": float(row.replicate_fraction), "mean": float(row.mean)}
+                     "replicate_fraction": float(row.replicate_fraction), "mean": float(row.mean),
+                     "max_selectivity": float(row.max_selectivity)}
                     for row in best.itertuples()
                 ],
+                "most_selective": {"feature": feature, "max_selectivity": selectivity, "rank_by_z": rank},
             }
         record: dict[str, Any] = {"label": self.column, "values": values}
         if confounds is not None:
@@ -256,6 +280,18 @@ class PerturbationProfiles:
                 str(feature): {"by": flag.by, "score": float(flag.score)} for feature, flag in confounds.items()
             }
         return record
+
+
+def most_selective_text(profile: ValueProfile) -> str:
+    """``"most selective: feature 76 (max selectivity 0.470), 3rd by z"``."""
+    feature, selectivity, rank = profile.most_selective()
+    where = "first by z" if rank == 1 else f"{_ordinal(rank)} by z"
+    return f"most selective: feature {feature} (max selectivity {selectivity:.3f}), {where}"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _json_float(value: float) -> float | None:
@@ -280,6 +316,8 @@ def perturbation_profiles(
     treated = usable & ~meta["is_control"].to_numpy()
     totals = activation_pass.label_sums(column)
     position = {key: i for i, key in enumerate(totals.keys)}
+    selectivity = activation_pass.selectivity(column)
+    selectivity_row = {key: i for i, key in enumerate(selectivity.values)}
     activity = phenotypic_activity(wells, null_size=null_size, seed=seed)
     profiles: dict[Hashable, ValueProfile] = {}
     for value in pd.unique(meta["value"][treated]):
@@ -297,6 +335,7 @@ def perturbation_profiles(
             replicate_fraction=(z > REPLICATE_Z).mean(axis=0),
             mean=totals.sums[i] / count,
             fraction=totals.active[i] / count,
+            max_selectivity=selectivity.maximum[selectivity_row[value]],
             map=mean_ap,
             map_p_value=p_value,
         )

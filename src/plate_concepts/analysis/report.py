@@ -28,7 +28,11 @@ from plate_concepts.analysis import report_figures as figures
 from plate_concepts.analysis.activation_pass import ActivationPass
 from plate_concepts.analysis.confounds import ConfoundScores, confound_scores
 from plate_concepts.analysis.feature_notes import FeatureNotes
-from plate_concepts.analysis.perturbations import PerturbationProfiles, perturbation_profiles
+from plate_concepts.analysis.perturbations import (
+    PerturbationProfiles,
+    most_selective_text,
+    perturbation_profiles,
+)
 
 GENERATOR = "plate-concepts report"
 _MARKER = f'<meta name="generator" content="{GENERATOR}">'
@@ -247,15 +251,16 @@ def _value_detail(context: _Context, profiles: PerturbationProfiles, value: Any,
     for row in best.itertuples():
         flag = confounds.flags.get(int(row.feature))
         rows.append([
-            _e(context.feature(int(row.feature))), f"{row.z:.2f}", f"{row.replicate_fraction:.2f}",
-            f"{row.mean:.4g}", f"{row.fraction_active:.2f}",
+            _e(context.feature(int(row.feature))), f"{row.z:.2f}", f"{row.max_selectivity:.3f}",
+            f"{row.replicate_fraction:.2f}", f"{row.mean:.4g}", f"{row.fraction_active:.2f}",
             f"<span class=flag>{_e(flag.by)}</span>" if flag else "",
         ])
     parts = [
         f"<h3>{_e(profiles.column)} = {_e(value)}</h3>",
         (f"<p class=meta>{profile.n_wells} replicate well(s) on {profile.n_plates} plate(s), "
-         f"{profile.n_tokens:,} tokens, mAP {_num(profile.map, 3)}</p>"),
-        _table(["feature", "z", "replicates z > 2", "mean activation", "fraction active", "confound"], rows, escape=False),
+         f"{profile.n_tokens:,} tokens, mAP {_num(profile.map, 3)}; {_e(most_selective_text(profile))}</p>"),
+        _table(["feature", "z", "max selectivity", "replicates z > 2", "mean activation", "fraction active", "confound"],
+               rows, escape=False),
     ]
     wells = profiles.wells.meta
     mine = wells[(wells["value"] == value) & ~wells["is_control"]]

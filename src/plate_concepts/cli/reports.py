@@ -115,7 +115,7 @@ def load_pass(args: argparse.Namespace, required: Sequence[str]) -> tuple[Any, A
 def profiles(args: argparse.Namespace) -> int:
     from plate_concepts.analysis.confounds import confound_scores
     from plate_concepts.analysis.feature_notes import FeatureNotes
-    from plate_concepts.analysis.perturbations import perturbation_profiles
+    from plate_concepts.analysis.perturbations import most_selective_text, perturbation_profiles
 
     store, activation_pass = load_pass(args, [args.label, *([args.batch] if args.batch else [])])
     label = store.resolve_column(args.label, "label column")
@@ -135,11 +135,12 @@ def profiles(args: argparse.Namespace) -> int:
         profile = result.values[value]
         mean_ap = "n/a" if profile.map != profile.map else f"{profile.map:.3f} (p {profile.map_p_value:.2g})"
         print(f"\n{value}: {profile.n_wells} well(s), mAP {mean_ap}")
-        print(f"  {'feature':>7}  {'z':>8}  {'repl>2':>6}  {'mean':>9}  flag  name")
+        print(f"  {'feature':>7}  {'z':>8}  {'max sel':>7}  {'repl>2':>6}  {'mean':>9}  flag  name")
         for row in profile.top(args.top).itertuples():
             flag = confounds.flags.get(int(row.feature))
-            print(f"  {row.feature:>7}  {row.z:>8.2f}  {row.replicate_fraction:>6.2f}  {row.mean:>9.4g}  "
-                  f"{(flag.by if flag else ''):<4}  {notes.name(int(row.feature))}")
+            print(f"  {row.feature:>7}  {row.z:>8.2f}  {row.max_selectivity:>7.3f}  {row.replicate_fraction:>6.2f}  "
+                  f"{row.mean:>9.4g}  {(flag.by if flag else ''):<4}  {notes.name(int(row.feature))}")
+        print(f"  {most_selective_text(profile)}")
     if confounds.flags:
         print(f"\nflagged as confounds ({len(confounds.flags)}):")
         for feature, flag in confounds.flags.items():

@@ -223,6 +223,7 @@ class PerturbationsPanel(QWidget):
             "feature": top["feature"].to_numpy(),
             **({"name": [notes.name(int(f)) for f in top["feature"]]} if notes is not None else {}),
             "z": top["z"].to_numpy(),
+            "max selectivity": top["max_selectivity"].to_numpy(),
             "replicates z>2": top["replicate_fraction"].to_numpy(),
             "mean": top["mean"].to_numpy(),
             "fraction active": top["fraction_active"].to_numpy(),
