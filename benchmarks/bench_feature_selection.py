@@ -258,7 +258,7 @@ def bench_big_wells(args: argparse.Namespace) -> None:
     print(
         f"\nwells of 9 fields of {size} px: {len(store)} crops; preload {time.perf_counter() - started:.1f} s ({summary.describe()})"
     )
-    viewer, state, panel = _features_viewer(plate, store, explorer)
+    viewer, _state, panel = _features_viewer(plate, store, explorer)
     panel.well.setCurrentText("A02")
     shown: list[int] = []
     panel.feature_shown.connect(shown.append)
@@ -266,7 +266,9 @@ def bench_big_wells(args: argparse.Namespace) -> None:
     for feature in range(args.features + 1):
         count, start = len(shown), time.perf_counter()
         panel.select_feature(feature)
-        _wait_until(lambda: len(shown) > count and not panel.is_busy, what=f"feature {feature}")
+        _wait_until(
+            lambda count=count: len(shown) > count and not panel.is_busy, what=f"feature {feature}"
+        )
         times.append(time.perf_counter() - start)
     viewer.close()
     print(f"  selection -> layers updated (fields of well A02) {_summary(times[1:])}")

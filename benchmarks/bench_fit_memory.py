@@ -25,6 +25,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import pandas as pd
@@ -106,7 +107,7 @@ def new_model(method: str, n_features: int, dim: int, k: int) -> torch.nn.Module
 class MemoryWatch:
     """Peak RSS growth and tracemalloc peak of a block of code."""
 
-    def __enter__(self) -> MemoryWatch:
+    def __enter__(self) -> Self:
         self.exact_peak = reset_peak_rss()
         self.rss_before = rss_bytes()
         tracemalloc.start()

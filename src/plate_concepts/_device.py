@@ -16,7 +16,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         device = name
     elif str(name).lower() == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            rank = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device("cuda", rank % torch.cuda.device_count())
         if mps_available():
             return torch.device("mps")
         return torch.device("cpu")

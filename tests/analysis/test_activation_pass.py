@@ -300,7 +300,7 @@ def test_a_pass_of_a_dictionary_fitted_again_in_its_place_is_refused(screen, tmp
     from plate_concepts.analysis.explorer import FeatureExplorer
     from plate_concepts.cli import main
 
-    root, store, dictionary, estimator, obs = screen
+    root, store, _dictionary, estimator, obs = screen
     mine = tmp_path / "dict.safetensors"
     estimator.save(mine)
     run_pass(plan_pass(store, mine, tmp_path / "pass", rows_per_task=40), workers=0)

@@ -97,7 +97,7 @@ def test_reconstruction_metrics_do_not_depend_on_the_thread_count() -> None:
 
 def test_reconstruction_metrics_errors() -> None:
     with pytest.raises(ValueError, match="no tokens"):
-        ReconstructionMetrics().fvu
+        _ = ReconstructionMetrics().fvu
     with pytest.raises(ValueError, match="must both be"):
         fvu(np.zeros((3, 2)), np.zeros((3, 3)))
     metrics = ReconstructionMetrics()

@@ -325,7 +325,7 @@ def test_training_step_runs_under_bf16_autocast():
     module.tokens_since_fired += 10**7  # every feature dead: AuxK runs too
     x = torch.randn(32, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, codes, stats = module.training_loss(x)
+        loss, _codes, _stats = module.training_loss(x)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())

@@ -86,11 +86,12 @@ def state(model) -> dict[str, torch.Tensor]:
 
 def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
 
 
-CONFIG = dict(steps=24, batch_size=64, lr=1e-2, warmup_steps=5, device="cpu", log_every=8)
+CONFIG = {"steps": 24, "batch_size": 64, "lr": 1e-2, "warmup_steps": 5, "device": "cpu",
+          "log_every": 8}
 
 
 @pytest.fixture(scope="module")
@@ -259,10 +260,11 @@ def test_fit_dictionary_writes_a_loadable_file_and_resumes(data, tmp_path):
     make_store(tmp_path / "s", tokens, None, treatment=treatment)
     out = tmp_path / "dict.safetensors"
     seen: list[TrainingEvent] = []
-    common = dict(control="treatment=DMSO", n_features=32, n_rounds=2, per_round=2, steps=12,
-                  batch_size=64, lr=1e-2, device="cpu", log_every=4, checkpoint_every=5)
+    common = {"control": "treatment=DMSO", "n_features": 32, "n_rounds": 2, "per_round": 2,
+              "steps": 12, "batch_size": 64, "lr": 1e-2, "device": "cpu", "log_every": 4,
+              "checkpoint_every": 5}
     result = fit_dictionary(tmp_path / "s", out, "icfl", progress=seen.append, keep_checkpoint=True, **common)
-    model, whitening, meta = load_dictionary(out)
+    model, _whitening, meta = load_dictionary(out)
     steps = [e.step for e in seen if isinstance(e, TrainingEvent)]  # and the whitening chosen, first
     assert meta["method"] == "icfl" and meta["training"]["steps"] == 12 and steps == [4, 8, 12]
     assert meta["store"]["n_tokens"] == 600 and meta["control"] == {
@@ -335,7 +337,7 @@ def test_resolve_device():
 @pytest.fixture(scope="module")
 def estimators(data):
     tokens, is_control, _ = data
-    options = dict(steps=20, batch_size=64, lr=1e-2, device="cpu", log_every=10)
+    options = {"steps": 20, "batch_size": 64, "lr": 1e-2, "device": "cpu", "log_every": 10}
     return (
         ICFL(n_features=32, n_rounds=2, per_round=2, **options).fit(tokens, is_control=is_control),
         TopKSAE(n_features=32, k=4, **options).fit(tokens, is_control=is_control),
@@ -366,7 +368,7 @@ def test_estimator_save_load_returns_the_right_class(estimators, data, tmp_path)
 
 
 def test_estimator_errors(data, estimators):
-    tokens, is_control, _ = data
+    tokens, _is_control, _ = data
     icfl, _ = estimators
     with pytest.raises(NotFittedError):
         ICFL(n_features=32).encode(np.zeros((2, DIM), np.float32))
@@ -390,7 +392,8 @@ def test_estimator_errors(data, estimators):
 def test_fit_iter_yields_progress_records_provenance_and_equals_fit(data, tmp_path):
     tokens, is_control, _ = data
     store = make_store(tmp_path / "s", tokens, None, treatment=np.where(is_control, "DMSO", "drug"))
-    options = dict(n_features=32, n_rounds=2, per_round=2, steps=12, batch_size=64, lr=1e-2, device="cpu", log_every=4)
+    options = {"n_features": 32, "n_rounds": 2, "per_round": 2, "steps": 12, "batch_size": 64,
+               "lr": 1e-2, "device": "cpu", "log_every": 4}
     generator = ICFL(**options).fit_iter(store, "treatment=DMSO")
     events = []
     with pytest.raises(StopIteration) as stop:
@@ -445,7 +448,8 @@ def test_a_rank_deficient_whitening_is_one_message_not_a_warning(data):
 def test_checkpoints_come_by_time_and_a_finished_fit_removes_its_own(data, tmp_path):
     tokens, is_control, _ = data
     checkpoint = tmp_path / "c.ckpt.safetensors"
-    options = dict(n_features=32, k=4, steps=6, batch_size=64, device="cpu", log_every=1)
+    options = {"n_features": 32, "k": 4, "steps": 6, "batch_size": 64, "device": "cpu",
+               "log_every": 1}
     seen = []
     for event in TopKSAE(**options, checkpoint_minutes=1e-9).fit_iter(tokens, is_control, checkpoint_path=checkpoint):
         if getattr(event, "step", None) == 4:  # a checkpoint is written as soon as it is due, between steps
@@ -486,9 +490,11 @@ def test_settings_are_declared_once_and_read_by_the_estimators():
     assert METHODS == {"icfl": ICFL, "topk": TopKSAE} and method_class("topk").module_class is TopKModule
     with pytest.raises(ValueError, match="unknown dictionary method 'pca'"):
         method_class("pca")
-    for bad, match in ((dict(steps=-1), "steps must be >= 0"), (dict(lr=0.0), "lr must be a positive"),
-                       (dict(whiten="zca"), "whiten must be one of"), (dict(shrinkage=2.0), "shrinkage"),
-                       (dict(batch_size=1.5), "batch_size must be an integer")):
+    for bad, match in (({"steps": -1}, "steps must be >= 0"),
+                       ({"lr": 0.0}, "lr must be a positive"),
+                       ({"whiten": "zca"}, "whiten must be one of"),
+                       ({"shrinkage": 2.0}, "shrinkage"),
+                       ({"batch_size": 1.5}, "batch_size must be an integer")):
         with pytest.raises(ValueError, match=match):
             ICFL(**bad).settings()
     with pytest.raises(TypeError, match="has no parameter"):

@@ -128,7 +128,7 @@ def test_tokens_are_the_embedded_crops_with_their_plate_map_labels(tmp_path):
 
 def test_interrupted_embedding_resumes_without_duplicates(tmp_path):
     plate = _synthetic_plate()
-    settings = dict(crop_size=32, batch_size=3, group_size=4, device="cpu")
+    settings = {"crop_size": 32, "batch_size": 3, "group_size": 4, "device": "cpu"}
     full = embed_plate(plate, tmp_path / "full", MeanPool(), **settings)
 
     stop = threading.Event()

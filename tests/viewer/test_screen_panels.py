@@ -149,7 +149,7 @@ def test_choosing_a_plate_redraws_its_layers(open_screen, qtbot):
 
 
 def test_a_plate_without_images_shows_its_wells_in_the_chart(open_screen, qtbot):
-    viewer, state, panel, _, explorer = open_screen()
+    viewer, _state, panel, _, explorer = open_screen()
     with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
         panel.select_feature(3)
     with qtbot.waitSignal(panel.feature_shown, timeout=30_000):
@@ -225,7 +225,7 @@ def test_names_tags_and_notes_round_trip_through_the_panel(open_screen, screen, 
     from plate_concepts.analysis.feature_notes import FeatureNotes
 
     dictionary = screen.estimator.save(tmp_path / "named.safetensors")
-    viewer, state, panel, perturbations, explorer = open_screen(dictionary, perturbations=True)
+    viewer, _state, panel, perturbations, explorer = open_screen(dictionary, perturbations=True)
     feature = _planted(explorer, "drug")[0]
     with qtbot.waitSignal(panel.feature_shown, timeout=20_000):
         panel.select_feature(feature)

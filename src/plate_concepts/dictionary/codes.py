@@ -54,7 +54,7 @@ class SparseCodes:
         if not parts:
             raise ValueError("no codes to concatenate")
         k = max(p.indices.shape[1] for p in parts)
-        pad = lambda t: torch.nn.functional.pad(t, (0, k - t.shape[1]))  # noqa: E731
+        pad = lambda t: torch.nn.functional.pad(t, (0, k - t.shape[1]))
         return SparseCodes(
             torch.cat([pad(p.indices) for p in parts]),
             torch.cat([pad(p.values) for p in parts]),

@@ -142,7 +142,7 @@ def load_dictionary(
 
     expected = {name: tuple(t.shape) for name, t in model.state_tensors().items()}
     _check_tensors(path, f"{method} model", expected, tensors)
-    missing_keys, unexpected = model.load_state_dict(
+    _missing_keys, unexpected = model.load_state_dict(
         {name: tensors[name] for name in expected}, strict=False
     )
     if unexpected:  # state_tensors() names must be state_dict() names
@@ -165,7 +165,7 @@ def load_dictionary(
     return model.to(device), whitening, metadata
 
 
-def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
+def _open(path: Path):  # no return type: safetensors' handle type is private
     if not path.exists():
         raise FileNotFoundError(f"dictionary file {path} does not exist")
     if path.is_dir():

@@ -103,7 +103,7 @@ class PlateMosaic:
     def locate(self, y: float, x: float) -> MosaicHit | None:
         """Level-0 mosaic pixel -> the (well, field, field pixel) shown there, or None on a gap,
         an empty grid slot, an absent well or outside the plate."""
-        y, x = int(math.floor(y)), int(math.floor(x))
+        y, x = math.floor(y), math.floor(x)
         if not (0 <= y < self.shape[0] and 0 <= x < self.shape[1]):
             return None
         row, wy = divmod(y, self.well_shape[0])
