@@ -252,3 +252,65 @@ def test_demo_claims_on_a_small_screen_with_a_batch(tmp_path):
         assert most_selective not in flags
         assert profiles.values[value].map > 0.9
     assert any(flag.by == "batch" for flag in flags.values())
+
+
+# ---------------------------------------------------------------------- what a user can get wrong
+def planted_pass(obs: pd.DataFrame, dense: np.ndarray, labels=("treatment", "batch")):
+    x = dense.astype(np.float32)
+    return pass_of_codes(sparse_codes(dense), x, x, obs, labels=list(labels))
+
+
+def test_a_plate_without_controls_is_left_out_with_a_warning_naming_it():
+    obs, dense = planted_codes()
+    obs.loc[obs["plate"] == "P2", "is_control"] = False
+    with pytest.warns(UserWarning, match=r"1 plate\(s\) have no control wells and are left out of the profiles: P2"):
+        profiles = perturbation_profiles(planted_pass(obs, dense), "treatment", null_size=200)
+    assert profiles.wells.plates_with_controls == ["P1"]
+    assert profiles.values["A"].n_wells == 4 and profiles.values["A"].n_plates == 1
+    assert int(profiles.values["A"].top(1)["feature"].iloc[0]) == PLANTED["A"]
+
+
+def test_too_few_control_wells_warn_that_z_rests_on_token_sampling():
+    obs, dense = planted_codes()
+    dmso = obs["treatment"] == "DMSO"
+    first = obs.loc[dmso].groupby("plate")["well"].transform("min")  # one control well per plate
+    obs.loc[first.index[obs.loc[first.index, "well"] != first], "is_control"] = False
+    with pytest.warns(UserWarning, match=r"2 plate\(s\) have fewer than 3 control wells: P1 \(1\), P2 \(1\)"):
+        well_profiles(planted_pass(obs, dense), "treatment")
+
+
+def test_confound_floor_and_a_batch_of_one_value_are_said(planted):
+    activation_pass = planted[2]
+    for bad in (float("nan"), -0.1, 1.5, "0.2", True):
+        with pytest.raises(ValueError, match=r"min_score \(--min-score\) is a variance fraction: a number from 0 to 1"):
+            confound_scores(activation_pass, min_score=bad)
+    assert confound_scores(activation_pass, batch="batch", min_score=np.float32(0.5)).flags  # numpy numbers are numbers
+    obs, dense = planted_codes()
+    obs["batch"] = "only"
+    with pytest.warns(UserWarning, match=r"the batch column 'batch' has one value, 'only' over the wells: .*none is flagged by batch"):
+        flags = confound_scores(planted_pass(obs, dense), ["treatment"], "batch").flags
+    assert "batch" not in {flag.by for flag in flags.values()}
+
+
+def test_profiles_and_names_commands_refuse_what_they_cannot_do(tmp_path, capsys):
+    from plate_concepts.cli import main
+
+    torch.set_num_threads(1)
+    store, dictionary = screen_with_batch(tmp_path)
+    common = [str(store.path), str(dictionary), "--quiet"]
+    # The batch named as the label would flag the perturbation's own features as "batch".
+    assert main(["profiles", *common, "--label", "perturbation", "--batch", "Perturbation"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("plate-concepts profiles: error: --batch Perturbation is the profiled --label perturbation: give "
+                   "the column of batches (plates, runs, staining days), not of perturbations")
+    with pytest.raises(SystemExit):
+        main(["profiles", *common, "--label", "perturbation", "--top", "ten"])
+    assert "argument --top: must be a positive whole number, got 'ten'" in capsys.readouterr().err
+    assert main(["profiles", *common, "--label", "perturbation", "--min-score", "nan"]) == 2
+    assert "a number from 0 to 1, got nan" in capsys.readouterr().err
+    # names: a mistyped dictionary is an error, not a new names file beside nothing.
+    assert main(["names", str(tmp_path / "dict.safetensor"), "3", "--name", "x"]) == 2
+    assert capsys.readouterr().err.strip().endswith("dict.safetensor does not exist")
+    assert not list(tmp_path.glob("*.names.json"))
+    assert main(["names", str(dictionary), "3", "--search", "x"]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -23,8 +23,10 @@ and more than every label does at that level; the flag names the nuisance (``by`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -208,6 +210,8 @@ def confound_scores(
     """Score every feature of a pass against each nuisance and label (see the module
     docstring) and flag the confounded ones. ``labels`` default to the pass's label columns
     other than ``batch``; ``batch`` must be a label column of the pass."""
+    if isinstance(min_score, bool) or not isinstance(min_score, Real) or not 0 <= min_score <= 1:
+        raise ValueError(f"min_score (--min-score) is a variance fraction: a number from 0 to 1, got {min_score!r}")
     if batch is not None and batch not in activation_pass.label_columns:
         raise ValueError(
             f"the activation pass has no statistics for the batch column {batch!r} (it has: "
@@ -221,6 +225,13 @@ def confound_scores(
     if meta["plate"].nunique() > 1:
         nuisance["plate"] = epsilon_squared(mean, meta["plate"].to_numpy())
     if batch is not None:
+        if meta[batch].nunique() < 2:
+            values = list(pd.unique(meta[batch].dropna()))
+            warnings.warn(
+                f"the batch column {batch!r} has {'one value, ' + repr(values[0]) if values else 'no value'} "
+                "over the wells: no feature can follow it, so none is flagged by batch",
+                UserWarning, stacklevel=2,
+            )
         nuisance["batch"] = epsilon_squared(mean, meta[batch].to_numpy())
     if meta["edge"].nunique() > 1:
         nuisance["edge"] = epsilon_squared(mean, meta["edge"].to_numpy())

@@ -65,6 +65,9 @@ MAD_SCALE = 1.4826
 REPLICATE_Z = 2.0
 #: A well is a control well when at least this fraction of its tokens are control tokens.
 CONTROL_WELL_FRACTION = 0.5
+#: Fewer control wells on a plate than this give no usable spread between wells (the MAD of
+#: one well is 0, of two half their difference): z then rests on the sampling floor; warn.
+MIN_CONTROL_WELLS = 3
 #: Permutations of the mAP's null distribution (copairs' ``null_size``).
 MAP_NULL_SIZE = 10_000
 #: copairs matches pairs with duckdb's default connection, which one thread at a time may use
@@ -101,12 +104,18 @@ class WellProfiles:
     def n_features(self) -> int:
         return self.mean.shape[1]
 
+    @property
+    def plates_with_controls(self) -> list[str]:
+        """The plates whose wells have z-scores (the others have no control wells)."""
+        usable = ~np.isnan(self.z).any(axis=1) if self.n_features else np.ones(len(self.meta), bool)
+        return list(pd.unique(self.meta["plate"][usable]))
+
 
 def well_profiles(activation_pass: ActivationPass, column: str) -> WellProfiles:
     """The :class:`WellProfiles` of a label column of the pass, plate by plate."""
     _check_column(activation_pass, column)
     metas, means, fractions, zs = [], [], [], []
-    without_controls = []
+    without_controls, few_controls = [], []
     for plate in activation_pass.plates:
         stats = activation_pass.plate(plate)
         meta, mean, fraction = _plate_units(stats, column)
@@ -118,6 +127,8 @@ def well_profiles(activation_pass: ActivationPass, column: str) -> WellProfiles:
         else:
             control_means, floor = controls
             z = robust_z(mean, control_means, floor)
+            if len(control_means) < MIN_CONTROL_WELLS:
+                few_controls.append(f"{plate} ({len(control_means)})")
         metas.append(meta)
         means.append(mean)
         fractions.append(fraction)
@@ -131,6 +142,13 @@ def well_profiles(activation_pass: ActivationPass, column: str) -> WellProfiles:
         warnings.warn(
             f"{len(without_controls)} plate(s) have no control wells and are left out of the "
             f"profiles: {', '.join(without_controls[:5])}{', ...' if len(without_controls) > 5 else ''}",
+            UserWarning, stacklevel=2,
+        )
+    if few_controls:
+        warnings.warn(
+            f"{len(few_controls)} plate(s) have fewer than {MIN_CONTROL_WELLS} control wells: "
+            f"{', '.join(few_controls[:5])}{', ...' if len(few_controls) > 5 else ''}, too few to measure "
+            "the controls' spread between wells: their z-scores rest mostly on token sampling; read them with care",
             UserWarning, stacklevel=2,
         )
     return WellProfiles(

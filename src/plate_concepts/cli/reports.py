@@ -77,9 +77,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
     return value
 
 
@@ -120,6 +123,9 @@ def profiles(args: argparse.Namespace) -> int:
     store, activation_pass = load_pass(args, [args.label, *([args.batch] if args.batch else [])])
     label = store.resolve_column(args.label, "label column")
     batch = store.resolve_column(args.batch, "batch column") if args.batch else None
+    if batch == label:  # the label would not be compared: its own features would be "batch"
+        raise CommandError(f"--batch {args.batch} is the profiled --label {args.label}: give the column of "
+                           "batches (plates, runs, staining days), not of perturbations")
     result = perturbation_profiles(activation_pass, label)
     floor = {} if args.min_score is None else {"min_score": args.min_score}
     confounds = confound_scores(activation_pass, None, batch, **floor)  # against every label of the pass
@@ -127,9 +133,12 @@ def profiles(args: argparse.Namespace) -> int:
         print_json(result.to_json(args.top, confounds.flags), indent=1)
         return 0
     notes = FeatureNotes.load(args.dictionary, activation_pass.n_features)
+    used, plates = len(result.wells.plates_with_controls), len(activation_pass.plates)
     print(f"{label}: {len(result.values)} value(s) profiled against the control wells "
           f"({', '.join(map(str, result.control_values)) or 'controls'}) of "
-          f"{len(activation_pass.plates)} plate(s)")
+          f"{used if used == plates else f'{used} of {plates}'} plate(s)")
+    if not result.values:
+        print(f"  no value of {label} is found outside the control wells: nothing to profile")
     order = sorted(result.values, key=lambda v: str(v))
     for value in order:
         profile = result.values[value]
@@ -171,6 +180,8 @@ def report(args: argparse.Namespace) -> int:
 def names(args: argparse.Namespace) -> int:
     from plate_concepts.analysis.feature_notes import FeatureNotes
 
+    if args.feature is not None and args.search is not None:
+        raise CommandError("give a FEATURE to change or show, or --search TEXT to find features, not both")
     notes = FeatureNotes.load(args.dictionary)
     changes = args.name is not None or args.note is not None or args.tag or args.untag or args.clear
     if changes:
