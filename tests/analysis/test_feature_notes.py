@@ -5,6 +5,7 @@ nothing the writer would drop is accepted), and a warning when the dictionary wa
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from contextlib import contextmanager
 
@@ -130,3 +131,24 @@ def _no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+def test_simultaneous_saves_keep_every_edit(dictionary):
+    """Programs naming features at the same moment (threads here: each opens the lock apart)."""
+    n = 8
+    loaded = [FeatureNotes.load(dictionary) for _ in range(n)]
+    start = threading.Barrier(n)
+
+    def name(i: int) -> None:
+        loaded[i].set(i, name=f"named by {i}")
+        start.wait()
+        loaded[i].save()
+
+    for _ in range(3):
+        threads = [threading.Thread(target=name, args=(i,)) for i in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert FeatureNotes.load(dictionary).named.keys() == set(range(n))
+        notes_path(dictionary).unlink()

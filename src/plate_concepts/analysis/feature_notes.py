@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,21 +153,22 @@ class FeatureNotes:
         """Write the file atomically (an empty set of notes still writes one), over the file as
         it is now: features changed here replace theirs, the others keep what is on disk (and
         are read back into these notes)."""
-        if self.path.exists():
-            on_disk, _ = _read(self.path, self.n_features)  # unreadable: an error, the file is kept
-            self.notes = {
-                **{f: n for f, n in on_disk.items() if f not in self._changed},
-                **{f: n for f, n in self.notes.items() if f in self._changed},
+        with _saving(self.path.with_name(self.dictionary)):
+            if self.path.exists():
+                on_disk, _ = _read(self.path, self.n_features)  # unreadable: an error, the file is kept
+                self.notes = {
+                    **{f: n for f, n in on_disk.items() if f not in self._changed},
+                    **{f: n for f, n in self.notes.items() if f in self._changed},
+                }
+            record = {
+                "format": FORMAT_NAME, "version": FORMAT_VERSION, "dictionary": self.dictionary,
+                "n_features": self.n_features, "dictionary_saved_at": self.saved_at,
+                "features": {
+                    str(f): {"name": n.name, "tags": n.tags, "note": n.note} for f, n in sorted(self.notes.items())
+                },
             }
-        record = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "dictionary": self.dictionary,
-            "n_features": self.n_features, "dictionary_saved_at": self.saved_at,
-            "features": {
-                str(f): {"name": n.name, "tags": n.tags, "note": n.note} for f, n in sorted(self.notes.items())
-            },
-        }
-        with atomic_path(self.path) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         self._changed.clear()
         return self.path
 
@@ -184,6 +187,26 @@ class FeatureNotes:
             limit = f"0..{self.n_features - 1}" if self.n_features is not None else "0 or more"
             raise ValueError(f"feature {number} is not a feature of {self.dictionary} ({limit})")
         return number
+
+
+@contextmanager
+def _saving(dictionary: Path) -> Iterator[None]:
+    """One program at a time reads, merges and writes a names file: an advisory lock on the
+    dictionary file (POSIX; never written by a save). Without one (Windows, a file system
+    without locks, no dictionary file) the merge alone keeps all but simultaneous edits."""
+    try:
+        import fcntl
+
+        handle = open(dictionary, "rb")  # noqa: SIM115 - held for the lock's lifetime
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locks here (some network file systems): the merge still applies
+        yield
 
 
 def _text(value: Any, what: str) -> str:
