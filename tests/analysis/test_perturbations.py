@@ -263,9 +263,11 @@ def planted_pass(obs: pd.DataFrame, dense: np.ndarray, labels=("treatment", "bat
 def test_a_plate_without_controls_is_left_out_with_a_warning_naming_it():
     obs, dense = planted_codes()
     obs.loc[obs["plate"] == "P2", "is_control"] = False
-    with pytest.warns(UserWarning, match=r"1 plate\(s\) have no control wells and are left out of the profiles: P2"):
+    obs.loc[(obs["plate"] == "P2") & (obs["treatment"] == "noise"), "treatment"] = "only on P2"
+    with pytest.warns(UserWarning, match=r"1 plate\(s\) have no control wells and are left out of the profiles: P2"), \
+            pytest.warns(UserWarning, match=r"1 value\(s\) of treatment occur only on plates without control wells and get no profile: only on P2"):
         profiles = perturbation_profiles(planted_pass(obs, dense), "treatment", null_size=200)
-    assert profiles.wells.plates_with_controls == ["P1"]
+    assert profiles.wells.plates_with_controls == ["P1"] and "only on P2" not in profiles.values
     assert profiles.values["A"].n_wells == 4 and profiles.values["A"].n_plates == 1
     assert int(profiles.values["A"].top(1)["feature"].iloc[0]) == PLANTED["A"]
 

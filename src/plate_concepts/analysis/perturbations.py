@@ -358,6 +358,13 @@ def perturbation_profiles(
             map_p_value=p_value,
         )
     control_values = [v for v in pd.unique(meta["value"][meta["is_control"]]) if v not in profiles]
+    lost = [v for v in pd.unique(meta["value"][~meta["is_control"]]) if v not in profiles and v not in control_values]
+    if lost:  # treated only on plates without control wells
+        warnings.warn(
+            f"{len(lost)} value(s) of {column} occur only on plates without control wells and get no "
+            f"profile: {', '.join(map(str, lost[:5]))}{', ...' if len(lost) > 5 else ''}",
+            UserWarning, stacklevel=2,
+        )
     return PerturbationProfiles(column, profiles, wells, control_values)
 
 
