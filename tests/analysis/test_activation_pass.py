@@ -346,6 +346,63 @@ def test_a_pass_of_a_store_whose_plates_moved_is_refused(screen, tmp_path):
         check_pass_matches(ActivationPass.open(tmp_path / "pass"), make([first, second]))
 
 
+def test_a_moved_or_copied_project_still_reads_its_passes(screen, tmp_path, capsys):
+    """Store, dictionary and pass moved together (a project folder renamed or copied to another
+    disk): the pass finds them again and is read; a copy of the dictionary elsewhere is the same
+    dictionary (same content); another fit is refused by content, not by path."""
+    import shutil
+
+    from plate_concepts.analysis.evaluation import check_pass_matches
+    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.cli import main
+
+    root, store, dictionary, estimator, obs = screen
+    project = tmp_path / "project"
+    shutil.copytree(root / "store", project / "store")
+    shutil.copy(dictionary, project / "dict.safetensors")
+    run_pass(plan_pass(EmbeddingStore.open(project / "store"), project / "dict.safetensors", project / "pass",
+                       rows_per_task=40), workers=0)
+    moved = tmp_path / "moved"
+    shutil.move(project, moved)
+
+    reopened = ActivationPass.open(moved / "pass")
+    assert reopened.spec.dictionary == os.fspath((moved / "dict.safetensors").resolve())
+    assert reopened.spec.store == os.fspath((moved / "store").resolve())
+    check_pass_matches(reopened, EmbeddingStore.open(moved / "store"))
+    explorer = FeatureExplorer.from_pass(moved / "pass").prepare()
+    assert explorer.activation_pass.n_tokens == len(obs)
+    profiles = ["profiles", str(moved / "store"), str(moved / "dict.safetensors"), "--label", "treatment",
+                "--codes", str(moved / "pass"), "--json", "--quiet"]
+    assert main(profiles) == 0
+    assert set(json.loads(capsys.readouterr().out)["values"]) == {"drugA", "drugB"}
+    # The original dictionary (same bytes, another path) and store (same rows) are accepted too.
+    check_pass_matches(reopened, store, dictionary=dictionary)
+    # Another fit is another dictionary, wherever it lies.
+    other = ICFL(n_features=M, n_rounds=2, per_round=2, steps=5, batch_size=64, device="cpu", seed=1)
+    other.fit(store.read(), is_control=obs["is_control"].to_numpy())
+    other_path = other.save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="their contents differ"):
+        check_pass_matches(reopened, store, dictionary=other_path)
+    assert main([*profiles[:2], str(other_path), *profiles[3:]]) == 2
+    assert "their contents differ" in capsys.readouterr().err
+
+
+def test_tokens_of_another_dimension_are_refused_before_encoding(screen, tmp_path, capsys):
+    from plate_concepts.cli import main
+
+    _, _, dictionary, _, obs = screen
+    narrow = EmbeddingStore.create(tmp_path / "narrow", dim=DIM - 4, chunk_rows=40)
+    narrow.append(np.zeros((len(obs), DIM - 4), np.float32), obs)
+    with pytest.raises(ValueError, match=rf"dictionary .*dict.safetensors expects {DIM}-dimensional tokens but "
+                                         rf"embedding store .*narrow holds {DIM - 4}-dimensional ones"):
+        plan_pass(narrow, dictionary, tmp_path / "pass")
+    assert not (tmp_path / "pass").exists()
+    for command in (["encode", str(tmp_path / "narrow"), str(dictionary), str(tmp_path / "pass")],
+                    ["profiles", str(tmp_path / "narrow"), str(dictionary), "--label", "treatment"]):
+        assert main([*command, "--quiet"]) == 2
+        assert f"expects {DIM}-dimensional tokens" in capsys.readouterr().err
+
+
 def test_explorer_from_a_written_pass_equals_one_prepared_in_memory(screen, tmp_path):
     from plate_concepts.analysis.explorer import FeatureExplorer
 

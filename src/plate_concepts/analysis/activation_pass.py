@@ -210,6 +210,17 @@ class _Reducer:
 
 
 # ---------------------------------------------------------------------- running a pass
+def check_token_dim(estimator: Any, store: Any, dictionary_path: str | os.PathLike | None = None) -> None:
+    """A clear error, before any encoding, when a store's tokens are not the dimension the
+    dictionary was fitted on (another model's or layer's embeddings)."""
+    if estimator.n_features_in_ != store.dim:
+        which = f"dictionary {dictionary_path}" if dictionary_path is not None else "the dictionary"
+        raise ValueError(
+            f"{which} expects {estimator.n_features_in_}-dimensional tokens but embedding store "
+            f"{store.path} holds {store.dim}-dimensional ones (embedded with another model or layer?)"
+        )
+
+
 def plan_pass(
     store: Any,
     dictionary: str | os.PathLike | Any,
@@ -233,6 +244,7 @@ def plan_pass(
     if isinstance(dictionary, (str, os.PathLike)):
         path = os.fspath(Path(dictionary).resolve())
         dictionary = ICFL.load(path)  # the file decides ICFL or TopKSAE
+    check_token_dim(dictionary, store, path)
     if batch_column is None:
         batch_column = recorded_batch_column(dictionary)
     if dictionary.whitening_.method == "pca-batch" and batch_column is None:
@@ -432,7 +444,7 @@ def _prepare_folder(spec: PassSpec, final: Path, overwrite: bool) -> Path:
         for name, dtype in (("indices", "int32"), ("values", "float32")):
             group.create_array(name, shape=(spec.n_tokens, width), chunks=(spec.rows_per_task, width),
                                dtype=dtype, fill_value=0)
-        write_pass_record(folder, {"spec": spec.identity(), "complete": False})
+        write_pass_record(folder, {"spec": spec.identity(), "complete": False, "made_in": spec.out})
     return folder
 
 
@@ -453,7 +465,7 @@ def _reduce_to_folder(spec: PassSpec, folder: Path) -> None:
     totals = reducer.totals()
     totals.save(folder / "global.safetensors")
     write_pass_record(folder, {
-        "spec": spec.identity(), "complete": True, "plates": totals.plates,
+        "spec": spec.identity(), "complete": True, "made_in": spec.out, "plates": totals.plates,
         "n_tokens": totals.n_tokens, "n_features": totals.n_features,
     })
 

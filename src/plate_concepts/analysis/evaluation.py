@@ -7,7 +7,9 @@ through the same code — so both give the same numbers.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from plate_concepts._progress import CancelLike
@@ -63,24 +65,54 @@ def evaluate_dictionary(
     return result
 
 
-def check_pass_matches(activation_pass: ActivationPass, store: EmbeddingStore, labels: Sequence[str] = ()) -> None:
+def check_pass_matches(
+    activation_pass: ActivationPass,
+    store: EmbeddingStore,
+    labels: Sequence[str] = (),
+    dictionary: str | os.PathLike | None = None,
+) -> None:
     """A clear error when a pass was not made on this store (as it is now: same plates in the
-    same order), its dictionary file changed since, or it lacks label columns."""
-    from pathlib import Path
-
+    same order), with this ``dictionary`` file (default: the one it records) as it is now, or
+    lacks label columns. Stores and dictionaries are recognised by content (the store's digest,
+    the file's SHA-256), so a copied or moved project still reads its passes; passes made before
+    those were recorded are matched by path."""
     spec = activation_pass.spec
-    if Path(spec.store).resolve() != Path(store.path).resolve() or spec.n_tokens != len(store):
+    same_path = Path(spec.store).resolve() == Path(store.path).resolve()
+    same_rows = spec.store_plates is not None and spec.store_plates == store_plates_digest(store)
+    if spec.n_tokens != len(store) or not (same_rows or same_path):
         raise ValueError(
             f"the activation pass {activation_pass.folder} was made on {spec.store} "
             f"({spec.n_tokens} tokens), not on {store.path} ({len(store)} tokens)"
         )
-    if spec.store_plates is not None and spec.store_plates != store_plates_digest(store):
+    if spec.store_plates is not None and not same_rows:  # the same folder, other rows
         raise ValueError(
             f"{store.path} changed since the activation pass {activation_pass.folder} was made (made "
             "again, or a plate replaced, appended or reordered): its codes would be other tokens'; "
             "run encode again (--overwrite replaces the pass)"
         )
-    recorded = spec.dictionary_sha256  # passes made before it was recorded: not checked
+    _check_pass_dictionary(activation_pass, dictionary)
+    missing = [c for c in labels if c not in activation_pass.label_columns]
+    if missing:
+        raise ValueError(
+            f"the activation pass {activation_pass.folder} has no statistics for label column(s) "
+            f"{missing} (it has {activation_pass.label_columns}); run encode with --label for them"
+        )
+
+
+def _check_pass_dictionary(activation_pass: ActivationPass, dictionary: str | os.PathLike | None) -> None:
+    spec = activation_pass.spec
+    recorded = spec.dictionary_sha256  # passes made before it was recorded: matched by path
+    same_file = dictionary is not None and spec.dictionary is not None and (
+        Path(spec.dictionary).resolve() == Path(dictionary).resolve()
+    )
+    if dictionary is not None and not same_file:
+        if recorded is None or file_sha256(dictionary) != recorded:
+            raise ValueError(
+                f"the activation pass {activation_pass.folder} was made with dictionary {spec.dictionary}, "
+                f"not {dictionary}" + ("" if recorded is None else " (their contents differ)")
+                + "; run encode with this dictionary"
+            )
+        return
     if spec.dictionary is not None and recorded is not None and (
         not Path(spec.dictionary).is_file() or file_sha256(spec.dictionary) != recorded
     ):
@@ -88,12 +120,6 @@ def check_pass_matches(activation_pass: ActivationPass, store: EmbeddingStore, l
             f"the dictionary file {spec.dictionary} changed since the activation pass "
             f"{activation_pass.folder} was made (fitted again?), or is gone: its numbers would not "
             "be this dictionary's; run encode again (--overwrite replaces the pass)"
-        )
-    missing = [c for c in labels if c not in activation_pass.label_columns]
-    if missing:
-        raise ValueError(
-            f"the activation pass {activation_pass.folder} has no statistics for label column(s) "
-            f"{missing} (it has {activation_pass.label_columns}); run encode with --label for them"
         )
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from plate_concepts._progress import CancelLike
-from plate_concepts.analysis.activation_pass import ActivationPass, plan_pass, run_pass
+from plate_concepts.analysis.activation_pass import ActivationPass, check_token_dim, plan_pass, run_pass
 from plate_concepts.analysis.activations import ProgressLike, check_feature
 from plate_concepts.analysis.feature_stats import CONTROL_GROUP, FeatureStatistics
 from plate_concepts.analysis.lru import LRU
@@ -144,11 +144,7 @@ class FeatureExplorer:
             estimator = ICFL.load(estimator)  # the file decides ICFL or TopKSAE
         if not hasattr(estimator, "model_"):
             raise ValueError("the estimator is not fitted: fit it or load a dictionary file first")
-        if estimator.n_features_in_ != store.dim:
-            raise ValueError(
-                f"the dictionary expects {estimator.n_features_in_}-dimensional tokens but embedding store "
-                f"{store.path} holds {store.dim}-dimensional ones"
-            )
+        check_token_dim(estimator, store)
         if len(store) == 0:
             raise ValueError(f"embedding store {store.path} holds no tokens")
         self.store = store

@@ -84,6 +84,16 @@ def plate_file(index: int) -> str:
     return f"plate-{index:05d}.safetensors"
 
 
+def _moved_with(recorded: str | None, made_in: str | None, folder: Path) -> str | None:
+    """A file or store the pass recorded, found again when it moved together with the pass (a
+    project folder moved or copied: the same place relative to the pass folder). Its content is
+    still checked (dictionary SHA-256, store digest) before any number is read."""
+    if recorded is None or made_in is None or Path(recorded).exists():
+        return recorded
+    moved = (folder.resolve() / os.path.relpath(recorded, made_in)).resolve()
+    return os.fspath(moved) if moved.exists() else recorded
+
+
 def write_pass_record(folder: Path, record: dict[str, Any]) -> None:
     with atomic_path(folder / PASS_FILE) as tmp:
         tmp.write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, **record}, indent=1))
@@ -140,6 +150,8 @@ class ActivationPass:
             )
         spec_record = dict(record["spec"])
         spec_record["label_columns"] = tuple(spec_record["label_columns"])
+        for key in ("dictionary", "store"):
+            spec_record[key] = _moved_with(spec_record[key], record.get("made_in"), folder)
         spec = PassSpec(**spec_record, out=os.fspath(folder), device="cpu", threads=None)
         return cls(spec, Totals.load(folder / "global.safetensors"), folder)
 

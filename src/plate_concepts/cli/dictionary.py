@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any
 
 from plate_concepts.cli._common import print_json, progress_bar
@@ -199,12 +198,10 @@ def evaluate(args: argparse.Namespace) -> int:
     activation_pass = None
     if args.codes:
         from plate_concepts.analysis.activation_pass import ActivationPass
+        from plate_concepts.analysis.evaluation import check_pass_matches
 
         activation_pass = ActivationPass.open(args.codes)
-        made_with = activation_pass.spec.dictionary
-        if made_with is None or Path(made_with).resolve() != Path(args.dictionary).resolve():
-            raise ValueError(f"the activation pass {args.codes} was made with dictionary {made_with}, "
-                             f"not {args.dictionary}")
+        check_pass_matches(activation_pass, store, dictionary=args.dictionary)
     result = evaluate_dictionary(estimator, store, args.label or [], batch_size=args.batch_size,
                                  activation_pass=activation_pass)
     if args.json:

@@ -319,11 +319,8 @@ def _codes_for(codes: str, dictionary: str, store: Any) -> Any:
     from plate_concepts.analysis.evaluation import check_pass_matches
 
     activation_pass = ActivationPass.open(codes)
-    made_with = activation_pass.spec.dictionary
-    if made_with is None or Path(made_with).resolve() != Path(dictionary).resolve():
-        raise CommandError(f"the activation pass {codes} was made with dictionary {made_with}, not {dictionary}")
     try:
-        check_pass_matches(activation_pass, store)
+        check_pass_matches(activation_pass, store, dictionary=dictionary)
     except ValueError as err:
         raise CommandError(str(err)) from err
     return activation_pass

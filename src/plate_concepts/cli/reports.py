@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from plate_concepts.cli._common import CommandError, print_json, progress_bar
@@ -102,11 +101,7 @@ def load_pass(args: argparse.Namespace, required: Sequence[str]) -> tuple[Any, A
     required = [store.resolve_column(c, "label column") for c in required]
     if args.codes:
         activation_pass = ActivationPass.open(args.codes)
-        made_with = activation_pass.spec.dictionary
-        if made_with is None or Path(made_with).resolve() != Path(args.dictionary).resolve():
-            raise CommandError(f"the activation pass {args.codes} was made with dictionary {made_with}, "
-                               f"not {args.dictionary}")
-        check_pass_matches(activation_pass, store, required)
+        check_pass_matches(activation_pass, store, required, dictionary=args.dictionary)
         return store, activation_pass
     store.check_complete(args.allow_incomplete)
     labels = label_columns_of(store, exclude=("is_control",))
