@@ -178,6 +178,29 @@ def test_json_record_has_the_documented_keys(profiles, planted):
     assert record["confounds"][str(BATCH_FEATURE)] == {"by": "batch", "score": pytest.approx(flags[BATCH_FEATURE].score)}
 
 
+def test_edge_wells_are_those_of_the_plate_format_the_store_recorded(tmp_path):
+    """P1 is recorded as a 384-well plate imaged in A01-D06 only: its edge is row A and
+    column 1, not row D and column 6; P2 has no record (a store embedded before formats were
+    recorded) and falls back on the smallest standard plate holding its wells (24 wells)."""
+    from plate_concepts.analysis.confounds import well_table
+
+    obs, dense = planted_codes()
+    store = EmbeddingStore.create(tmp_path / "s", dim=M, chunk_rows=64)
+    store.append(dense.astype(np.float32), obs)
+    store.update_provenance(plates={"P1": {"format": [16, 24]}})
+    x = dense.astype(np.float32)
+    activation_pass = pass_of_codes(sparse_codes(dense), x, x, obs, labels=["treatment"], store=tmp_path / "s")
+    meta = well_table(activation_pass).meta
+    for plate, (last_row, last_column) in {"P1": (None, None), "P2": (3, 5)}.items():
+        wells = meta[meta["plate"] == plate]
+        expected = (wells["row"] == 0) | (wells["column"] == 0)
+        if last_row is not None:
+            expected |= (wells["row"] == last_row) | (wells["column"] == last_column)
+        assert (wells["edge"] == expected).all() and len(wells) == 24
+    assert meta[meta["plate"] == "P1"]["edge"].sum() == 9  # A01-A06 and B01-D01
+    assert meta[meta["plate"] == "P2"]["edge"].sum() == 16
+
+
 def test_epsilon_squared_and_gradient_known_answers():
     values = np.array([[1.0], [1.0], [3.0], [3.0]])
     np.testing.assert_allclose(epsilon_squared(values, np.array(["a", "a", "b", "b"])), [1.0])

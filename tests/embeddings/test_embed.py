@@ -249,6 +249,7 @@ def test_real_nf1_plate_labels_and_controls(tmp_path):
     tokens = store.read()
     assert np.isfinite(tokens).all() and (tokens >= 0).all() and (tokens <= 1).all()
     assert store.provenance["plates"]["nf1_plate2"]["source"].endswith("images")
+    assert store.provenance["plates"]["nf1_plate2"]["format"] == [8, 12]  # wells up to H12
 
 
 def test_efficientnet_by_spec(tmp_path):

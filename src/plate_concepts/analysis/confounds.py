@@ -8,7 +8,8 @@ the variance 1. Two levels, each compared with the labels at the same level:
 
 - **Wells** (the per-well mean activation of the feature, every well of every plate counting
   once): ``plate``; ``batch`` (the ``batch`` column); ``edge`` (outer row or column of the plate
-  format, the smallest standard plate holding the plate's wells, vs the inner wells); ``row``
+  format the store recorded, vs the inner wells: a 384-well plate imaged in A01-H12 has its
+  edge in row A and column 1 only); ``row``
   and ``column`` gradients (the variance fraction of a straight line in the row or column
   number, fitted within each plate). The labels: ε² of each label column's value of the well.
 - **Tokens** (the feature's code on every token, variance pooled within plates, from the pass's
@@ -34,7 +35,7 @@ import pandas as pd
 
 from plate_concepts.analysis.activation_pass import ActivationPass
 from plate_concepts.analysis.pass_stats import FIELD, FOREGROUND, GroupSums
-from plate_concepts.plates.geometry import PlateFormat, parse_well
+from plate_concepts.plates.geometry import parse_well
 
 WELL_FACTORS = ("plate", "batch", "edge", "row", "column")
 TOKEN_FACTORS = (FIELD, FOREGROUND)
@@ -174,7 +175,7 @@ def well_table(activation_pass: ActivationPass, columns: Sequence[str] = ()) -> 
         keep = wells.counts > 0
         names = [w for w, k in zip(wells.keys, keep, strict=True) if k]
         positions = [parse_well(str(w)) for w in names]
-        layout = PlateFormat.smallest_containing(positions)
+        layout = activation_pass.plate_format(plate)
         meta = pd.DataFrame({
             "plate": plate, "well": names,
             "row": [r for r, _ in positions], "column": [c for _, c in positions],

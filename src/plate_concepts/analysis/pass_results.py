@@ -5,6 +5,7 @@ results that the explorer, ``evaluate``, profiles and reports read. Running a pa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from plate_concepts.analysis.activations import WellAggregates
 from plate_concepts.analysis.pass_stats import GroupSums, PlateStats, Totals
 from plate_concepts.analysis.selectivity import SelectivityResult
 from plate_concepts.dictionary.codes import SparseCodes
+from plate_concepts.plates.geometry import PlateFormat, parse_well
 
 PASS_FILE = "pass.json"
 FORMAT_NAME = "plate-concepts-activation-pass"
@@ -154,6 +156,27 @@ class ActivationPass:
             spec_record[key] = _moved_with(spec_record[key], record.get("made_in"), folder)
         spec = PassSpec(**spec_record, out=os.fspath(folder), device="cpu", threads=None)
         return cls(spec, Totals.load(folder / "global.safetensors"), folder)
+
+    @functools.cached_property
+    def _recorded_formats(self) -> dict[str, Any]:
+        from plate_concepts.embeddings.store import EmbeddingStore
+
+        if not self.spec.store or not EmbeddingStore.is_store(self.spec.store):
+            return {}
+        plates = EmbeddingStore.open(self.spec.store).provenance.get("plates") or {}
+        return {name: record.get("format") for name, record in plates.items() if isinstance(record, dict)}
+
+    def plate_format(self, plate: str) -> PlateFormat:
+        """The plate's format (rows x columns) as its store recorded it at embedding; for
+        stores embedded before it was recorded (or when the store is gone), the smallest
+        standard plate holding the pass's wells of that plate."""
+        recorded = self._recorded_formats.get(plate)
+        if isinstance(recorded, list) and len(recorded) == 2:
+            return PlateFormat(*(int(n) for n in recorded))
+        wells = self.plate(plate).wells
+        return PlateFormat.smallest_containing(
+            [parse_well(str(w)) for w, n in zip(wells.keys, wells.counts, strict=True) if n > 0]
+        )
 
     # ------------------------------------------------------------------ store-wide
     @property

@@ -332,7 +332,7 @@ def plate_digest(store: Any, job: PlateJob) -> str:
     """A digest of everything that shapes the plate's tokens and rows: the store's model,
     crops, channels and patch tokens, and the plate's record (scaling, tiling, labels)."""
     provenance = store.provenance
-    record = {key: value for key, value in job.record(False).items() if key != "complete"}
+    record = {key: value for key, value in job.record(False).items() if key not in ("complete", "format")}
     shared = {
         key: provenance.get(key)
         for key in ("embedder", "crop_size", "channels", "patch_grid", "objects")

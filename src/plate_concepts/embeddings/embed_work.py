@@ -86,6 +86,8 @@ class PlateJob:
         return {
             "source": plate.source,
             "reader": plate.reader,
+            # rows x columns: edge wells are the plate's, not those of the imaged part of it
+            "format": [plate.plate_format.n_rows, plate.plate_format.n_columns],
             "channels": list(plate.channels),
             "normalization": self.normalizer.describe(),
             **self.tiling,
