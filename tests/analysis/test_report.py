@@ -4,6 +4,7 @@ report), feature names and notes beside the dictionary, and the profiles/report/
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 
@@ -28,8 +29,8 @@ M = 16
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The 6-well demo plate (1 field of 128 px per well) and a store of its 32-px crops (16 per
-    well) whose tokens carry a direction per perturbation (80 % of the tokens) and per batch; a
-    16-feature ICFL dictionary."""
+    well) whose tokens carry a direction per perturbation (80 % of the tokens) and per batch
+    ("vehicle": DMSO in the control wells, nothing elsewhere); a 16-feature ICFL dictionary."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")
     plate_dir = write_demo_plate(root / "demo", n_wells=6, fields_per_well=1, field_size=128, seed=0)
@@ -42,6 +43,7 @@ def world(tmp_path_factory):
                          "crop_x": 32 * (t % 4), "crop_size": 32, **platemap.loc[well].to_dict()})
     obs = pd.DataFrame(rows)
     obs["is_control"] = obs["is_control"].astype(bool)
+    obs["vehicle"] = np.where(obs["is_control"], "DMSO", None)  # a label of the control wells only
     rng = np.random.default_rng(0)
     values = sorted(obs["perturbation"].unique())
     directions = rng.normal(size=(len(values) + 1, 12))
@@ -109,6 +111,35 @@ def test_a_true_false_label_gets_every_value_in_its_heatmap(world, tmp_path, mon
     write_report(tmp_path / "r.html", activation_pass, dictionary, labels=["is_control"], store=store)
     # Values True/False are labels, not a mask that selects rows.
     assert profiled and [list(z.index) for z in drawn] == [profiled]
+
+
+def test_each_feature_s_crops_are_drawn_once_then_linked(world, tmp_path):
+    from PIL import Image
+
+    _, plate_path, store, dictionary, activation_pass = world
+    settings = ReportSettings(features_per_value=M, crops_per_feature=3)  # every feature under every value
+    text = write_report(tmp_path / "r.html", activation_pass, dictionary, labels=["perturbation", "cell_type"],
+                        store=store, plate=plate_path, settings=settings).read_text(encoding="utf-8")
+    drawn = re.findall(r'<img alt="top crops of feature (\d+)" src="data:image/png;base64,([^"]+)"', text)
+    anchors = re.findall(r"id=crops-(\d+)>", text)
+    links = re.findall(r'href="#crops-(\d+)"', text)
+    assert len(drawn) == len({f for f, _ in drawn}) == len(anchors) <= M  # once per feature
+    assert links and set(links) <= set(anchors)  # the others point to it
+    assert len(drawn) + len(links) == text.count("<p class=caption>Top crops of feature") + len(anchors)
+    strip = Image.open(io.BytesIO(base64.b64decode(drawn[0][1])))
+    assert strip.mode == "P"  # crops as 256 colours: a third of the size
+
+
+def test_a_label_of_the_control_wells_only_and_a_cut_heatmap_are_said(world, tmp_path):
+    _, _, store, dictionary, _ = world
+    activation_pass = run_pass(plan_pass(store, dictionary, None, labels=["perturbation", "vehicle"]))
+    out = write_report(tmp_path / "r.html", activation_pass, dictionary, labels=["perturbation", "vehicle"],
+                       settings=ReportSettings(values_per_label=0, heatmap_values=2))
+    text = out.read_text(encoding="utf-8")
+    assert is_report(out) and "<h2>Confounds</h2>" in text
+    assert re.search(r"<tr><td>vehicle</td><td>—</td><td>—</td><td>none: [^<]*DMSO", text)  # no selectivity
+    assert re.search(r"<h2>vehicle</h2><p class=note>", text)  # why it has no profiles
+    assert "The heatmap shows the first 2 of 4 values (best mAP first)" in text
 
 
 def test_report_says_when_the_plate_images_are_not_found(world, tmp_path):

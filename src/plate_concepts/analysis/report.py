@@ -62,7 +62,8 @@ class _Context:
     settings: ReportSettings
     plates: dict[str, Any] = field(default_factory=dict)  # name -> Plate, or None: not found
     limits: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    crop_note: str = ""
+    missing: dict[str, str] = field(default_factory=dict)  # plate name -> why it did not open ("": not found)
+    shown_crops: dict[int, str] = field(default_factory=dict)  # feature -> where its crops are (once)
 
     def feature(self, feature: int) -> str:
         name = self.notes.name(feature) if self.notes is not None else ""
@@ -172,7 +173,13 @@ def _header(activation_pass: ActivationPass, dictionary: str | os.PathLike, stor
 
 
 def _dictionary_section(activation_pass: ActivationPass, metadata: dict[str, Any], labels: Sequence[str]) -> str:
-    evaluation = activation_pass.evaluation(labels, DEAD_THRESHOLD)
+    problems = {}  # a label with one value (e.g. only in control wells) has no selectivity
+    for column in labels:
+        try:
+            activation_pass.selectivity(column)
+        except ValueError as err:
+            problems[column] = str(err)
+    evaluation = activation_pass.evaluation([c for c in labels if c not in problems], DEAD_THRESHOLD)
     settings = metadata.get("hyperparameters") or {}
     whitening = metadata.get("whitening") or {}
     training = metadata.get("training") or {}
@@ -189,10 +196,11 @@ def _dictionary_section(activation_pass: ActivationPass, metadata: dict[str, Any
     ]
     table = _table(["", ""], [[k, v] for k, v in rows if v not in (None, "")], header=False)
     selectivity = [
-        [column, s["n_avg_above_0.5"], s["n_avg_above_0.2"],
-         ", ".join(f"{v}: {m:.2f}" for v, m in list(s["best_max_selectivity"].items())[:12])]
+        [column, s["n_avg_above_0.5"], s["n_avg_above_0.2"], _first(
+            [f"{v}: {m:.2f}" for v, m in s["best_max_selectivity"].items()], 12, "values")]
         for column, s in evaluation["selectivity"].items()
     ]
+    selectivity += [[column, "—", "—", f"none: {problem}"] for column, problem in problems.items()]
     part = ""
     if selectivity:
         part = "<h3>Selectivity per label</h3>" + _table(
@@ -230,6 +238,9 @@ def _label_section(context: _Context, column: str, confounds: ConfoundScores) ->
         z = z.iloc[z.index.get_indexer(shown_values)]  # by label: True/False values are no mask
         parts.append(_image(figures.profile_heatmap(z, [context.feature(f) for f in features], column),
                             f"profile heatmap of {column}"))
+        if len(order) > len(shown_values):
+            parts.append(f"<p class=caption>The heatmap shows the first {len(shown_values)} of {len(order)} "
+                         "values (best mAP first); the table has them all.</p>")
     summary = [
         [_e(v), p.n_wells, p.n_plates, _num(p.map, 3), _num(p.map_p_value, 4),
          _e(", ".join(context.feature(int(f)) for f in p.top(settings.features_per_value)["feature"]))]
@@ -279,13 +290,19 @@ def _value_detail(context: _Context, profiles: PerturbationProfiles, value: Any,
     parts.append(f"<p class=caption>Plate {_e(plate)}: mean activation per well; ringed: the wells of "
                  f"{_e(value)}.</p>")
     for feature in features:
-        parts.append(_crops(context, feature, profiles.column))
+        parts.append(_crops(context, feature, profiles.column, f"{profiles.column} = {value}"))
     return "\n".join(parts)
 
 
-def _crops(context: _Context, feature: int, column: str) -> str:
-    """The feature's top crops (its most active tokens over the store), as thumbnails."""
-    title = f"<p class=caption>Top crops of feature {_e(context.feature(feature))}</p>"
+def _crops(context: _Context, feature: int, column: str, where: str) -> str:
+    """The feature's top crops (its most active tokens over the store), as thumbnails: drawn
+    the first time (under ``where``), linked to after that (a report stays a few MB)."""
+    anchor = f"crops-{feature}"
+    if feature in context.shown_crops:
+        return (f"<p class=caption>Top crops of feature {_e(context.feature(feature))}: shown "
+                f'<a href="#{anchor}">above</a>, under {_e(context.shown_crops[feature])}.</p>')
+    context.shown_crops[feature] = where
+    title = f"<p class=caption id={anchor}>Top crops of feature {_e(context.feature(feature))}</p>"
     if context.store is None:
         return title + "<p class=note>No store given: no crops.</p>"
     top = context.activation_pass.top_tokens(feature, context.settings.crops_per_feature)
@@ -296,22 +313,38 @@ def _crops(context: _Context, feature: int, column: str) -> str:
     rows = [r for r, _ in top]
     columns = ["plate", "well", "field", "crop_y", "crop_x", "crop_size", column]
     obs = context.store.read_obs(np.asarray(rows), [c for c in columns if c in context.store.obs_columns])
-    images, captions = [], []
+    images, captions, missing = [], [], set()
     for (_, record), (_, value) in zip(obs.iterrows(), top, strict=True):
         plate = _plate(context, str(record["plate"]))
         if plate is None:
+            missing.add(str(record["plate"]))
             continue
         raw = read_crop(plate, str(record["well"]), int(record["field"]), int(record["crop_y"]),
                         int(record["crop_x"]), int(record["crop_size"]), context.settings.thumbnail)
         limits = context.limits[str(record["plate"])]
         images.append(composite_rgb(raw, limits, channel_colors(plate.channels)))
-        label = str(record.get(column, ""))
-        label = label if len(label) <= 16 else label[:15] + "…"
-        where = f"{record['plate']} " if len(context.activation_pass.plates) > 1 else ""
-        captions.append(f"{where}{record['well']} f{int(record['field']) + 1}\n{label}\ncode {value:.3g}")
+        label = figures.shorten(str(record.get(column, "")), 16)
+        plate_name = f"{figures.shorten(str(record['plate']), 22)}\n" if len(context.activation_pass.plates) > 1 else ""
+        captions.append(f"{plate_name}{record['well']} f{int(record['field']) + 1}\n{label}\ncode {value:.3g}")
     if not images:
-        return title + f"<p class=note>No crop images: {_e(context.crop_note)}</p>"
-    return title + _image(figures.crop_strip(images, captions), f"top crops of feature {feature}")
+        return title + f"<p class=note>No crop images: {_e(_missing_text(context, missing))}</p>"
+    strip = _image(figures.crop_strip(images, captions), f"top crops of feature {feature}")
+    if missing:
+        strip += (f"<p class=note>{len(top) - len(images)} of its {len(top)} top crops are not shown: "
+                  f"{_e(_missing_text(context, missing))}</p>")
+    return title + strip
+
+
+def _missing_text(context: _Context, plates: set[str]) -> str:
+    """Why the images of ``plates`` are not shown, and what to do."""
+    not_found = [repr(name) for name in sorted(plates) if not context.missing[name]]
+    reasons = [context.missing[name] for name in sorted(plates) if context.missing[name]]
+    if not_found:
+        reasons.insert(0, f"the images of plate{'s' if len(not_found) > 1 else ''} {', '.join(not_found)} were "
+                          "not found (the store records no readable source for them)")
+    one_plate = len(context.activation_pass.plates) == 1
+    return "; ".join(reasons) + ("; give the plate with --plate" if one_plate else
+                                 "; put them back where the store records them (or give one with --plate)")
 
 
 def _plate(context: _Context, name: str) -> Any:
@@ -330,13 +363,10 @@ def _plate(context: _Context, name: str) -> Any:
         if plate is None:
             plate = open_plate_named(context.store, name)
     except (OSError, ValueError, KeyError) as err:
-        context.crop_note = f"the plate {name!r} could not be opened ({err})"
+        context.missing[name] = f"the plate {name!r} could not be opened ({err})"
         plate = None
-    if plate is None and not context.crop_note:
-        context.crop_note = (
-            f"the images of plate {name!r} were not found (the store records no readable source "
-            "for it); give the plate with --plate"
-        )
+    if plate is None and name not in context.missing:
+        context.missing[name] = ""
     context.plates[name] = plate
     if plate is not None:
         context.limits[name] = contrast_limits(plate)
@@ -413,6 +443,11 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, header: boo
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
+
+
+def _first(items: Sequence[str], n: int, what: str) -> str:
+    """The first ``n`` of ``items``, comma-separated, saying how many there are when cut."""
+    return ", ".join(items[:n]) + (f", … ({len(items)} {what})" if len(items) > n else "")
 
 
 def _num(value: float, digits: int) -> str:

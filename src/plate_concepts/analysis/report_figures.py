@@ -14,12 +14,27 @@ from matplotlib.figure import Figure
 from plate_concepts.plates.geometry import PlateFormat, parse_well, row_letters
 
 DPI = 100
+#: Longest label value or feature name on an axis (longer ones end in "…").
+TICK_CHARS = 40
 
 
-def png(figure: Figure) -> bytes:
+def png(figure: Figure, palette: bool = False) -> bytes:
+    """The figure as PNG; ``palette``: as 256 colours (crops: a third of the size, and a report
+    with dozens of crop strips stays a few MB)."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    return buffer.getvalue()
+    if not palette:
+        return buffer.getvalue()
+    from PIL import Image
+
+    image = Image.open(buffer).convert("RGB").quantize(256, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    image.save(out, format="png", optimize=True)
+    return out.getvalue()
+
+
+def shorten(text: str, n: int = TICK_CHARS) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def profile_heatmap(z: pd.DataFrame, feature_labels: Sequence[str], value_title: str) -> bytes:
@@ -33,8 +48,8 @@ def profile_heatmap(z: pd.DataFrame, feature_labels: Sequence[str], value_title:
     figure = Figure(figsize=(min(max(width, 6.0), 18.0), min(max(height, 2.5), 22.0)))
     ax = figure.add_subplot()
     image = ax.imshow(data, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(z.columns)), list(feature_labels), rotation=90, fontsize=7)
-    ax.set_yticks(range(len(z.index)), [str(v) for v in z.index], fontsize=8)
+    ax.set_xticks(range(len(z.columns)), [shorten(f) for f in feature_labels], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(z.index)), [shorten(str(v)) for v in z.index], fontsize=8)
     ax.set_xlabel("feature")
     ax.set_ylabel(value_title)
     bar = figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
@@ -70,7 +85,7 @@ def well_heatmaps(
         ax.set_yticks(range(0, layout.n_rows, step), [row_letters(r) for r in range(0, layout.n_rows, step)], fontsize=7)
         ax.set_xlabel("plate column")
         ax.set_ylabel("plate row")
-        ax.set_title(titles[i], fontsize=8)
+        ax.set_title(shorten(titles[i], 48), fontsize=8)
         bar = figure.colorbar(image, ax=ax, shrink=0.9)
         bar.set_label(colorbar_label, fontsize=7)
         bar.ax.tick_params(labelsize=6)
@@ -93,7 +108,7 @@ def crop_strip(images: Sequence[np.ndarray], captions: Sequence[str]) -> bytes:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel(caption, fontsize=6)
-    return png(figure)
+    return png(figure, palette=True)
 
 
 def factor_heatmap(scores: pd.DataFrame, feature_labels: Sequence[str]) -> bytes:
@@ -103,7 +118,7 @@ def factor_heatmap(scores: pd.DataFrame, feature_labels: Sequence[str]) -> bytes
     ax = figure.add_subplot()
     image = ax.imshow(np.clip(data, 0, 1), cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(scores.columns)), list(scores.columns), rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(scores.index)), list(feature_labels), fontsize=7)
+    ax.set_yticks(range(len(scores.index)), [shorten(f) for f in feature_labels], fontsize=7)
     ax.set_xlabel("factor (nuisances, then labels)")
     ax.set_ylabel("feature")
     bar = figure.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
