@@ -5,6 +5,7 @@ the panel, "Export report", and opening an activation pass (reader and ``view``)
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -310,3 +311,50 @@ def test_an_activation_pass_opens_in_the_viewer_and_in_view(make_napari_viewer, 
     other = screen.estimator.save(tmp_path / "other.safetensors")
     assert main(["view", str(other), "--codes", str(folder), "--store", str(screen.store.path),
                  "--screenshot", str(shot)]) == 2  # fmt: skip
+
+
+def test_the_perturbations_status_says_why_there_are_no_profiles(screen):
+    from plate_concepts.analysis.activation_pass import plan_pass, run_pass
+    from plate_concepts.viewer._screen_profiles import describe_profiles, screen_profiles
+
+    no_labels = screen_profiles(run_pass(plan_pass(screen.store, screen.dictionary, None, labels=[])))
+    assert describe_profiles(no_labels, 3).startswith("No perturbation profiles: the store has no label column")
+    no_controls = screen_profiles(run_pass(plan_pass(screen.store, screen.dictionary, None, labels=["treatment", "batch"],
+                                                     control_column=None)))
+    assert not no_controls.profiles and set(no_controls.problems) == {"treatment", "batch"}
+    problem = no_controls.problems["treatment"]
+    text = describe_profiles(no_controls, 3)
+    assert text.startswith("No perturbation profiles;") and text.count(problem) == 1  # said once, for both
+    assert f"treatment, batch: {problem}" in text
+
+
+def test_a_screen_without_control_column_lists_its_plates(screen, qtbot, tmp_path):
+    from plate_concepts.analysis.explorer import FeatureExplorer
+    from plate_concepts.embeddings.store import EmbeddingStore
+    from plate_concepts.viewer._plate_chooser import PlateChooser
+
+    store = EmbeddingStore.create(tmp_path / "no-controls.store", dim=FEATURE_DIM)
+    store.append(screen.store.read(), screen.store.read_obs().drop(columns="is_control"))
+    chooser = PlateChooser()
+    qtbot.addWidget(chooser)
+    chooser.set_plates(FeatureExplorer(store, screen.estimator).plate_table(), "P1")  # raised a TypeError
+    assert chooser.plates() == list(PLATES) and chooser.current == "P1"
+    assert [chooser.model.item(row, 3).text() for row in range(3)] == ["—"] * 3
+
+
+def test_report_counts_the_crops_of_a_plate_whose_images_are_gone(screen):
+    from plate_concepts.analysis import report
+    from plate_concepts.analysis.activation_pass import plan_pass, run_pass
+
+    activation_pass = run_pass(plan_pass(screen.store, screen.dictionary, None))
+    plate_of = screen.store.read_obs(None, ["plate"])["plate"].to_numpy()
+    n = 24
+    mixed = [f for f in range(activation_pass.n_features)
+             if len({plate_of[row] for row, _ in activation_pass.top_tokens(f, n)} & {"P3"}) == 1
+             and len({plate_of[row] for row, _ in activation_pass.top_tokens(f, n)}) > 1]  # fmt: skip
+    feature = mixed[0]
+    gone = sum(plate_of[row] == "P3" for row, _ in activation_pass.top_tokens(feature, n))
+    context = report._Context(activation_pass, None, screen.store, None, report.ReportSettings(crops_per_feature=n))
+    text = html.unescape(report._crops(context, feature, "treatment", "here"))
+    assert 'alt="top crops of feature' in text  # the crops of P1 and P2
+    assert f"{gone} of its {n} top crops are not shown: the images of plate 'P3' were not found" in text

@@ -65,7 +65,8 @@ class PlateChooser(QWidget):
         self.model.removeRows(0, self.model.rowCount())
         if table is not None:
             for record in table.itertuples(index=False):
-                cells = [str(record.plate), f"{record.n_tokens:,}", f"{record.n_wells:,}", f"{record.n_controls:,}"]
+                controls = "—" if pd.isna(record.n_controls) else f"{int(record.n_controls):,}"  # no control column
+                cells = [str(record.plate), f"{record.n_tokens:,}", f"{record.n_wells:,}", controls]
                 items = [QStandardItem(text) for text in cells]
                 for item in items[1:]:
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)

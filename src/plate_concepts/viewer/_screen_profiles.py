@@ -127,6 +127,27 @@ def screen_profiles(
     return ScreenProfiles(profiles, problems, confounds, batch)
 
 
+def describe_profiles(profiles: ScreenProfiles, n_plates: int) -> str:
+    """The Perturbations panel's status: what was profiled and flagged, and why a label column
+    has no profiles (one reason, with the columns it holds for: often the same for all)."""
+    if not profiles.profiles and not profiles.problems:
+        text = ("No perturbation profiles: the store has no label column (plate map columns such as "
+                "perturbation or compound; embed the plates with a plate map, --platemap)")
+    elif profiles.profiles:
+        text = f"Profiles of {len(profiles.profiles)} label column(s) against the controls of {n_plates} plate(s)"
+    else:
+        text = "No perturbation profiles"
+    if profiles.confounds is not None:
+        text += f"; {len(profiles.confounds.flags)} feature(s) flagged as confounds"
+        text += f" (batch column {profiles.batch})" if profiles.batch else ""
+    reasons: dict[str, list[str]] = {}
+    for column, problem in profiles.problems.items():
+        reasons.setdefault(problem, []).append(column)
+    for problem, columns in reasons.items():
+        text += f". {', '.join(columns)}: {problem}"
+    return text + "."
+
+
 def describe_value(result: PerturbationProfiles, value: Any) -> str:
     """``"drug: 4 wells on 2 plates, 512 crops; mAP 0.88 (p 0.01); most selective: feature 7
     (max selectivity 0.512), first by z"``."""

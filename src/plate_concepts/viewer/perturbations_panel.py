@@ -34,7 +34,12 @@ from plate_concepts.viewer._feature_table import FeatureTableModel
 from plate_concepts.viewer._jobs import Job, start_job
 from plate_concepts.viewer._layout import scrolled_body
 from plate_concepts.viewer._plots import rgb_pixmap
-from plate_concepts.viewer._screen_profiles import ScreenCrops, ScreenProfiles, describe_value
+from plate_concepts.viewer._screen_profiles import (
+    ScreenCrops,
+    ScreenProfiles,
+    describe_profiles,
+    describe_value,
+)
 from plate_concepts.viewer._table_tooltips import row_table
 from plate_concepts.viewer.state import connect_while_alive, get_state
 
@@ -164,15 +169,7 @@ class PerturbationsPanel(QWidget):
                 self.column.setCurrentText(previous)
             self.batch.addItems([NO_BATCH, *explorer.activation_pass.label_columns])
             self.batch.setCurrentText(profiles.batch or NO_BATCH)
-            problems = "; ".join(f"{c}: {text}" for c, text in profiles.problems.items())
-            n_flags = len(profiles.confounds.flags) if profiles.confounds is not None else 0
-            self.status.setText(
-                f"Profiles of {len(profiles.columns)} label column(s) against the controls of "
-                f"{len(explorer.store.plates)} plate(s); {n_flags} feature(s) flagged as confounds"
-                + (f" (batch column {profiles.batch})" if profiles.batch else "")
-                + (f". No profiles for {problems}" if problems else "")
-                + "."
-            )
+            self.status.setText(describe_profiles(profiles, len(explorer.store.plates)))
         for combo in (self.column, self.batch):
             combo.blockSignals(False)
         self._on_column_changed(self.column.currentText())
