@@ -16,7 +16,7 @@ import torch
 from plate_concepts._progress import Cancelled
 from plate_concepts.analysis.activation_pass import plan_pass, run_pass
 from plate_concepts.analysis.feature_notes import FeatureNotes, notes_path
-from plate_concepts.analysis.report import ReportSettings, is_report, write_report
+from plate_concepts.analysis.report import ReportSettings, is_report, size_text, write_report
 from plate_concepts.cli import main
 from plate_concepts.demo import write_demo_plate
 from plate_concepts.dictionary import ICFL
@@ -159,6 +159,7 @@ def test_report_replaces_only_a_report_and_only_when_asked(world, tmp_path):
     assert mine.read_text() == "<html>my notes</html>"
     out = write_report(tmp_path / "r.html", activation_pass, dictionary, labels=["perturbation"],
                        settings=ReportSettings(values_per_label=0))
+    assert re.fullmatch(r"[1-9]\d* kB", size_text(out))  # a small report is not "0.0 MB"
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_report(out, activation_pass, dictionary)
     before = out.stat().st_mtime_ns

@@ -112,6 +112,12 @@ def write_report(
     return out
 
 
+def size_text(path: str | os.PathLike) -> str:
+    """A written report's size for a message: ``3.1 MB``, or ``25 kB`` (not ``0.0 MB``)."""
+    size = Path(path).stat().st_size
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{max(round(size / 1e3), 1)} kB"
+
+
 def build_report(
     activation_pass: ActivationPass,
     dictionary: str | os.PathLike,

@@ -156,7 +156,7 @@ def profiles(args: argparse.Namespace) -> int:
 
 def report(args: argparse.Namespace) -> int:
     from plate_concepts._io import replaceable_output
-    from plate_concepts.analysis.report import ReportSettings, write_report
+    from plate_concepts.analysis.report import ReportSettings, size_text, write_report
 
     replaceable_output(args.out, "report", overwrite=args.overwrite, sources=[args.dictionary])
     labels = list(args.label or [])
@@ -168,7 +168,7 @@ def report(args: argparse.Namespace) -> int:
                             store=store, plate=args.plate, overwrite=args.overwrite, progress=bar,
                             settings=ReportSettings(values_per_label=max(args.detail, 0),
                                                     min_confound_score=args.min_score))
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(f"wrote {path} ({size_text(path)})")
     return 0
 
 

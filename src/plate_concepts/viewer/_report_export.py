@@ -136,11 +136,12 @@ class ReportExport(QWidget):
         self.progress.setFormat(f"{update.done} / {update.total} sections")
 
     def _on_written(self, path: Path) -> None:
+        from plate_concepts.analysis.report import size_text
+
         self.written = path
-        size = path.stat().st_size / 1e6
         self.message.setText(
             f'Wrote <a href="{path.resolve().as_uri()}">{html.escape(path.name)}</a> '
-            f"({size:.1f} MB): one file that opens in any browser."
+            f"({size_text(path)}): one file that opens in any browser."
         )
 
     def _on_error(self, error: Exception) -> None:
