@@ -225,6 +225,9 @@ def test_profiles_report_and_names_commands(world, tmp_path, capsys):
     assert is_report(out) and f"wrote {out}" in capsys.readouterr().out
     assert main(["report", str(store.path), str(dictionary), str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert main(["report", str(store.path), str(dictionary), str(tmp_path / "b.html"), "--label", "batch",
+                 "--batch", "batch", "--quiet"]) == 2  # its only label would be left out
+    assert "--batch batch is also a --label" in capsys.readouterr().err and not (tmp_path / "b.html").exists()
 
     names_file = notes_path(dictionary)
     try:

@@ -157,12 +157,16 @@ def profiles(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from plate_concepts._io import replaceable_output
     from plate_concepts.analysis.report import ReportSettings, size_text, write_report
+    from plate_concepts.embeddings.store import EmbeddingStore
 
     replaceable_output(args.out, "report", overwrite=args.overwrite, sources=[args.dictionary])
-    labels = list(args.label or [])
-    store, activation_pass = load_pass(args, [*labels, *([args.batch] if args.batch else [])])
+    store = EmbeddingStore.open(args.store)
     batch = store.resolve_column(args.batch, "batch column") if args.batch else None
-    labels = [store.resolve_column(c, "label column") for c in labels]
+    labels = [store.resolve_column(c, "label column") for c in args.label or []]
+    if batch is not None and batch in labels:  # it would be left out of the profiles, silently
+        raise CommandError(f"--batch {args.batch} is also a --label: give the column of batches (plates, runs, "
+                           "staining days), not of perturbations")
+    store, activation_pass = load_pass(args, [*labels, *([batch] if batch else [])])
     with progress_bar(None, "report", "step", args.quiet) as bar:
         path = write_report(args.out, activation_pass, args.dictionary, labels=labels, batch=batch,
                             store=store, plate=args.plate, overwrite=args.overwrite, progress=bar,
