@@ -358,3 +358,25 @@ def test_report_counts_the_crops_of_a_plate_whose_images_are_gone(screen):
     text = html.unescape(report._crops(context, feature, "treatment", "here"))
     assert 'alt="top crops of feature' in text  # the crops of P1 and P2
     assert f"{gone} of its {n} top crops are not shown: the images of plate 'P3' were not found" in text
+
+
+def test_names_that_look_like_html_are_shown_as_typed(open_screen, screen, qtbot, tmp_path):
+    from qtpy.QtCore import Qt
+
+    from plate_concepts.analysis.feature_notes import FeatureNotes
+
+    dictionary = screen.estimator.save(tmp_path / "named.safetensors")
+    _viewer, state, _panel, perturbations, explorer = open_screen(dictionary, perturbations=True)
+    feature = _planted(explorer, "drug")[0]
+    notes = FeatureNotes.load(dictionary)
+    notes.set(feature, name="<img src=x> & co")
+    notes.save()
+    state.dictionary_saved(dictionary)  # the names are read again
+    with qtbot.waitSignal(perturbations.profile_shown, timeout=20_000):
+        perturbations.choose("treatment", "drug")
+    label = perturbations.row_labels[0]
+    assert label.text().startswith(f"feature {feature}: <img src=x> & co")
+    for shown in (label, perturbations.summary, perturbations.status):
+        assert shown.textFormat() == Qt.TextFormat.PlainText  # not an image and "&"
+    assert "&lt;img src=x&gt; &amp; co" in perturbations.crop_buttons[0][0].toolTip()
+    qtbot.waitUntil(lambda: not perturbations.is_busy, timeout=20_000)

@@ -13,6 +13,7 @@ recomputes the flags in a background job.
 
 from __future__ import annotations
 
+import html
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -83,8 +84,7 @@ class PerturbationsPanel(QWidget):
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
         layout = scrolled_body(self)
-        self.status = QLabel()
-        self.status.setWordWrap(True)
+        self.status = _plain_label()
         layout.addWidget(self.status)
         form = QFormLayout()
         self.column = QComboBox()
@@ -101,8 +101,7 @@ class PerturbationsPanel(QWidget):
         form.addRow("value", self.value)
         form.addRow("batch column", self.batch)
         layout.addLayout(form)
-        self.summary = QLabel(" ")
-        self.summary.setWordWrap(True)
+        self.summary = _plain_label()
         layout.addWidget(self.summary)
         self.model = FeatureTableModel()
         self.proxy = QSortFilterProxyModel(self)
@@ -119,8 +118,7 @@ class PerturbationsPanel(QWidget):
         self.row_labels: list[QLabel] = []
         self.crop_buttons: list[list[QToolButton]] = []
         for row in range(CROP_FEATURES):
-            label = QLabel()
-            label.setWordWrap(True)
+            label = _plain_label()
             self.gallery.addWidget(label, 2 * row, 0, 1, CROPS_PER_FEATURE)
             self.row_labels.append(label)
             buttons = []
@@ -329,10 +327,9 @@ class PerturbationsPanel(QWidget):
             label.setText(text)
             for button, (crop, plate, rgb) in zip(buttons, thumbnails, strict=False):
                 button.setIcon(QIcon(rgb_pixmap(rgb, THUMBNAIL)))
-                button.setToolTip(
-                    f"{self.state.feature_label(feature)}: plate {plate}, well {crop.well}, field "
-                    f"{crop.field + 1}, activation {crop.value:.4g} (click to select the feature)"
-                )
+                tip = (f"{self.state.feature_label(feature)}: plate {plate}, well {crop.well}, field "
+                       f"{crop.field + 1}, activation {crop.value:.4g} (click to select the feature)")
+                button.setToolTip(f"<p>{html.escape(tip)}</p>")  # a name or plate may look like HTML
                 button.setVisible(True)
                 try:
                     button.clicked.disconnect()
@@ -343,3 +340,12 @@ class PerturbationsPanel(QWidget):
     @property
     def is_busy(self) -> bool:
         return self._crops_job is not None or self._flags_job is not None
+
+
+def _plain_label() -> QLabel:
+    """A wrapping label that shows its text as it is: label values and feature names such as
+    ``<b>`` or ``a & b`` are not read as HTML."""
+    label = QLabel(" ")
+    label.setWordWrap(True)
+    label.setTextFormat(Qt.TextFormat.PlainText)
+    return label
