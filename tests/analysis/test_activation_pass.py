@@ -71,10 +71,14 @@ def expected(estimator, store, obs):
     return x, codes
 
 
-def test_label_columns_are_the_labels(screen):
-    store = screen[1]
+def test_label_columns_are_the_labels(screen, tmp_path):
+    store, obs = screen[1], screen[4]
     assert label_columns_of(store) == ["treatment", "batch", "dose"]
     assert label_columns_of(store, exclude=["batch"], max_values=2) == ["dose"]
+    # A plate map's own is_control column (kept as platemap_is_control) marks controls: no label.
+    flagged = EmbeddingStore.create(tmp_path / "s", dim=DIM, chunk_rows=40)
+    flagged.append(np.zeros((len(obs), DIM), np.float32), obs.assign(platemap_is_control=obs["is_control"]))
+    assert label_columns_of(flagged) == ["treatment", "batch", "dose"]
 
 
 def test_columns_are_found_as_the_user_spells_them(screen):

@@ -155,6 +155,21 @@ def test_most_selective_feature_ranked_by_z_when_they_disagree():
     profile = ValueProfile("drug", 2, 1, 64, z, blank, blank, blank, selectivity)
     assert profile.most_selective() == (2, 0.45, 3)
     assert most_selective_text(profile) == "most selective: feature 2 (max selectivity 0.450), 3rd by z"
+    # Nothing is selective (a value among many, every feature as common elsewhere): none named.
+    for nothing in (np.array([0.0, -0.2, -0.1, 0.0]), np.full(4, np.nan)):
+        flat = ValueProfile("drug", 2, 1, 64, z, blank, blank, blank, nothing)
+        assert flat.most_selective() is None
+        assert most_selective_text(flat) == "no feature is selective for it (max selectivity 0 or less)"
+
+
+def test_a_label_of_the_control_wells_only_has_no_profile_and_no_error(planted):
+    obs, dense, _ = planted
+    obs = obs.assign(vehicle=np.where(obs["is_control"], "DMSO", None))
+    x = dense.astype(np.float32)
+    activation_pass = pass_of_codes(sparse_codes(dense), x, x, obs, labels=["vehicle"])
+    result = perturbation_profiles(activation_pass, "vehicle", null_size=10)
+    assert result.values == {} and result.control_values == ["DMSO"]
+    assert result.to_json() == {"label": "vehicle", "values": {}}
 
 
 def test_map_separates_planted_replicates_from_noise(profiles):
@@ -219,7 +234,12 @@ def test_planted_nuisances_are_flagged_by_name_and_perturbations_are_not(planted
         BATCH_FEATURE: "batch", PLATE_FEATURE: "plate", EDGE_FEATURE: "edge", FIELD_FEATURE: "field",
     }
     assert flags[BATCH_FEATURE].score > 0.6 and flags[BATCH_FEATURE].label == "treatment"
-    assert "batch" in flags[BATCH_FEATURE].why()
+    assert "batch" in flags[BATCH_FEATURE].why() and "column" not in flags[BATCH_FEATURE].why()
+    # A batch read from a column of another name is named in the reason.
+    renamed = pass_of_codes(sparse_codes(planted[1]), planted[1].astype(np.float32), planted[1].astype(np.float32),
+                            planted[0].rename(columns={"batch": "run"}), labels=["treatment", "run"])
+    assert confound_scores(renamed, batch="run").flags[BATCH_FEATURE].why().startswith(
+        "the batch (column run) explains")
     for feature in PLANTED.values():
         assert scores.labels.loc[feature, "treatment"] > 0.6
     assert list(scores.labels.columns) == ["treatment"]  # the batch column is no label here

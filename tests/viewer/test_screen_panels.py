@@ -366,7 +366,7 @@ def test_names_that_look_like_html_are_shown_as_typed(open_screen, screen, qtbot
     from plate_concepts.analysis.feature_notes import FeatureNotes
 
     dictionary = screen.estimator.save(tmp_path / "named.safetensors")
-    _viewer, state, _panel, perturbations, explorer = open_screen(dictionary, perturbations=True)
+    _viewer, state, features, perturbations, explorer = open_screen(dictionary, perturbations=True)
     feature = _planted(explorer, "drug")[0]
     notes = FeatureNotes.load(dictionary)
     notes.set(feature, name="<img src=x> & co")
@@ -379,4 +379,9 @@ def test_names_that_look_like_html_are_shown_as_typed(open_screen, screen, qtbot
     for shown in (label, perturbations.summary, perturbations.status):
         assert shown.textFormat() == Qt.TextFormat.PlainText  # not an image and "&"
     assert "&lt;img src=x&gt; &amp; co" in perturbations.crop_buttons[0][0].toolTip()
+    # The Features panel's title and status name the feature as typed too.
+    with qtbot.waitSignal(features.feature_shown, timeout=20_000):
+        perturbations.select_row(0)
+    assert "<img src=x> & co" in features.title.text()
+    assert features.title.textFormat() == features.status.textFormat() == Qt.TextFormat.PlainText
     qtbot.waitUntil(lambda: not perturbations.is_busy, timeout=20_000)

@@ -472,9 +472,10 @@ def _reduce_to_folder(spec: PassSpec, folder: Path) -> None:
 
 def label_columns_of(store: Any, exclude: Sequence[str | None] = (), max_values: int = 384) -> list[str]:
     """The obs columns that label tokens, from the store's value counts (no row is read): not
-    the index, the control flag or a measurement (non-integral numbers), with 2 to
+    the index, a control flag (the plate map's too) or a measurement (non-integral numbers), with 2 to
     ``max_values`` distinct values."""
-    skip = {c for c in exclude if c}
+    # The plate map's own control flag (renamed beside the store's is_control) marks controls: no label.
+    skip = {c for c in exclude if c} | {"platemap_is_control"}
     columns = []
     for column, overview in store.describe(max_values=max_values)["labels"].items():
         n_values = overview["n_values"]

@@ -61,10 +61,14 @@ class ConfoundFlag:
     score: float
     label: str | None
     label_score: float
+    batch_column: str | None = None  # the column the batch was read from, when by == "batch"
 
     def why(self) -> str:
         level = "its code on each token" if self.by in TOKEN_FACTORS else "its per-well mean activation"
-        text = f"{FACTOR_TEXT.get(self.by, self.by)} explains {self.score:.0%} of the variance of {level}"
+        nuisance = FACTOR_TEXT.get(self.by, self.by)
+        if self.by == "batch" and self.batch_column and self.batch_column.casefold() != "batch":
+            nuisance += f" (column {self.batch_column})"
+        text = f"{nuisance} explains {self.score:.0%} of the variance of {level}"
         if self.label is None:
             return text + " (no label measured)"
         return text + f"; the best label, {self.label}, {max(self.label_score, 0.0):.0%}"
@@ -81,6 +85,7 @@ class ConfoundScores:
     label_tokens: pd.DataFrame
     flags: dict[int, ConfoundFlag]
     min_score: float
+    batch_column: str | None = None
 
 
 def epsilon_squared(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -252,7 +257,7 @@ def confound_scores(
         measured = {k: v for k, v in columns.items() if np.size(v) and not np.all(np.isnan(v))}
         return pd.DataFrame(measured, index=pd.RangeIndex(M, name="feature"))
 
-    scores = ConfoundScores(frame(nuisance), frame(label_wells), frame(label_tokens), {}, min_score)
+    scores = ConfoundScores(frame(nuisance), frame(label_wells), frame(label_tokens), {}, min_score, batch)
     scores.flags = _flags(scores)
     return scores
 
@@ -297,5 +302,6 @@ def _flags(scores: ConfoundScores) -> dict[int, ConfoundFlag]:
             flags[feature] = ConfoundFlag(
                 feature, factors[best], score,
                 str(label_scores.columns[label_best]) if has_label else None, label_score,
+                scores.batch_column if factors[best] == "batch" else None,
             )
     return dict(sorted(flags.items()))

@@ -134,9 +134,14 @@ def well_profiles(activation_pass: ActivationPass, column: str) -> WellProfiles:
         fractions.append(fraction)
         zs.append(z)
     if len(without_controls) == len(activation_pass.plates):
+        if activation_pass.spec.control_column is None:
+            raise ValueError(
+                "the store marks no control tokens: z-scores need control wells; embed with "
+                "--control (e.g. --control treatment=DMSO) to mark them"
+            )
         raise ValueError(
-            "the activation pass has no control tokens: z-scores need control wells (run it with "
-            f"the store's control column; control column of this pass: {activation_pass.spec.control_column!r})"
+            "the activation pass has no control tokens: z-scores need control wells (control "
+            f"column of this pass: {activation_pass.spec.control_column!r}, true on no token)"
         )
     if without_controls:
         warnings.warn(
@@ -246,10 +251,14 @@ class ValueProfile:
             "max_selectivity": self.max_selectivity[order].astype(float),
         })
 
-    def most_selective(self) -> tuple[int, float, int]:
+    def most_selective(self) -> tuple[int, float, int] | None:
         """(feature, its max selectivity, its rank by z from 1) of the feature most selective
-        for this value (ties: lower feature)."""
-        feature = int(np.argmax(self.max_selectivity))
+        for this value (ties: lower feature); None when no feature is (every max selectivity
+        is 0 or less, or the label has one value)."""
+        selectivity = np.nan_to_num(self.max_selectivity, nan=-np.inf)
+        if not len(selectivity) or selectivity.max() <= 0:
+            return None
+        feature = int(np.argmax(selectivity))
         order = np.lexsort((np.arange(len(self.z)), -self.z))
         return feature, float(self.max_selectivity[feature]), int(np.flatnonzero(order == feature)[0]) + 1
 
@@ -280,17 +289,17 @@ class PerturbationProfiles:
         values = {}
         for value, profile in self.values.items():
             best = profile.top(top)
-            feature, selectivity, rank = profile.most_selective()
+            most = profile.most_selective()
             values[str(value)] = {
                 "n_wells": profile.n_wells,
                 "map": _json_float(profile.map),
                 "features": [
                     {"feature": int(row.feature), "z": float(row.z),
                      "replicate_fraction": float(row.replicate_fraction), "mean": float(row.mean),
-                     "max_selectivity": float(row.max_selectivity)}
+                     "max_selectivity": _json_float(row.max_selectivity)}
                     for row in best.itertuples()
                 ],
-                "most_selective": {"feature": feature, "max_selectivity": selectivity, "rank_by_z": rank},
+                "most_selective": None if most is None else dict(zip(("feature", "max_selectivity", "rank_by_z"), most)),
             }
         record: dict[str, Any] = {"label": self.column, "values": values}
         if confounds is not None:
@@ -302,7 +311,10 @@ class PerturbationProfiles:
 
 def most_selective_text(profile: ValueProfile) -> str:
     """``"most selective: feature 76 (max selectivity 0.470), 3rd by z"``."""
-    feature, selectivity, rank = profile.most_selective()
+    most = profile.most_selective()
+    if most is None:
+        return "no feature is selective for it (max selectivity 0 or less)"
+    feature, selectivity, rank = most
     where = "first by z" if rank == 1 else f"{_ordinal(rank)} by z"
     return f"most selective: feature {feature} (max selectivity {selectivity:.3f}), {where}"
 
@@ -334,8 +346,7 @@ def perturbation_profiles(
     treated = usable & ~meta["is_control"].to_numpy()
     totals = activation_pass.label_sums(column)
     position = {key: i for i, key in enumerate(totals.keys)}
-    selectivity = activation_pass.selectivity(column)
-    selectivity_row = {key: i for i, key in enumerate(selectivity.values)}
+    max_selectivity = _max_selectivity(activation_pass, column)
     activity = phenotypic_activity(wells, null_size=null_size, seed=seed)
     profiles: dict[Hashable, ValueProfile] = {}
     for value in pd.unique(meta["value"][treated]):
@@ -353,7 +364,7 @@ def perturbation_profiles(
             replicate_fraction=(z > REPLICATE_Z).mean(axis=0),
             mean=totals.sums[i] / count,
             fraction=totals.active[i] / count,
-            max_selectivity=selectivity.maximum[selectivity_row[value]],
+            max_selectivity=max_selectivity.get(value, np.full(wells.n_features, np.nan)),
             map=mean_ap,
             map_p_value=p_value,
         )
@@ -366,6 +377,16 @@ def perturbation_profiles(
             UserWarning, stacklevel=2,
         )
     return PerturbationProfiles(column, profiles, wells, control_values)
+
+
+def _max_selectivity(activation_pass: ActivationPass, column: str) -> dict[Hashable, np.ndarray]:
+    """value -> every feature's max selectivity; empty when the column has a single value
+    (nothing to be selective against)."""
+    try:
+        result = activation_pass.selectivity(column)
+    except ValueError:
+        return {}
+    return dict(zip(result.values, result.maximum, strict=True))
 
 
 def phenotypic_activity(

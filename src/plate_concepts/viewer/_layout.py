@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import html
+
 from qtpy.QtCore import QEvent, QObject, QSize, Qt
-from qtpy.QtWidgets import QFrame, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 
 class _VerticalScroll(QScrollArea):
@@ -35,3 +37,18 @@ def scrolled_body(panel: QWidget) -> QVBoxLayout:
     scroll.setWidget(body)
     outer.addWidget(scroll)
     return QVBoxLayout(body)
+
+
+def plain_label(text: str = " ") -> QLabel:
+    """A wrapping label that shows its text as it is: label values and feature names such as
+    ``<b>`` or ``a & b`` are not read as HTML."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setTextFormat(Qt.TextFormat.PlainText)
+    return label
+
+
+def plain_tooltip(text: str) -> str:
+    """A tooltip showing ``text`` as typed (Qt reads tooltips as rich text when they look like
+    it), wrapped at the tooltip's width, line breaks kept."""
+    return "<p>" + html.escape(text).replace("\n", "<br>") + "</p>"

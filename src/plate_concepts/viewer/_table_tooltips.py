@@ -15,6 +15,8 @@ from qtpy.QtWidgets import (
     QToolTip,
 )
 
+from plate_concepts.viewer._layout import plain_tooltip
+
 
 def elided_text(view: QAbstractItemView, index: QModelIndex) -> str | None:
     """The full text of the cell at ``index`` when the view shows it cut short, else None."""
@@ -41,7 +43,7 @@ class FullTextTooltips(QStyledItemDelegate):
         ):
             text = elided_text(view, index)
             if text is not None:
-                QToolTip.showText(event.globalPos(), text, view)
+                QToolTip.showText(event.globalPos(), plain_tooltip(text), view)
             else:
                 QToolTip.hideText()
             return True

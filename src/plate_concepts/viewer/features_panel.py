@@ -63,7 +63,7 @@ from plate_concepts.viewer._feature_layers import (
 )
 from plate_concepts.viewer._feature_table import FeatureFilter, FeatureTableModel
 from plate_concepts.viewer._jobs import Job, start_job
-from plate_concepts.viewer._layout import scrolled_body
+from plate_concepts.viewer._layout import plain_label, scrolled_body
 from plate_concepts.viewer._notes_editor import NotesEditor
 from plate_concepts.viewer._plate_chooser import PlateChooser
 from plate_concepts.viewer._plots import BarChart, ColorScales, rgb_pixmap
@@ -129,8 +129,7 @@ class FeaturesPanel(QWidget):
     def _build(self) -> None:
         layout = scrolled_body(self)
         self.setMinimumWidth(PANEL_MIN_WIDTH)
-        self.status = QLabel()
-        self.status.setWordWrap(True)
+        self.status = plain_label()  # texts name features and label values, which may look like HTML
         layout.addWidget(self.status)
 
         options = QFormLayout()
@@ -191,8 +190,7 @@ class FeaturesPanel(QWidget):
         layout.addWidget(self.hide_dead)
         layout.addWidget(self.table, stretch=1)
 
-        self.title = QLabel(" ")
-        self.title.setWordWrap(True)
+        self.title = plain_label()
         layout.addWidget(self.title)
         self.notes = NotesEditor(self.state)
         layout.addWidget(self.notes)

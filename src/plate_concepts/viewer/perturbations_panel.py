@@ -13,7 +13,6 @@ recomputes the flags in a background job.
 
 from __future__ import annotations
 
-import html
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ from qtpy.QtWidgets import (
 from plate_concepts.viewer._explorer_jobs import explorer_preparer
 from plate_concepts.viewer._feature_table import FeatureTableModel
 from plate_concepts.viewer._jobs import Job, start_job
-from plate_concepts.viewer._layout import scrolled_body
+from plate_concepts.viewer._layout import plain_label, plain_tooltip, scrolled_body
 from plate_concepts.viewer._plots import rgb_pixmap
 from plate_concepts.viewer._screen_profiles import (
     ScreenCrops,
@@ -84,7 +83,7 @@ class PerturbationsPanel(QWidget):
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
         layout = scrolled_body(self)
-        self.status = _plain_label()
+        self.status = plain_label()
         layout.addWidget(self.status)
         form = QFormLayout()
         self.column = QComboBox()
@@ -101,7 +100,7 @@ class PerturbationsPanel(QWidget):
         form.addRow("value", self.value)
         form.addRow("batch column", self.batch)
         layout.addLayout(form)
-        self.summary = _plain_label()
+        self.summary = plain_label()
         layout.addWidget(self.summary)
         self.model = FeatureTableModel()
         self.proxy = QSortFilterProxyModel(self)
@@ -118,7 +117,7 @@ class PerturbationsPanel(QWidget):
         self.row_labels: list[QLabel] = []
         self.crop_buttons: list[list[QToolButton]] = []
         for row in range(CROP_FEATURES):
-            label = _plain_label()
+            label = plain_label()
             self.gallery.addWidget(label, 2 * row, 0, 1, CROPS_PER_FEATURE)
             self.row_labels.append(label)
             buttons = []
@@ -329,7 +328,7 @@ class PerturbationsPanel(QWidget):
                 button.setIcon(QIcon(rgb_pixmap(rgb, THUMBNAIL)))
                 tip = (f"{self.state.feature_label(feature)}: plate {plate}, well {crop.well}, field "
                        f"{crop.field + 1}, activation {crop.value:.4g} (click to select the feature)")
-                button.setToolTip(f"<p>{html.escape(tip)}</p>")  # a name or plate may look like HTML
+                button.setToolTip(plain_tooltip(tip))  # a name or plate may look like HTML
                 button.setVisible(True)
                 try:
                     button.clicked.disconnect()
@@ -340,12 +339,3 @@ class PerturbationsPanel(QWidget):
     @property
     def is_busy(self) -> bool:
         return self._crops_job is not None or self._flags_job is not None
-
-
-def _plain_label() -> QLabel:
-    """A wrapping label that shows its text as it is: label values and feature names such as
-    ``<b>`` or ``a & b`` are not read as HTML."""
-    label = QLabel(" ")
-    label.setWordWrap(True)
-    label.setTextFormat(Qt.TextFormat.PlainText)
-    return label
