@@ -268,7 +268,7 @@ def _value_detail(context: _Context, profiles: PerturbationProfiles, value: Any,
     for row in best.itertuples():
         flag = confounds.flags.get(int(row.feature))
         rows.append([
-            _e(context.feature(int(row.feature))), f"{row.z:.2f}", f"{row.max_selectivity:.3f}",
+            _e(context.feature(int(row.feature))), f"{row.z:.2f}", _num(row.max_selectivity, 3),
             f"{row.replicate_fraction:.2f}", f"{row.mean:.4g}", f"{row.fraction_active:.2f}",
             f"<span class=flag>{_e(flag.by)}</span>" if flag else "",
         ])
