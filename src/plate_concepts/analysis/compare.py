@@ -269,6 +269,7 @@ def comparison_figure(comparison: Comparison, path: str | os.PathLike, overwrite
     from matplotlib.figure import Figure  # not pyplot: no backend, no display, no global state
 
     from plate_concepts._io import atomic_path
+    from plate_concepts.analysis.report_figures import shorten
 
     path = Path(path)
     if not comparison.runs:
@@ -285,7 +286,7 @@ def comparison_figure(comparison: Comparison, path: str | os.PathLike, overwrite
         x = np.arange(len(values))
         for i, column in enumerate(values.columns):
             ax.bar(x + (i - (len(names) - 1) / 2) * width, values[column].to_numpy(), width, color=colours[i])
-        ax.set_xticks(x, [_short(v) for v in values.index], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x, [shorten(str(v), 18) for v in values.index], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(min(0.0, float(np.nanmin(values.to_numpy())) - 0.05), 1.0)
         ax.axhline(0.5, color="grey", lw=0.6, ls="--")
         ax.set_title(f"{label}: best max selectivity", fontsize=9)
@@ -306,7 +307,3 @@ def comparison_figure(comparison: Comparison, path: str | os.PathLike, overwrite
         figure.savefig(tmp, format="png", dpi=110)
     return path
 
-
-def _short(value: Any, width: int = 18) -> str:
-    text = str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"

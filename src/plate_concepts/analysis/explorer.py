@@ -32,7 +32,12 @@ import numpy as np
 import pandas as pd
 
 from plate_concepts._progress import CancelLike
-from plate_concepts.analysis.activation_pass import ActivationPass, check_token_dim, plan_pass, run_pass
+from plate_concepts.analysis.activation_pass import (
+    ActivationPass,
+    check_token_dim,
+    plan_pass,
+    run_pass,
+)
 from plate_concepts.analysis.activations import ProgressLike, check_feature
 from plate_concepts.analysis.feature_stats import CONTROL_GROUP, FeatureStatistics
 from plate_concepts.analysis.lru import LRU

@@ -146,13 +146,13 @@ def well_profiles(activation_pass: ActivationPass, column: str) -> WellProfiles:
     if without_controls:
         warnings.warn(
             f"{len(without_controls)} plate(s) have no control wells and are left out of the "
-            f"profiles: {', '.join(without_controls[:5])}{', ...' if len(without_controls) > 5 else ''}",
+            f"profiles: {_first_few(without_controls)}",
             UserWarning, stacklevel=2,
         )
     if few_controls:
         warnings.warn(
             f"{len(few_controls)} plate(s) have fewer than {MIN_CONTROL_WELLS} control wells: "
-            f"{', '.join(few_controls[:5])}{', ...' if len(few_controls) > 5 else ''}, too few to measure "
+            f"{_first_few(few_controls)}, too few to measure "
             "the controls' spread between wells: their z-scores rest mostly on token sampling; read them with care",
             UserWarning, stacklevel=2,
         )
@@ -191,6 +191,11 @@ def _plate_units(stats: PlateStats, column: str) -> tuple[pd.DataFrame, np.ndarr
         ],
     })
     return meta, sums.sums[keep] / counts[:, None], sums.active[keep] / counts[:, None]
+
+
+def _first_few(items: Sequence[Any], n: int = 5) -> str:
+    """``"a, b, c, d, e, ..."``: the first ``n`` items of a warning's list."""
+    return ", ".join(map(str, items[:n])) + (", ..." if len(items) > n else "")
 
 
 def _control_means(stats: PlateStats) -> tuple[np.ndarray, np.ndarray] | None:
@@ -239,9 +244,13 @@ class ValueProfile:
     map: float = float("nan")
     map_p_value: float = float("nan")
 
+    def _by_z(self) -> np.ndarray:
+        """Features by z-score, highest first (ties: lower feature)."""
+        return np.lexsort((np.arange(len(self.z)), -self.z))
+
     def top(self, n: int = 20) -> pd.DataFrame:
         """The ``n`` features with the highest z-score, best first (ties: lower feature)."""
-        order = np.lexsort((np.arange(len(self.z)), -self.z))[:n]
+        order = self._by_z()[:n]
         return pd.DataFrame({
             "feature": order,
             "z": self.z[order].astype(float),
@@ -259,8 +268,7 @@ class ValueProfile:
         if not len(selectivity) or selectivity.max() <= 0:
             return None
         feature = int(np.argmax(selectivity))
-        order = np.lexsort((np.arange(len(self.z)), -self.z))
-        return feature, float(self.max_selectivity[feature]), int(np.flatnonzero(order == feature)[0]) + 1
+        return feature, float(self.max_selectivity[feature]), int(np.flatnonzero(self._by_z() == feature)[0]) + 1
 
 
 @dataclass
@@ -373,7 +381,7 @@ def perturbation_profiles(
     if lost:  # treated only on plates without control wells
         warnings.warn(
             f"{len(lost)} value(s) of {column} occur only on plates without control wells and get no "
-            f"profile: {', '.join(map(str, lost[:5]))}{', ...' if len(lost) > 5 else ''}",
+            f"profile: {_first_few(lost)}",
             UserWarning, stacklevel=2,
         )
     return PerturbationProfiles(column, profiles, wells, control_values)

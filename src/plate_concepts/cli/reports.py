@@ -85,9 +85,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def load_pass(args: argparse.Namespace, required: Sequence[str]) -> tuple[Any, Any]:
-    """(store, activation pass): --codes opened and checked (it must count the ``required``
-    label columns), or a pass run here over the store's label columns and ``required``."""
+def store_columns(args: argparse.Namespace, labels: Sequence[str]) -> tuple[Any, list[str], str | None]:
+    """(store, its ``labels`` and --batch columns as the store spells them): checked before any
+    pass runs."""
+    from plate_concepts.embeddings.store import EmbeddingStore
+
+    store = EmbeddingStore.open(args.store)
+    batch = store.resolve_column(args.batch, "batch column") if args.batch else None
+    return store, [store.resolve_column(c, "label column") for c in labels], batch
+
+
+def load_pass(args: argparse.Namespace, store: Any, required: Sequence[str]) -> Any:
+    """The activation pass: --codes opened and checked (it must count the ``required`` label
+    columns), or a pass run here over the store's label columns and ``required``."""
     from plate_concepts.analysis.activation_pass import (
         ActivationPass,
         label_columns_of,
@@ -95,19 +105,16 @@ def load_pass(args: argparse.Namespace, required: Sequence[str]) -> tuple[Any, A
         run_pass,
     )
     from plate_concepts.analysis.evaluation import check_pass_matches
-    from plate_concepts.embeddings.store import EmbeddingStore
 
-    store = EmbeddingStore.open(args.store)
-    required = [store.resolve_column(c, "label column") for c in required]
     if args.codes:
         activation_pass = ActivationPass.open(args.codes)
         check_pass_matches(activation_pass, store, required, dictionary=args.dictionary)
-        return store, activation_pass
+        return activation_pass
     store.check_complete(args.allow_incomplete)
     labels = label_columns_of(store, exclude=("is_control",))
     spec = plan_pass(store, args.dictionary, None, labels=[*labels, *(c for c in required if c not in labels)])
     with progress_bar(spec.n_tokens, "encode", "token", args.quiet) as bar:
-        return store, run_pass(spec, progress=bar)
+        return run_pass(spec, progress=bar)
 
 
 def profiles(args: argparse.Namespace) -> int:
@@ -115,12 +122,11 @@ def profiles(args: argparse.Namespace) -> int:
     from plate_concepts.analysis.feature_notes import FeatureNotes
     from plate_concepts.analysis.perturbations import most_selective_text, perturbation_profiles
 
-    store, activation_pass = load_pass(args, [args.label, *([args.batch] if args.batch else [])])
-    label = store.resolve_column(args.label, "label column")
-    batch = store.resolve_column(args.batch, "batch column") if args.batch else None
+    store, (label,), batch = store_columns(args, [args.label])
     if batch == label:  # the label would not be compared: its own features would be "batch"
         raise CommandError(f"--batch {args.batch} is the profiled --label {args.label}: give the column of "
                            "batches (plates, runs, staining days), not of perturbations")
+    activation_pass = load_pass(args, store, [label, *([batch] if batch else [])])
     result = perturbation_profiles(activation_pass, label)
     floor = {} if args.min_score is None else {"min_score": args.min_score}
     confounds = confound_scores(activation_pass, None, batch, **floor)  # against every label of the pass
@@ -157,16 +163,13 @@ def profiles(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     from plate_concepts._io import replaceable_output
     from plate_concepts.analysis.report import ReportSettings, size_text, write_report
-    from plate_concepts.embeddings.store import EmbeddingStore
 
     replaceable_output(args.out, "report", overwrite=args.overwrite, sources=[args.dictionary])
-    store = EmbeddingStore.open(args.store)
-    batch = store.resolve_column(args.batch, "batch column") if args.batch else None
-    labels = [store.resolve_column(c, "label column") for c in args.label or []]
+    store, labels, batch = store_columns(args, args.label or [])
     if batch is not None and batch in labels:  # it would be left out of the profiles, silently
         raise CommandError(f"--batch {args.batch} is also a --label: give the column of batches (plates, runs, "
                            "staining days), not of perturbations")
-    store, activation_pass = load_pass(args, [*labels, *([batch] if batch else [])])
+    activation_pass = load_pass(args, store, [*labels, *([batch] if batch else [])])
     with progress_bar(None, "report", "step", args.quiet) as bar:
         path = write_report(args.out, activation_pass, args.dictionary, labels=labels, batch=batch,
                             store=store, plate=args.plate, overwrite=args.overwrite, progress=bar,
